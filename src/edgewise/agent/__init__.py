@@ -1,0 +1,42 @@
+"""The Edgewise device agent: verify, install into A/B slots, health-check, commit or roll
+back, serve inference locally. Needs no torch."""
+
+from ._daemon import Agent, AgentConfig, FaultPoint
+from ._errors import (
+    AgentConfigError,
+    AgentError,
+    AgentTransportError,
+    HealthCheckFailed,
+    NoModelError,
+    UpdateRejected,
+)
+from ._local import LocalApi, LocalModel, agent_status, enroll
+from ._machine import REST_STATES, TRANSITIONS, Event, State, next_state, resume_state
+from ._runtime import HealthReport, OnnxModel, Prediction, health_check, preprocess_image
+
+__all__ = [
+    "REST_STATES",
+    "TRANSITIONS",
+    "Agent",
+    "AgentConfig",
+    "AgentConfigError",
+    "AgentError",
+    "AgentTransportError",
+    "Event",
+    "FaultPoint",
+    "HealthCheckFailed",
+    "HealthReport",
+    "LocalApi",
+    "LocalModel",
+    "NoModelError",
+    "OnnxModel",
+    "Prediction",
+    "State",
+    "UpdateRejected",
+    "agent_status",
+    "enroll",
+    "health_check",
+    "next_state",
+    "preprocess_image",
+    "resume_state",
+]

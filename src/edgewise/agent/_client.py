@@ -1,0 +1,65 @@
+"""The agent's control-plane client (assignment, reports, enrollment) over httpx."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from ._errors import AgentConfigError, AgentTransportError
+from ._store import ReleaseRef
+
+__all__ = ["ServerClient", "enroll_device"]
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        return str(response.json().get("detail", response.text))
+    except ValueError:
+        return response.text[:200]
+
+
+def enroll_device(server_url: str, *, token: str, name: str, hardware: str,
+                  timeout_s: float = 10.0) -> tuple[str, str]:
+    """Exchange a single-use enrollment token for (device_id, credential)."""
+    try:
+        r = httpx.post(f"{server_url.rstrip('/')}/api/v1/devices/enroll", timeout=timeout_s,
+                       json={"token": token, "name": name, "hardware": hardware})
+    except httpx.HTTPError as exc:
+        raise AgentTransportError(f"cannot reach {server_url}: {exc}") from exc
+    if r.status_code != 201:
+        raise AgentConfigError(f"enrollment refused (HTTP {r.status_code}): {_detail(r)}")
+    body = r.json()
+    return body["device_id"], body["credential"]
+
+
+class ServerClient:
+    def __init__(self, server_url: str, *, credential: str, timeout_s: float = 10.0) -> None:
+        self.base_url = server_url.rstrip("/")
+        self.auth_headers = {"Authorization": f"Bearer {credential}"}
+        self.http = httpx.Client(timeout=timeout_s, headers=self.auth_headers)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            r = self.http.request(method, f"{self.base_url}{path}", **kwargs)
+        except httpx.HTTPError as exc:
+            raise AgentTransportError(f"{method} {path}: {exc}") from exc
+        if r.status_code == 401:
+            raise AgentConfigError(f"the server rejected this device: {_detail(r)}")
+        if r.status_code >= 400:
+            raise AgentTransportError(f"{method} {path}: HTTP {r.status_code}: {_detail(r)}",
+                                      status_code=r.status_code)
+        return r
+
+    def assignment(self) -> ReleaseRef | None:
+        body = self._request("GET", "/api/v1/device/assignment").json()
+        if not body.get("release_id"):
+            return None
+        return ReleaseRef(release_id=body["release_id"], name=body["name"],
+                          version=body["version"], manifest_target=body["manifest_target"])
+
+    def report(self, report: dict[str, Any]) -> None:
+        self._request("POST", "/api/v1/device/reports", json=report)

@@ -1,0 +1,308 @@
+"""The agent driver: runs handlers, applies the transition table, persists, reports.
+
+Invariant: the record (state + data) is persisted atomically *before* the handler of a state
+runs, and each handler is idempotent, so a power cut anywhere leaves the device on its old
+or its new release, and a restarted agent resumes from `resume_state(saved)`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from ..artifacts import MANIFEST_NAME, BundleError, parse_manifest, validate_bundle
+from ..trust import HttpxFetcher, TransportError, TrustedClient, VerificationError
+from ._client import ServerClient
+from ._errors import AgentConfigError, AgentTransportError, HealthCheckFailed, UpdateRejected
+from ._machine import (
+    MAX_STATE_ENTRIES,
+    REST_STATES,
+    Event,
+    State,
+    next_state,
+    resume_state,
+)
+from ._runtime import health_check
+from ._slots import SlotStore
+from ._store import AgentRecord, StateDir, now_iso
+
+__all__ = ["Agent", "AgentConfig", "FaultPoint"]
+
+log = logging.getLogger("edgewise.agent")
+
+
+@dataclass(frozen=True)
+class FaultPoint:
+    """Fault injection for crash tests and the simulator: SIGKILL this process when it is
+    in `state`, either right after persisting it ("before" the handler acts) or right after
+    the handler acted, before the outcome is persisted ("after")."""
+
+    state: State
+    when: Literal["before", "after"] = "before"
+
+    @classmethod
+    def parse(cls, spec: str) -> FaultPoint:
+        state, _, when = spec.partition(":")
+        if when not in ("", "before", "after"):
+            raise ValueError(f"fault point {spec!r}: use STATE[:before|after]")
+        return cls(State(state), when or "before")  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    state_dir: Path
+    poll_interval_s: float = 30.0
+    max_attempts_per_release: int = 3
+    request_timeout_s: float = 15.0
+    fault: FaultPoint | None = None
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.paths = StateDir(config.state_dir)
+        self.identity = self.paths.load_identity()
+        self.slots = SlotStore(self.paths.slots_dir)
+        self.client = ServerClient(self.identity.server_url, credential=self.identity.credential,
+                                   timeout_s=config.request_timeout_s)
+        self.record = self.paths.load_record()
+        self._lock = threading.RLock()
+        self._handlers: dict[State, Callable[[AgentRecord], Event]] = {
+            **{rest: self._check for rest in REST_STATES},
+            State.DOWNLOADING: self._download,
+            State.VERIFYING: self._verify,
+            State.INSTALLING: self._install,
+            State.ACTIVATING: self._activate,
+            State.HEALTH_CHECKING: self._health_check,
+            State.ROLLING_BACK: self._roll_back,
+        }
+        saved = self.record.state
+        if saved not in REST_STATES:
+            # We died in the middle of an update: count the re-entry (loop detection).
+            resumed = resume_state(saved)
+            log.warning("resuming after interruption in state %s -> %s", saved, resumed)
+            self.record.state = resumed
+            self.record.entries[resumed] = self.record.entries.get(resumed, 0) + 1
+            self._remember(resumed, "resumed", f"resumed after interruption in {saved}")
+            self.paths.save_record(self.record)
+            self._flush_reports()
+
+    def close(self) -> None:
+        self.client.close()
+
+    # ---- driver -----------------------------------------------------------------------
+
+    def step(self) -> tuple[State, Event, State]:
+        """Run the handler of the current state once and apply the transition."""
+        with self._lock:
+            rec = self.record
+            state = rec.state
+            if (state not in REST_STATES and state is not State.ROLLING_BACK
+                    and rec.entries.get(state, 0) > MAX_STATE_ENTRIES):
+                rec.last_error = f"state loop: entered {state} {rec.entries[state]} times"
+                event = Event.ERROR
+            else:
+                self._maybe_fault(state, "before")
+                event = self._handlers[state](rec)
+                self._maybe_fault(state, "after")
+            nxt = next_state(state, event)
+            if nxt != state or state not in REST_STATES:
+                self._transition(state, event, nxt)
+            return state, event, nxt
+
+    def run_cycle(self, *, max_steps: int = 64) -> State:
+        """Check once; if there is an update, carry it through to a rest state."""
+        for _ in range(max_steps):
+            before, _event, after = self.step()
+            if after in REST_STATES or after == before:
+                return after
+        return self.record.state
+
+    def run_forever(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                self.run_cycle()
+            except AgentConfigError as exc:
+                log.error("%s", exc)
+                raise
+            stop.wait(self.config.poll_interval_s)
+
+    def _transition(self, state: State, event: Event, nxt: State) -> None:
+        rec = self.record
+        target = rec.target
+        rec.state = nxt
+        rec.entries[nxt] = rec.entries.get(nxt, 0) + 1
+        message = rec.last_error if event in (Event.ERROR, Event.UNHEALTHY) else ""
+        self._remember(nxt, event.value, message, target_id=target.release_id if target else None)
+        if nxt in REST_STATES:
+            if nxt is State.FAILED and target is not None:
+                rec.attempts[target.release_id] = rec.attempts.get(target.release_id, 0) + 1
+            rec.target = None
+            rec.pending_slot = None
+            rec.entries = {}
+            shutil.rmtree(self.paths.downloads_dir, ignore_errors=True)
+        self.paths.save_record(rec)  # persist before the next handler acts
+        log.info("%s --%s--> %s", state, event, nxt)
+        self._flush_reports()
+
+    def _remember(self, state: State, event: str, message: str,
+                  target_id: str | None = None) -> None:
+        rec = self.record
+        if target_id is None and rec.target is not None:
+            target_id = rec.target.release_id
+        entry = {
+            "ts": now_iso(), "state": state.value, "event": event, "message": message,
+            "release_id": rec.installed.release_id if rec.installed else None,
+            "target_release_id": target_id,
+        }
+        rec.history.append(entry)
+        detail = {"health": rec.last_health} if event in ("healthy", "unhealthy") else {}
+        rec.outbox.append({**{k: entry[k] for k in ("state", "event", "message", "release_id",
+                                                    "target_release_id")}, "detail": detail})
+
+    def _flush_reports(self) -> None:
+        rec = self.record
+        sent = 0
+        for item in list(rec.outbox):
+            try:
+                self.client.report(item)
+            except AgentTransportError as exc:
+                if exc.status_code is not None and 400 <= exc.status_code < 500:
+                    log.warning("server refused a report, dropping it: %s", exc)
+                else:
+                    break  # offline: keep the rest for later, in order
+            sent += 1
+        if sent:
+            rec.outbox = rec.outbox[sent:]
+            self.paths.save_record(rec)
+
+    def _maybe_fault(self, state: State, when: str) -> None:
+        fault = self.config.fault
+        if fault is not None and fault.state is state and fault.when == when:
+            log.warning("fault injection: power cut in %s (%s)", state, when)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    # ---- handlers: one step each, return an event, never pick the next state -----------
+
+    def _fail(self, rec: AgentRecord, exc: Exception) -> Event:
+        rec.last_error = str(exc)
+        log.warning("%s failed: %s", rec.state, exc)
+        return Event.ERROR
+
+    def _check(self, rec: AgentRecord) -> Event:
+        try:
+            wanted = self.client.assignment()
+        except AgentTransportError as exc:
+            rec.last_error = str(exc)
+            return Event.ERROR
+        if wanted is None:
+            return Event.NO_UPDATE
+        if rec.installed is not None and wanted.release_id == rec.installed.release_id:
+            return Event.NO_UPDATE
+        if wanted.release_id in rec.rejected:
+            return Event.NO_UPDATE
+        if rec.attempts.get(wanted.release_id, 0) >= self.config.max_attempts_per_release:
+            return Event.NO_UPDATE
+        rec.target = wanted
+        rec.last_error = ""
+        rec.last_health = {}
+        return Event.UPDATE_AVAILABLE
+
+    def _download_dir(self, rec: AgentRecord) -> Path:
+        assert rec.target is not None
+        return self.paths.downloads_dir / rec.target.release_id
+
+    def _download(self, rec: AgentRecord) -> Event:
+        assert rec.target is not None
+        dest = self._download_dir(rec)
+        dest.mkdir(parents=True, exist_ok=True)
+        for partial in dest.rglob(".*"):  # temp files of an interrupted download
+            partial.unlink(missing_ok=True)
+        trusted = TrustedClient(
+            metadata_dir=self.paths.tuf_dir,
+            trusted_root=self.paths.trusted_root(),
+            base_url=self.identity.server_url,
+            fetcher=HttpxFetcher(self.client.http),
+        )
+        manifest_target = rec.target.manifest_target
+        if not manifest_target.endswith("/" + MANIFEST_NAME):
+            return self._fail(rec, UpdateRejected(f"{manifest_target} is not a bundle manifest"))
+        prefix = manifest_target[: -len(MANIFEST_NAME)]
+        try:
+            trusted.download(manifest_target, dest / MANIFEST_NAME)
+            manifest = parse_manifest((dest / MANIFEST_NAME).read_bytes())
+            for rel in manifest.files:
+                trusted.download(prefix + rel, dest / rel)
+        except (VerificationError, TransportError, BundleError, OSError) as exc:
+            return self._fail(rec, exc)
+        return Event.DOWNLOADED
+
+    def _verify(self, rec: AgentRecord) -> Event:
+        assert rec.target is not None
+        try:
+            manifest = validate_bundle(self._download_dir(rec))
+        except BundleError as exc:
+            return self._fail(rec, UpdateRejected(f"bundle rejected: {exc}"))
+        if (manifest.name, manifest.version) != (rec.target.name, rec.target.version):
+            return self._fail(rec, UpdateRejected(
+                f"bundle is {manifest.release_name}, but {rec.target.label} was assigned"))
+        rec.pending_slot = self.slots.inactive()
+        return Event.VERIFIED
+
+    def _install(self, rec: AgentRecord) -> Event:
+        assert rec.target is not None and rec.pending_slot is not None
+        try:
+            self.slots.install(rec.pending_slot, self._download_dir(rec), meta={
+                "release_id": rec.target.release_id, "name": rec.target.name,
+                "version": rec.target.version})
+        except (OSError, RuntimeError) as exc:
+            return self._fail(rec, exc)
+        return Event.INSTALLED
+
+    def _activate(self, rec: AgentRecord) -> Event:
+        assert rec.pending_slot is not None
+        try:
+            self.slots.activate(rec.pending_slot)
+        except (OSError, RuntimeError) as exc:
+            return self._fail(rec, exc)
+        return Event.ACTIVATED
+
+    def _health_check(self, rec: AgentRecord) -> Event:
+        assert rec.target is not None and rec.pending_slot is not None
+        try:
+            report = health_check(self.slots.path(rec.pending_slot))
+        except (HealthCheckFailed, UpdateRejected, OSError) as exc:
+            rec.last_health = {"passed": False, "reason": str(exc)}
+            self._reject(rec, str(exc))
+            return Event.UNHEALTHY
+        rec.last_health = report.to_json()
+        if not report.passed:
+            self._reject(rec, f"health check failed: {report.reason}")
+            return Event.UNHEALTHY
+        # Commit: the new slot proved itself. Persisted together with the COMMITTED state.
+        rec.installed = rec.target
+        rec.installed_slot = rec.pending_slot
+        rec.last_error = ""
+        return Event.HEALTHY
+
+    def _reject(self, rec: AgentRecord, reason: str) -> None:
+        assert rec.target is not None
+        rec.last_error = reason
+        if rec.target.release_id not in rec.rejected:
+            rec.rejected.append(rec.target.release_id)
+
+    def _roll_back(self, rec: AgentRecord) -> Event:
+        try:
+            # Back to the committed slot; with no earlier release there is no model at all.
+            self.slots.activate(rec.installed_slot)
+        except (OSError, RuntimeError) as exc:
+            rec.last_error = f"rollback failed, will retry: {exc}"
+            return Event.ERROR
+        return Event.ROLLED_BACK

@@ -1,0 +1,157 @@
+"""What the device's own users see: status, local inference, and the localhost-only API.
+
+Invariant: the HTTP API binds to a loopback address only and never forwards an image or a
+prediction to the server; inference always uses the active slot.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from ..trust import load_root
+from ._client import enroll_device
+from ._errors import AgentConfigError, NoModelError
+from ._runtime import OnnxModel, Prediction
+from ._slots import SlotStore
+from ._store import Identity, StateDir
+
+__all__ = ["LocalApi", "LocalModel", "agent_status", "enroll"]
+
+log = logging.getLogger("edgewise.agent.api")
+MAX_IMAGE_BYTES = 16 << 20
+
+
+def enroll(state_dir: Path, *, server_url: str, token: str, root_path: Path, name: str,
+           hardware: str) -> Identity:
+    paths = StateDir(state_dir)
+    if paths.identity_path.exists():
+        raise AgentConfigError(f"{state_dir} is already enrolled; use a new state directory")
+    root = load_root(root_path)  # refuse a file that is not TUF root metadata
+    device_id, credential = enroll_device(server_url, token=token, name=name, hardware=hardware)
+    identity = Identity(server_url=server_url.rstrip("/"), device_id=device_id,
+                        credential=credential, name=name, hardware=hardware)
+    paths.save_identity(identity, root.to_bytes())
+    return identity
+
+
+def agent_status(state_dir: Path) -> dict[str, Any]:
+    paths = StateDir(state_dir)
+    identity = paths.load_identity()
+    rec = paths.load_record()
+    slots = SlotStore(paths.slots_dir)
+    return {
+        "device_id": identity.device_id,
+        "name": identity.name,
+        "server": identity.server_url,
+        "state": rec.state.value,
+        "release": rec.installed.label if rec.installed else None,
+        "release_id": rec.installed.release_id if rec.installed else None,
+        "active_slot": slots.active(),
+        "updating_to": rec.target.label if rec.target else None,
+        "last_error": rec.last_error,
+        "last_health": rec.last_health,
+        "pending_reports": len(rec.outbox),
+        "history": rec.history[-20:],
+    }
+
+
+class LocalModel:
+    """The active slot's model, reloaded when the active slot changes."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.slots = SlotStore(StateDir(state_dir).slots_dir)
+        self._loaded: tuple[str, OnnxModel] | None = None
+        self._lock = threading.Lock()
+
+    def model(self) -> OnnxModel:
+        with self._lock:
+            slot = self.slots.active()
+            if slot is None:
+                raise NoModelError("no model installed yet on this device")
+            if self._loaded is None or self._loaded[0] != slot:
+                self._loaded = (slot, OnnxModel(self.slots.path(slot)))
+            return self._loaded[1]
+
+    def predict(self, image: bytes, *, top_k: int = 3) -> tuple[Prediction, dict[str, Any]]:
+        model = self.model()
+        meta = self.slots.meta(self.slots.active() or "a") or {}
+        return model.predict(image, top_k=top_k), meta
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+
+    def log_message(self, fmt: str, *args: Any) -> None:
+        log.debug(fmt, *args)
+
+    def _send(self, status: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:  # noqa: N802
+        if self.path == "/status":
+            self._send(200, agent_status(self.server.state_dir))
+        elif self.path == "/healthz":
+            self._send(200, {"status": "ok"})
+        else:
+            self._send(404, {"detail": "not found"})
+
+    def do_POST(self) -> None:  # noqa: N802
+        if self.path != "/predict":
+            self._send(404, {"detail": "not found"})
+            return
+        length = int(self.headers.get("Content-Length") or 0)
+        if length <= 0 or length > MAX_IMAGE_BYTES:
+            self._send(413 if length else 400, {"detail": "send one image as the request body"})
+            return
+        image = self.rfile.read(length)
+        try:
+            prediction, meta = self.server.model.predict(image)
+        except NoModelError as exc:
+            self._send(503, {"detail": str(exc)})
+            return
+        except ValueError as exc:
+            self._send(400, {"detail": str(exc)})
+            return
+        self._send(200, {**prediction.to_json(), "release": meta})
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], state_dir: Path) -> None:
+        super().__init__(address, _Handler)
+        self.state_dir = state_dir
+        self.model = LocalModel(state_dir)
+
+
+class LocalApi:
+    """`GET /status`, `POST /predict` (raw image body) on a loopback address only."""
+
+    def __init__(self, state_dir: Path, *, host: str = "127.0.0.1", port: int = 8787) -> None:
+        if not ipaddress.ip_address(host).is_loopback:
+            raise AgentConfigError(f"the local API binds to loopback only, not {host}")
+        self._server = _Server((host, port), state_dir)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True,
+                                        name="edgewise-local-api")
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1]
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

@@ -1,0 +1,142 @@
+"""On-device inference (the runtime seam: onnxruntime) and the golden-set health check.
+
+Invariant: inputs are prepared exactly as the bundle's preprocessing contract says, and
+nothing here sends data anywhere: images stay on the device.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..artifacts import BundleError, BundleManifest, Preprocessing, load_golden, read_manifest
+from ._errors import HealthCheckFailed, UpdateRejected
+
+__all__ = ["HealthReport", "OnnxModel", "Prediction", "health_check", "preprocess_image"]
+
+
+def preprocess_image(data: bytes, contract: Preprocessing) -> np.ndarray:
+    """Decode an image and turn it into one model input (batch of 1) per the contract."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img = img.convert("L" if contract.channels == 1 else "RGB")
+            h, w = contract.input_size
+            if img.size != (w, h):
+                img = img.resize((w, h), Image.Resampling.BILINEAR)
+            pixels = np.asarray(img, dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise ValueError(f"not a readable image: {exc}") from exc
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    pixels = (pixels - np.asarray(contract.mean, np.float32)) / np.asarray(contract.std, np.float32)
+    if contract.layout == "NCHW":
+        pixels = pixels.transpose(2, 0, 1)
+    return pixels[None].astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    index: int
+    score: float
+    top: list[tuple[str, float]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"label": self.label, "index": self.index, "score": self.score,
+                "top": [{"label": lbl, "score": s} for lbl, s in self.top]}
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+class OnnxModel:
+    """A bundle loaded into an onnxruntime session."""
+
+    def __init__(self, bundle_dir: Path, *, threads: int = 1) -> None:
+        import onnxruntime as ort
+
+        self.dir = Path(bundle_dir)
+        try:
+            self.manifest: BundleManifest = read_manifest(self.dir)
+        except BundleError as exc:
+            raise UpdateRejected(str(exc)) from exc
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(self.dir / self.manifest.model), opts,
+                                                providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise HealthCheckFailed(f"onnxruntime cannot load the model: {exc}") from exc
+        self.input_name = self.session.get_inputs()[0].name
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return np.asarray(self.session.run(None, {self.input_name: batch})[0])
+
+    def predict(self, image: bytes, *, top_k: int = 3) -> Prediction:
+        logits = self.run(preprocess_image(image, self.manifest.preprocessing))[0]
+        probs = _softmax(logits.astype(np.float64))
+        order = np.argsort(-probs)[:top_k]
+        labels = self.manifest.labels
+        return Prediction(label=labels[order[0]], index=int(order[0]),
+                          score=float(probs[order[0]]),
+                          top=[(labels[i], float(probs[i])) for i in order])
+
+
+@dataclass(frozen=True)
+class HealthReport:
+    passed: bool
+    max_abs_diff: float
+    top1_agreement: float
+    p95_latency_ms: float
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"passed": self.passed, "max_abs_diff": self.max_abs_diff,
+                "top1_agreement": self.top1_agreement, "p95_latency_ms": self.p95_latency_ms,
+                "reason": self.reason}
+
+
+def health_check(bundle_dir: Path) -> HealthReport:
+    """Load the model and run its golden set at batch 1: outputs within `atol`, same top-1
+    class, p95 latency under the manifest's limit."""
+    model = OnnxModel(bundle_dir)
+    spec = model.manifest.golden
+    try:
+        golden = load_golden(bundle_dir, model.manifest)
+    except BundleError as exc:
+        raise HealthCheckFailed(str(exc)) from exc
+    outputs, latencies = [], []
+    try:
+        model.run(golden.inputs[:1])  # warm-up, not timed
+        for x in golden.inputs:
+            t0 = time.perf_counter()
+            outputs.append(model.run(x[None])[0])
+            latencies.append((time.perf_counter() - t0) * 1000)
+    except Exception as exc:
+        raise HealthCheckFailed(f"inference failed on the golden set: {exc}") from exc
+    got = np.stack(outputs).astype(np.float32)
+    if got.shape != golden.outputs.shape:
+        return HealthReport(False, float("inf"), 0.0, 0.0,
+                            f"output shape {got.shape} != expected {golden.outputs.shape}")
+    diff = float(np.max(np.abs(got - golden.outputs)))
+    agree = float(np.mean(got.argmax(-1) == golden.outputs.argmax(-1))) if got.ndim == 2 else 1.0
+    p95 = float(np.percentile(latencies, 95))
+    reasons = []
+    if not np.isfinite(diff) or diff > spec.atol:
+        reasons.append(f"outputs differ from the golden set by {diff:.4g} > atol {spec.atol:g}")
+    if agree < 1.0:
+        reasons.append(f"top-1 class agrees on only {agree:.0%} of golden inputs")
+    if p95 > spec.max_latency_ms:
+        reasons.append(f"p95 latency {p95:.1f} ms > limit {spec.max_latency_ms:g} ms")
+    return HealthReport(not reasons, diff, agree, p95, "; ".join(reasons) or "ok")

@@ -1,0 +1,146 @@
+"""The agent's persistent files: identity (written once at enrollment) and state.
+
+Invariant: `state.json` is only ever replaced atomically (tempfile + fsync + os.replace), so
+after a power cut it holds either the previous or the new record, never a torn one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from ._errors import AgentConfigError
+from ._machine import State
+
+__all__ = ["AgentRecord", "Identity", "ReleaseRef", "atomic_write_json", "StateDir"]
+
+HISTORY_LIMIT = 100
+OUTBOX_LIMIT = 500
+
+
+def atomic_write_json(path: Path, data: Any, *, mode: int = 0o644) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+@dataclass(frozen=True)
+class Identity:
+    server_url: str
+    device_id: str
+    credential: str
+    name: str
+    hardware: str
+
+
+@dataclass(frozen=True)
+class ReleaseRef:
+    release_id: str
+    name: str
+    version: str
+    manifest_target: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+@dataclass
+class AgentRecord:
+    """Everything the agent must remember across restarts."""
+
+    state: State = State.IDLE
+    installed: ReleaseRef | None = None  # the committed release, in `installed_slot`
+    installed_slot: str | None = None
+    target: ReleaseRef | None = None  # the release being installed
+    pending_slot: str | None = None
+    rejected: list[str] = field(default_factory=list)  # release ids that failed health checks
+    attempts: dict[str, int] = field(default_factory=dict)  # failed attempts per release id
+    entries: dict[str, int] = field(default_factory=dict)  # state entries in this attempt
+    last_error: str = ""
+    last_health: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    outbox: list[dict[str, Any]] = field(default_factory=list)  # reports not yet delivered
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["state"] = self.state.value
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> AgentRecord:
+        data = dict(data)
+        data["state"] = State(data["state"])
+        for key in ("installed", "target"):
+            if data.get(key) is not None:
+                data[key] = ReleaseRef(**data[key])
+        return cls(**data)
+
+
+class StateDir:
+    """Layout of an agent's state directory."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        self.identity_path = self.root / "identity.json"
+        self.trusted_root_path = self.root / "root.json"
+        self.state_path = self.root / "state.json"
+        self.tuf_dir = self.root / "tuf"
+        self.downloads_dir = self.root / "downloads"
+        self.slots_dir = self.root / "slots"
+
+    def save_identity(self, identity: Identity, trusted_root: bytes) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.trusted_root_path.write_bytes(trusted_root)
+        atomic_write_json(self.identity_path, asdict(identity), mode=0o600)
+
+    def load_identity(self) -> Identity:
+        try:
+            return Identity(**json.loads(self.identity_path.read_text()))
+        except FileNotFoundError:
+            raise AgentConfigError(
+                f"{self.root} is not an enrolled agent (run `edgewise agent enroll` first)"
+            ) from None
+        except (ValueError, TypeError) as exc:
+            raise AgentConfigError(f"{self.identity_path} is corrupt: {exc}") from exc
+
+    def trusted_root(self) -> bytes:
+        try:
+            return self.trusted_root_path.read_bytes()
+        except FileNotFoundError:
+            raise AgentConfigError(f"{self.trusted_root_path} is missing") from None
+
+    def load_record(self) -> AgentRecord:
+        if not self.state_path.exists():
+            return AgentRecord()
+        try:
+            return AgentRecord.from_json(json.loads(self.state_path.read_text()))
+        except (ValueError, TypeError, KeyError) as exc:
+            raise AgentConfigError(f"{self.state_path} is corrupt: {exc}") from exc
+
+    def save_record(self, record: AgentRecord) -> None:
+        record.history = record.history[-HISTORY_LIMIT:]
+        record.outbox = record.outbox[-OUTBOX_LIMIT:]
+        atomic_write_json(self.state_path, record.to_json())

@@ -1,0 +1,44 @@
+"""Model bundles (manifest + content-addressed files) and their validation."""
+
+from ._bundle import (
+    GOLDEN_NAME,
+    MODEL_NAME,
+    GoldenSet,
+    file_sha256,
+    load_golden,
+    read_manifest,
+    validate_bundle,
+    write_bundle,
+)
+from ._errors import ArtifactError, BundleError
+from ._manifest import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    BundleManifest,
+    FileEntry,
+    GoldenSpec,
+    Preprocessing,
+    check_relative_path,
+    parse_manifest,
+)
+
+__all__ = [
+    "FORMAT_VERSION",
+    "GOLDEN_NAME",
+    "MANIFEST_NAME",
+    "MODEL_NAME",
+    "ArtifactError",
+    "BundleError",
+    "BundleManifest",
+    "FileEntry",
+    "GoldenSet",
+    "GoldenSpec",
+    "Preprocessing",
+    "check_relative_path",
+    "file_sha256",
+    "load_golden",
+    "parse_manifest",
+    "read_manifest",
+    "validate_bundle",
+    "write_bundle",
+]

@@ -1,0 +1,236 @@
+"""Reading, writing and validating bundle directories.
+
+Invariant: `validate_bundle` returns a manifest only when the directory holds exactly the
+files the manifest lists (plus the manifest), each a regular file (never a symlink) with the
+listed size and sha256, the model is an ONNX protobuf and no file is a pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._errors import BundleError
+from ._manifest import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    BundleManifest,
+    FileEntry,
+    GoldenSpec,
+    Preprocessing,
+    check_relative_path,
+    parse_manifest,
+)
+
+__all__ = [
+    "GoldenSet",
+    "GOLDEN_NAME",
+    "MODEL_NAME",
+    "file_sha256",
+    "load_golden",
+    "read_manifest",
+    "validate_bundle",
+    "write_bundle",
+]
+
+MODEL_NAME = "model.onnx"
+GOLDEN_NAME = "golden.npz"
+_CHUNK = 1 << 20
+# Extensions of formats that are, or usually wrap, Python pickles: never accepted on a device.
+_PICKLE_SUFFIXES = {".pkl", ".pickle", ".pt", ".pth", ".ckpt", ".joblib", ".bin"}
+
+
+@dataclass(frozen=True)
+class GoldenSet:
+    inputs: np.ndarray  # preprocessed model inputs, float32, batch-first
+    outputs: np.ndarray  # the outputs the model must reproduce within `atol`
+
+
+def file_sha256(path: Path) -> tuple[str, int]:
+    """Return (sha256 hex, size) of a file, read in chunks."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def _looks_like_pickle(head: bytes) -> bool:
+    # Protocol 2+ pickles start with PROTO (0x80) and the protocol number.
+    return len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+
+
+def _zip_holds_pickle(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return any(n.endswith((".pkl", "data.pkl")) or "/data/" in n for n in zf.namelist())
+    except zipfile.BadZipFile:
+        return False
+
+
+def _check_file_kind(rel: str, path: Path, manifest: BundleManifest) -> None:
+    suffix = Path(rel).suffix.lower()
+    if suffix in _PICKLE_SUFFIXES:
+        raise BundleError(f"{rel}: {suffix} files may hold pickles and are not allowed in a bundle")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if _looks_like_pickle(head):
+        raise BundleError(f"{rel}: file is a Python pickle; pickles are not allowed in a bundle")
+    if head.startswith(b"PK") and _zip_holds_pickle(path):
+        raise BundleError(f"{rel}: archive contains a pickle (torch checkpoint?); not allowed")
+    if rel == manifest.model:
+        _check_onnx(rel, path, head)
+
+
+def _check_onnx(rel: str, path: Path, head: bytes) -> None:
+    # An ONNX ModelProto starts with field 1 (ir_version, varint) -> tag byte 0x08. Checking the
+    # tag and that the file parses as the first protobuf fields is cheap and needs no onnx package.
+    if not head.startswith(b"\x08"):
+        raise BundleError(f"{rel}: not an ONNX model (expected a protobuf ModelProto)")
+    with open(path, "rb") as f:
+        data = f.read(4096)
+    pos, end = 1, len(data)
+    # skip the ir_version varint
+    while pos < end and data[pos] & 0x80:
+        pos += 1
+    pos += 1
+    if pos >= end and path.stat().st_size > pos:
+        raise BundleError(f"{rel}: not an ONNX model (corrupt header)")
+    if pos < path.stat().st_size and pos < end:
+        field = data[pos] >> 3
+        # ModelProto fields 2..25 exist; anything else right after ir_version is not ONNX.
+        if not 1 <= field <= 25:
+            raise BundleError(f"{rel}: not an ONNX model (unexpected protobuf field {field})")
+
+
+def read_manifest(bundle_dir: Path) -> BundleManifest:
+    path = Path(bundle_dir) / MANIFEST_NAME
+    if path.is_symlink():
+        raise BundleError(f"{MANIFEST_NAME} is a symlink; symlinks are not allowed in a bundle")
+    if not path.is_file():
+        raise BundleError(f"{bundle_dir}: no {MANIFEST_NAME}; not an Edgewise bundle")
+    return parse_manifest(path.read_bytes())
+
+
+def validate_bundle(bundle_dir: Path | str) -> BundleManifest:
+    """Fully validate a bundle directory and return its manifest, or raise `BundleError`."""
+    bundle_dir = Path(bundle_dir)
+    if not bundle_dir.is_dir():
+        raise BundleError(f"{bundle_dir}: not a directory")
+    manifest = read_manifest(bundle_dir)
+
+    present: set[str] = set()
+    for root, dirs, files in os.walk(bundle_dir, followlinks=False):
+        for name in dirs + files:
+            full = Path(root) / name
+            rel = full.relative_to(bundle_dir).as_posix()
+            if full.is_symlink():
+                raise BundleError(f"{rel}: symlinks are not allowed in a bundle")
+            if name in files:
+                if not full.is_file():
+                    raise BundleError(f"{rel}: not a regular file")
+                present.add(rel)
+    present.discard(MANIFEST_NAME)
+
+    missing = sorted(set(manifest.files) - present)
+    extra = sorted(present - set(manifest.files))
+    if missing:
+        raise BundleError(f"files listed in {MANIFEST_NAME} are missing: {', '.join(missing)}")
+    if extra:
+        raise BundleError(f"files not listed in {MANIFEST_NAME}: {', '.join(extra)}")
+
+    for rel, entry in manifest.files.items():
+        path = bundle_dir / rel
+        size = path.stat().st_size
+        if size != entry.size:
+            raise BundleError(f"{rel}: size mismatch (manifest says {entry.size}, file has {size})")
+        sha, _ = file_sha256(path)
+        if sha != entry.sha256:
+            raise BundleError(f"{rel}: sha256 mismatch; the file was modified or corrupted")
+        _check_file_kind(rel, path, manifest)
+    load_golden(bundle_dir, manifest)
+    return manifest
+
+
+def load_golden(bundle_dir: Path, manifest: BundleManifest) -> GoldenSet:
+    """Load the golden set without ever unpickling (object arrays are refused)."""
+    path = Path(bundle_dir) / manifest.golden.file
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            inputs = np.asarray(npz["inputs"], dtype=np.float32)
+            outputs = np.asarray(npz["outputs"], dtype=np.float32)
+    except (ValueError, KeyError, OSError, zipfile.BadZipFile) as exc:
+        raise BundleError(f"{manifest.golden.file}: unreadable golden set: {exc}") from exc
+    expected_shape = manifest.preprocessing.input_shape(manifest.golden.count)
+    if inputs.shape != expected_shape:
+        raise BundleError(
+            f"{manifest.golden.file}: inputs have shape {inputs.shape}, "
+            f"the preprocessing contract says {expected_shape}"
+        )
+    if outputs.shape[0] != manifest.golden.count:
+        raise BundleError(f"{manifest.golden.file}: {outputs.shape[0]} outputs for "
+                          f"{manifest.golden.count} inputs")
+    return GoldenSet(inputs=inputs, outputs=outputs)
+
+
+def write_bundle(
+    out_dir: Path | str,
+    *,
+    name: str,
+    version: str,
+    labels: list[str] | tuple[str, ...],
+    preprocessing: Preprocessing,
+    model: Path | bytes,
+    golden_inputs: np.ndarray,
+    golden_outputs: np.ndarray,
+    atol: float,
+    max_latency_ms: float,
+    extra_files: Mapping[str, Path | bytes] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    provenance: Mapping[str, Any] | None = None,
+) -> BundleManifest:
+    """Write a complete, self-validated bundle directory and return its manifest."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    np.savez(buf, inputs=np.asarray(golden_inputs, np.float32),
+             outputs=np.asarray(golden_outputs, np.float32))
+    contents: dict[str, Path | bytes] = {MODEL_NAME: model, GOLDEN_NAME: buf.getvalue()}
+    for rel, src in (extra_files or {}).items():
+        contents[check_relative_path(rel)] = src
+
+    files: dict[str, FileEntry] = {}
+    for rel, src in contents.items():
+        dest = out_dir / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        data = src if isinstance(src, bytes) else Path(src).read_bytes()
+        dest.write_bytes(data)
+        files[rel] = FileEntry(sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+
+    manifest = BundleManifest(
+        format_version=FORMAT_VERSION,
+        name=name,
+        version=version,
+        labels=tuple(labels),
+        preprocessing=preprocessing,
+        golden=GoldenSpec(file=GOLDEN_NAME, count=len(golden_inputs), atol=atol,
+                          max_latency_ms=max_latency_ms),
+        files=files,
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        metrics=dict(metrics or {}),
+        provenance=dict(provenance or {}),
+    )
+    (out_dir / MANIFEST_NAME).write_text(manifest.to_json())
+    validate_bundle(out_dir)
+    return manifest

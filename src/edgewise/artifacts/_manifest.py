@@ -1,0 +1,177 @@
+"""The bundle manifest, `edgewise.json`, format version 1.
+
+Invariant: a `BundleManifest` that parsed is internally consistent: every path it names is a
+safe relative path inside the bundle, the model is listed among the files, and the golden set
+describes a health check the device can run without any other information.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ._errors import BundleError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "BundleManifest",
+    "FileEntry",
+    "GoldenSpec",
+    "Preprocessing",
+    "check_relative_path",
+    "parse_manifest",
+]
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "edgewise.json"
+
+
+def check_relative_path(path: str) -> str:
+    """Return `path` if it is a safe, normalised, relative POSIX path; raise otherwise."""
+    if not path or path.strip() != path:
+        raise BundleError(f"invalid file path {path!r}: empty or padded with spaces")
+    if "\\" in path or "\x00" in path:
+        raise BundleError(f"invalid file path {path!r}: backslashes and NUL are not allowed")
+    if path.startswith("/") or (len(path) > 1 and path[1] == ":"):
+        raise BundleError(f"invalid file path {path!r}: absolute paths are not allowed")
+    parts = path.split("/")
+    if ".." in parts:
+        raise BundleError(f"invalid file path {path!r}: '..' is not allowed")
+    if posixpath.normpath(path) != path or "." in parts:
+        raise BundleError(f"invalid file path {path!r}: not normalised")
+    return path
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FileEntry(_Strict):
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+
+
+class Preprocessing(_Strict):
+    """What the device does to a raw image before it is fed to the model.
+
+    Pixels are scaled to [0, 1], resized to `input_size` (height, width), converted to
+    `channels` (1 = grayscale, 3 = RGB), normalised with `(x - mean) / std` per channel and
+    laid out as `layout`.
+    """
+
+    input_size: tuple[int, int]
+    channels: Literal[1, 3]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+    dtype: Literal["float32"] = "float32"
+    input_name: str = "input"
+
+    @model_validator(mode="after")
+    def _per_channel(self) -> Preprocessing:
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError("mean and std need one value per channel")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("std values must be positive")
+        if min(self.input_size) <= 0:
+            raise ValueError("input_size must be positive")
+        return self
+
+    def input_shape(self, batch: int = 1) -> tuple[int, int, int, int]:
+        h, w = self.input_size
+        if self.layout == "NCHW":
+            return (batch, self.channels, h, w)
+        return (batch, h, w, self.channels)
+
+
+class GoldenSpec(_Strict):
+    """The device health check: inputs with the outputs the model must reproduce."""
+
+    file: str
+    count: int = Field(ge=1)
+    atol: float = Field(gt=0)
+    max_latency_ms: float = Field(gt=0)
+
+    @field_validator("file")
+    @classmethod
+    def _safe_path(cls, v: str) -> str:
+        return check_relative_path(v)
+
+
+class BundleManifest(_Strict):
+    format_version: int
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
+    version: str = Field(pattern=r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}$")
+    kind: Literal["image-classifier"] = "image-classifier"
+    model: str = "model.onnx"
+    labels: tuple[str, ...]
+    preprocessing: Preprocessing
+    golden: GoldenSpec
+    files: dict[str, FileEntry]
+    created_at: str | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    provenance: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("format_version")
+    @classmethod
+    def _known_version(cls, v: int) -> int:
+        if v != FORMAT_VERSION:
+            raise ValueError(f"unknown bundle format version {v} (this Edgewise reads {FORMAT_VERSION})")
+        return v
+
+    @field_validator("files")
+    @classmethod
+    def _safe_paths(cls, files: dict[str, FileEntry]) -> dict[str, FileEntry]:
+        for path in files:
+            check_relative_path(path)
+            if path == MANIFEST_NAME:
+                raise ValueError(f"{MANIFEST_NAME} must not list itself")
+        return files
+
+    @model_validator(mode="after")
+    def _consistent(self) -> BundleManifest:
+        check_relative_path(self.model)
+        if not self.model.endswith(".onnx"):
+            raise ValueError(f"model file {self.model!r} must be an .onnx file")
+        for role, path in (("model", self.model), ("golden set", self.golden.file)):
+            if path not in self.files:
+                raise ValueError(f"{role} file {path!r} is not listed in files")
+        if not self.labels:
+            raise ValueError("a classifier needs at least one label")
+        return self
+
+    @property
+    def release_name(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
+
+
+def parse_manifest(data: bytes | str) -> BundleManifest:
+    """Parse and validate manifest bytes; every failure is a `BundleError` with a clear message."""
+    try:
+        raw = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{MANIFEST_NAME} is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise BundleError(f"{MANIFEST_NAME} must hold a JSON object")
+    version = raw.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(
+            f"unknown bundle format version {version!r} (this Edgewise reads {FORMAT_VERSION})"
+        )
+    try:
+        return BundleManifest.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'manifest'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise BundleError(f"invalid {MANIFEST_NAME}: {problems}") from exc
+    except BundleError:
+        raise

@@ -1,0 +1,119 @@
+"""`edgewise agent ...`: everything that runs on the device."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ._common import console, fail, print_json, setup_logging
+
+agent_app = typer.Typer(help="The device agent.", no_args_is_help=True)
+
+StateOpt = Annotated[Path, typer.Option("--state", help="the agent's state directory")]
+
+
+@agent_app.command("enroll")
+def enroll(
+    state: StateOpt,
+    server: Annotated[str, typer.Option(envvar="EDGEWISE_SERVER", help="update server URL")],
+    token: Annotated[str, typer.Option(help="single-use enrollment token")],
+    root: Annotated[Path, typer.Option(help="trusted root.json (provisioned, not downloaded)")],
+    name: Annotated[str, typer.Option(help="device name")] = "device",
+    hardware: Annotated[str, typer.Option(help="hardware id")] = "generic",
+) -> None:
+    """Enroll this device: exchange the token for a device credential, pin the root."""
+    from ..agent import AgentError, enroll as do_enroll
+    from ..trust import TrustError
+
+    try:
+        identity = do_enroll(state, server_url=server, token=token, root_path=root, name=name,
+                             hardware=hardware)
+    except (AgentError, TrustError) as exc:
+        fail(str(exc))
+    console.print(f"[green]enrolled[/] as {identity.device_id}")
+    print_json({"device_id": identity.device_id})
+
+
+@agent_app.command("run")
+def run(
+    state: StateOpt,
+    once: Annotated[bool, typer.Option(help="check once, finish any update, exit")] = False,
+    poll_interval_s: Annotated[float, typer.Option(help="seconds between checks")] = 30.0,
+    api_port: Annotated[int, typer.Option(help="localhost inference API port")] = 8787,
+    no_api: Annotated[bool, typer.Option("--no-api", help="do not serve the local API")]
+    = False,
+    verbose: bool = False,
+) -> None:
+    """Run the update loop (and the localhost-only inference API)."""
+    from ..agent import Agent, AgentConfig, AgentError, FaultPoint, LocalApi
+
+    setup_logging(verbose)
+    fault_spec = os.environ.get("EDGEWISE_FAULT")  # fault injection, for tests and the simulator
+    try:
+        fault = FaultPoint.parse(fault_spec) if fault_spec else None
+        agent = Agent(AgentConfig(state_dir=state, poll_interval_s=poll_interval_s, fault=fault))
+    except (AgentError, ValueError) as exc:
+        fail(str(exc))
+    try:
+        if once:
+            final = agent.run_cycle()
+            print_json({"state": final.value, "release": agent.record.installed.label
+                        if agent.record.installed else None})
+            return
+        api = None
+        if not no_api:
+            api = LocalApi(state, port=api_port)
+            api.start()
+            console.print(f"local API on http://127.0.0.1:{api.port}")
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        agent.run_forever(stop)
+        if api:
+            api.stop()
+    except AgentError as exc:
+        fail(str(exc))
+    finally:
+        agent.close()
+
+
+@agent_app.command("status")
+def status(state: StateOpt) -> None:
+    """What this device runs, what it is doing, and its recent history."""
+    from ..agent import AgentError, agent_status
+
+    try:
+        print_json(agent_status(state))
+    except AgentError as exc:
+        fail(str(exc))
+
+
+@agent_app.command("predict")
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="image files (PNG, JPEG, ...)")],
+    state: StateOpt,
+    top_k: int = 3,
+) -> None:
+    """Classify images with the active model, on this device (nothing is sent anywhere)."""
+    from ..agent import AgentError, LocalModel
+
+    model = LocalModel(state)
+    failed = False
+    for path in images:
+        try:
+            prediction, meta = model.predict(path.read_bytes(), top_k=top_k)
+        except AgentError as exc:
+            fail(str(exc))
+        except (OSError, ValueError) as exc:
+            console.print(f"[red]{path}: {exc}[/]")
+            failed = True
+            continue
+        print_json({"image": str(path), **prediction.to_json(),
+                    "release": f"{meta.get('name')}@{meta.get('version')}"})
+    if failed:
+        raise typer.Exit(1)

@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import typer
+
+from ._agent import agent_app
+from ._ops import (
+    assign,
+    bundle_app,
+    devices_app,
+    events,
+    keys_app,
+    publish,
+    releases_app,
+)
+from ._server import server_app
+
+app = typer.Typer(
+    name="edgewise",
+    help="Build image models on a CPU, ship them signed to edge devices, run them privately.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(keys_app, name="keys")
+app.add_typer(server_app, name="server")
+app.add_typer(agent_app, name="agent")
+app.add_typer(devices_app, name="devices")
+app.add_typer(releases_app, name="releases")
+app.add_typer(bundle_app, name="bundle")
+app.command()(publish)
+app.command()(assign)
+app.command()(events)
+
+
+@app.command()
+def demo(
+    workdir: str = typer.Option(None, help="keep everything here (default: a temp dir)"),
+    devices: int = typer.Option(3, min=1, max=20, help="number of simulated devices"),
+) -> None:
+    """Build a model, serve it, update 3 agents to v1, then watch them reject a broken v2."""
+    from ._demo import run_demo
+
+    run_demo(workdir=workdir, n_devices=devices)

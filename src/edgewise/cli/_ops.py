@@ -1,0 +1,171 @@
+"""Operator commands: keys, publish, assign, devices, releases, events, bundles."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ._common import console, fail, out, print_json
+
+ServerOpt = Annotated[str, typer.Option("--server", envvar="EDGEWISE_SERVER",
+                                        help="update server URL")]
+TokenOpt = Annotated[str, typer.Option("--token", envvar="EDGEWISE_TOKEN",
+                                       help="admin API token")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
+
+keys_app = typer.Typer(help="TUF signing keys.", no_args_is_help=True)
+devices_app = typer.Typer(help="Enrolled devices.", no_args_is_help=True)
+releases_app = typer.Typer(help="Published releases.", no_args_is_help=True)
+bundle_app = typer.Typer(help="Model bundles.", no_args_is_help=True)
+
+
+def _client(server: str, token: str):
+    from ..server.client import OperatorClient
+
+    return OperatorClient(server, token=token)
+
+
+def _api_errors():
+    from ..artifacts import ArtifactError
+    from ..server.client import ServerApiError
+    from ..trust import TrustError
+
+    return (ServerApiError, ArtifactError, TrustError)
+
+
+@keys_app.command("init")
+def keys_init(out_dir: Annotated[Path, typer.Option("--out", help="directory for the keys")]
+              = Path("keys")) -> None:
+    """Make root + targets keys (offline, operator), the online key (server) and root.json."""
+    from ..trust import KeyFileError, init_keys
+
+    try:
+        paths = init_keys(out_dir)
+    except KeyFileError as exc:
+        fail(str(exc))
+    console.print(f"[green]keys written to {out_dir}[/]\n"
+                  f"  keep offline : {paths.root_key}, {paths.targets_key}\n"
+                  f"  server       : {paths.online_key}, {paths.root_json}\n"
+                  f"  devices      : {paths.root_json}")
+
+
+def publish(
+    bundle: Annotated[Path, typer.Argument(help="bundle directory")],
+    server: ServerOpt,
+    token: TokenOpt,
+    keys: Annotated[Path, typer.Option(help="directory with root.json and targets.pem")]
+    = Path("keys"),
+    assign_all: Annotated[bool, typer.Option("--assign-all", help="assign to every device")]
+    = False,
+) -> None:
+    """Validate a bundle, sign its targets with the offline key here, upload it."""
+    from ..server.client import publish_bundle
+
+    try:
+        with _client(server, token) as client:
+            release = publish_bundle(client, bundle, root_path=keys / "root.json",
+                                     targets_key_path=keys / "targets.pem")
+            if assign_all:
+                client.assign(release["id"])
+    except _api_errors() as exc:
+        fail(str(exc))
+    console.print(f"[green]published[/] {release['name']}@{release['version']} "
+                  f"as {release['id']}")
+    print_json({"release_id": release["id"], "name": release["name"],
+                "version": release["version"]})
+
+
+def assign(
+    release_id: str,
+    server: ServerOpt,
+    token: TokenOpt,
+    device: Annotated[list[str] | None, typer.Option("--device", help="device id (repeat); "
+                                                     "default: every device")] = None,
+) -> None:
+    """Make a release the one the given devices (default: all) should run."""
+    try:
+        with _client(server, token) as client:
+            devices = client.assign(release_id, device or None)
+    except _api_errors() as exc:
+        fail(str(exc))
+    console.print(f"assigned {release_id} to {len(devices)} device(s)")
+
+
+@devices_app.command("list")
+def devices_list(server: ServerOpt, token: TokenOpt, as_json: JsonOpt = False) -> None:
+    try:
+        with _client(server, token) as client:
+            devices = client.devices()
+    except _api_errors() as exc:
+        fail(str(exc))
+    if as_json:
+        print_json(devices)
+        return
+    table = Table("id", "name", "hardware", "state", "release", "assigned", "last seen")
+    for d in devices:
+        table.add_row(d["id"], d["name"], d["hardware"], d["state"], d["release_id"] or "-",
+                      d["assigned_release_id"] or "-", str(d["last_seen_at"] or "-"))
+    out.print(table)
+
+
+@devices_app.command("token")
+def devices_token(server: ServerOpt, token: TokenOpt,
+                  ttl_s: Annotated[int, typer.Option(help="validity in seconds")] = 3600) -> None:
+    """Create a single-use enrollment token for one new device."""
+    try:
+        with _client(server, token) as client:
+            print(client.create_enrollment_token(ttl_s=ttl_s))
+    except _api_errors() as exc:
+        fail(str(exc))
+
+
+@releases_app.command("list")
+def releases_list(server: ServerOpt, token: TokenOpt, as_json: JsonOpt = False) -> None:
+    try:
+        with _client(server, token) as client:
+            releases = client.releases()
+    except _api_errors() as exc:
+        fail(str(exc))
+    if as_json:
+        print_json(releases)
+        return
+    table = Table("id", "name", "version", "size", "targets v", "created")
+    for r in releases:
+        table.add_row(r["id"], r["name"], r["version"], f"{r['size_bytes'] / 1e6:.1f} MB",
+                      str(r["targets_version"]), str(r["created_at"]))
+    out.print(table)
+
+
+def events(server: ServerOpt, token: TokenOpt,
+           device: Annotated[str | None, typer.Option(help="only this device")] = None,
+           limit: int = 200, as_json: JsonOpt = False) -> None:
+    """The event log: enrollments, publications, assignments, every agent transition."""
+    try:
+        with _client(server, token) as client:
+            rows = client.events(device_id=device, limit=limit)
+    except _api_errors() as exc:
+        fail(str(exc))
+    if as_json:
+        print_json(rows)
+        return
+    table = Table("time", "device", "release", "event", "state", "message")
+    for e in rows:
+        table.add_row(str(e["ts"])[:19], e["device_id"] or "-", e["release_id"] or "-",
+                      e["kind"], e["state"] or "", e["message"][:80])
+    out.print(table)
+
+
+@bundle_app.command("validate")
+def bundle_validate(bundle: Path) -> None:
+    """Check a bundle directory: manifest, files, hashes, model type, golden set."""
+    from ..artifacts import BundleError, validate_bundle
+
+    try:
+        manifest = validate_bundle(bundle)
+    except BundleError as exc:
+        fail(f"{bundle}: {exc}")
+    console.print(f"[green]valid[/] {manifest.release_name}: {len(manifest.files)} files, "
+                  f"{len(manifest.labels)} labels, golden set of {manifest.golden.count}")

@@ -1,0 +1,46 @@
+"""`edgewise server ...`"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ._common import console, fail, setup_logging
+
+server_app = typer.Typer(help="The update server.", no_args_is_help=True)
+
+
+@server_app.command("run")
+def run(
+    data: Annotated[Path, typer.Option(help="data directory (SQLite file, artifacts, TUF)")]
+    = Path("edgewise-data"),
+    root: Annotated[Path, typer.Option(help="trusted root.json from `edgewise keys init`")]
+    = Path("keys/root.json"),
+    online_key: Annotated[Path, typer.Option(help="snapshot/timestamp key (online.pem)")]
+    = Path("keys/online.pem"),
+    db: Annotated[str | None, typer.Option(help="SQLAlchemy URL, e.g. postgresql://... "
+                                           "(default: SQLite in DATA)")] = None,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    admin_token: Annotated[str | None, typer.Option(envvar="EDGEWISE_ADMIN_TOKEN",
+                                                    help="default: DATA/admin.token")] = None,
+    verbose: bool = False,
+) -> None:
+    """Run the update server (FastAPI + uvicorn). OpenAPI docs at /docs."""
+    import uvicorn
+
+    from ..server.app import ServerConfig, create_app, resolve_admin_token
+    from ..trust import TrustError
+
+    setup_logging(verbose)
+    try:
+        token = resolve_admin_token(data, admin_token)
+        app = create_app(ServerConfig(data_dir=data, root_path=root, online_key_path=online_key,
+                                      admin_token=token, db_url=db))
+    except (ValueError, TrustError) as exc:
+        fail(str(exc))
+    if admin_token is None:
+        console.print(f"admin token: {data / 'admin.token'}")
+    uvicorn.run(app, host=host, port=port, log_level="debug" if verbose else "warning")

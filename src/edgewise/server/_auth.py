@@ -1,0 +1,23 @@
+"""Bearer tokens: the admin token and per-device credentials, stored only as sha256."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+
+__all__ = ["check_admin_token", "hash_token", "new_token", "WEAK_TOKENS"]
+
+WEAK_TOKENS = {"admin", "changeme", "password", "secret", "token", "edgewise"}
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def check_admin_token(presented: str, expected_hash: str) -> bool:
+    return hmac.compare_digest(hash_token(presented), expected_hash)

@@ -1,0 +1,40 @@
+"""Domain errors of the server; `app.py` maps each class to one HTTP status in one handler."""
+
+__all__ = [
+    "Conflict",
+    "DomainError",
+    "Forbidden",
+    "InvalidInput",
+    "NotFound",
+    "Unauthorized",
+]
+
+
+class DomainError(Exception):
+    status_code = 400
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInput(DomainError):
+    """The request was understood but its content is unacceptable (untrusted input)."""
+
+    status_code = 422
+
+
+class Unauthorized(DomainError):
+    status_code = 401
+
+
+class Forbidden(DomainError):
+    status_code = 403
+
+
+class NotFound(DomainError):
+    status_code = 404
+
+
+class Conflict(DomainError):
+    status_code = 409

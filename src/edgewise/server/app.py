@@ -1,0 +1,93 @@
+"""The update server application: `create_app(config)` wires domains, storage and errors."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from .. import __version__
+from ..trust import ServerRepository, load_root, load_signer
+from ._auth import WEAK_TOKENS, hash_token, new_token
+from ._db import Base, make_engine, make_sessionmaker
+from ._deps import ServerContext
+from ._errors import DomainError
+from .devices import models as _device_models  # noqa: F401  (register tables)
+from .devices.routes import router as devices_router
+from .events import models as _event_models  # noqa: F401
+from .events.routes import router as events_router
+from .releases import models as _release_models  # noqa: F401
+from .releases.routes import router as releases_router
+from .repository.routes import router as repository_router
+
+__all__ = ["ServerConfig", "create_app", "resolve_admin_token"]
+
+log = logging.getLogger("edgewise.server")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    data_dir: Path
+    root_path: Path
+    online_key_path: Path
+    admin_token: str
+    db_url: str | None = None  # default: SQLite file in data_dir
+    max_upload_bytes: int = 2 << 30
+
+    @property
+    def resolved_db_url(self) -> str:
+        return self.db_url or f"sqlite:///{(self.data_dir / 'edgewise.db').resolve()}"
+
+
+def resolve_admin_token(data_dir: Path, given: str | None) -> str:
+    """Use the given admin token, else the one saved in DATA/admin.token, else make one."""
+    if given is not None:
+        if given.lower() in WEAK_TOKENS or len(given) < 16:
+            raise ValueError("refusing a weak admin token: use at least 16 random characters")
+        return given
+    path = data_dir / "admin.token"
+    if path.exists():
+        return path.read_text().strip()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    token = new_token()
+    path.touch(mode=0o600)
+    path.write_text(token + "\n")
+    return token
+
+
+def create_app(config: ServerConfig) -> FastAPI:
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(config.resolved_db_url)
+    Base.metadata.create_all(engine)
+    repo = ServerRepository(
+        config.data_dir / "tuf",
+        root=load_root(config.root_path).to_bytes(),
+        online_signer=load_signer(config.online_key_path),
+    )
+    app = FastAPI(
+        title="Edgewise update server",
+        version=__version__,
+        description="Signed model releases for edge fleets: enrollment, releases, "
+        "assignments, device reports, event log and the TUF repository devices verify against.",
+    )
+    app.state.ctx = ServerContext(
+        sessions=make_sessionmaker(engine),
+        repo=repo,
+        admin_token_hash=hash_token(config.admin_token),
+        max_upload_bytes=config.max_upload_bytes,
+    )
+
+    @app.exception_handler(DomainError)
+    async def _domain_error(_request: Request, exc: DomainError) -> JSONResponse:
+        return JSONResponse(status_code=exc.status_code, content={"detail": exc.message})
+
+    @app.get("/healthz", tags=["ops"])
+    def healthz() -> dict[str, str]:
+        return {"status": "ok", "version": __version__}
+
+    for router in (devices_router, releases_router, events_router, repository_router):
+        app.include_router(router)
+    return app

@@ -1,0 +1,115 @@
+"""The operator's client of the server API: publish signed releases, assign, inspect.
+
+Publishing signs on the operator's machine: the current targets metadata is fetched,
+verified against the operator's trusted root, extended with the bundle's files, signed with
+the offline targets key, and uploaded together with the files. The server never sees the key.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from ..artifacts import MANIFEST_NAME, validate_bundle
+from ..trust import load_root, load_signer, sign_targets, target_file
+
+__all__ = ["OperatorClient", "ServerApiError", "publish_bundle"]
+
+
+class ServerApiError(Exception):
+    def __init__(self, message: str, *, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+class OperatorClient:
+    def __init__(self, server_url: str, *, token: str, timeout_s: float = 60.0) -> None:
+        self.base_url = server_url.rstrip("/")
+        self.http = httpx.Client(timeout=timeout_s,
+                                 headers={"Authorization": f"Bearer {token}"})
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> OperatorClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            r = self.http.request(method, f"{self.base_url}{path}", **kwargs)
+        except httpx.HTTPError as exc:
+            raise ServerApiError(f"cannot reach {self.base_url}: {exc}") from exc
+        if r.status_code >= 400:
+            try:
+                detail = r.json().get("detail", r.text)
+            except ValueError:
+                detail = r.text
+            raise ServerApiError(f"{method} {path}: HTTP {r.status_code}: {detail}",
+                                 status_code=r.status_code)
+        return r
+
+    def create_enrollment_token(self, *, ttl_s: int = 3600) -> str:
+        return self.request("POST", "/api/v1/enrollment-tokens", json={"ttl_s": ttl_s}).json()[
+            "token"]
+
+    def devices(self) -> list[dict[str, Any]]:
+        return self.request("GET", "/api/v1/devices").json()
+
+    def releases(self) -> list[dict[str, Any]]:
+        return self.request("GET", "/api/v1/releases").json()
+
+    def events(self, *, device_id: str | None = None, limit: int = 500) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"limit": limit}
+        if device_id:
+            params["device_id"] = device_id
+        return self.request("GET", "/api/v1/events", params=params).json()
+
+    def assign(self, release_id: str, device_ids: list[str] | None = None) -> list[dict]:
+        return self.request("POST", "/api/v1/assignments",
+                            json={"release_id": release_id, "device_ids": device_ids}).json()
+
+    def current_targets(self) -> bytes | None:
+        r = self.request("GET", "/api/v1/tuf/targets-metadata")
+        return None if r.status_code == 204 else r.content
+
+
+def publish_bundle(
+    client: OperatorClient,
+    bundle_dir: Path,
+    *,
+    root_path: Path,
+    targets_key_path: Path,
+    retries: int = 3,
+) -> dict[str, Any]:
+    """Validate, sign (operator side) and upload a bundle; return the server's release."""
+    bundle_dir = Path(bundle_dir)
+    manifest = validate_bundle(bundle_dir)
+    root = load_root(root_path)
+    signer = load_signer(targets_key_path)
+    prefix = f"{manifest.name}/{manifest.version}/"
+    rels = [MANIFEST_NAME, *manifest.files]
+    add = {prefix + rel: target_file(prefix + rel, bundle_dir / rel) for rel in rels}
+    for attempt in range(retries):
+        signed = sign_targets(root=root, signer=signer, current=client.current_targets(),
+                              add=add)
+        with ExitStack() as stack:
+            files = [("files", (prefix + rel, stack.enter_context(open(bundle_dir / rel, "rb")),
+                                "application/octet-stream")) for rel in rels]
+            try:
+                return client.request(
+                    "POST", "/api/v1/releases",
+                    files=[("targets", ("targets.json", signed, "application/json")), *files],
+                ).json()
+            except ServerApiError as exc:
+                # Someone else published between our read and our upload: re-sign on top.
+                if "does not follow the current version" not in str(exc) or attempt == retries - 1:
+                    raise
+        time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")

@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, ForeignKey, String
+from sqlalchemy.orm import Mapped, mapped_column
+
+from .._db import Base, utcnow
+
+
+class EnrollmentToken(Base):
+    __tablename__ = "enrollment_tokens"
+
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime)
+    used_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    device_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+
+
+class Device(Base):
+    __tablename__ = "devices"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    hardware: Mapped[str] = mapped_column(String(128), default="generic")
+    credential_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    enrolled_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    last_seen_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    state: Mapped[str] = mapped_column(String(32), default="enrolled")
+    # What the device reports it runs, and what the operator wants it to run.
+    release_id: Mapped[str | None] = mapped_column(ForeignKey("releases.id"), nullable=True)
+    assigned_release_id: Mapped[str | None] = mapped_column(ForeignKey("releases.id"),
+                                                            nullable=True)
+    status: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

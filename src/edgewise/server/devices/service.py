@@ -1,0 +1,120 @@
+"""Device enrollment, assignment and status reports."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from .._auth import hash_token, new_token
+from .._db import utcnow
+from .._errors import Conflict, NotFound, Unauthorized
+from ..events import service as events
+from ..releases.models import Release
+from .models import Device, EnrollmentToken
+
+AGENT_STATES = {
+    "idle", "checking", "downloading", "verifying", "installing", "activating",
+    "health-checking", "committed", "rolling-back", "rolled-back", "failed",
+}
+
+
+def create_enrollment_token(session: Session, *, ttl_s: int) -> tuple[str, datetime]:
+    token = new_token()
+    expires = utcnow() + timedelta(seconds=ttl_s)
+    session.add(EnrollmentToken(token_hash=hash_token(token), expires_at=expires))
+    session.commit()
+    return token, expires
+
+
+def enroll(session: Session, *, token: str, name: str, hardware: str) -> tuple[Device, str]:
+    row = session.get(EnrollmentToken, hash_token(token))
+    if row is None:
+        raise Unauthorized("unknown enrollment token")
+    if row.used_at is not None:
+        raise Unauthorized("enrollment token was already used")
+    if row.expires_at < utcnow():
+        raise Unauthorized("enrollment token has expired")
+    credential = new_token()
+    device = Device(id=f"dev-{secrets.token_hex(5)}", name=name or "device", hardware=hardware,
+                    credential_hash=hash_token(credential), state="enrolled", status={})
+    # Claim the token with a conditional UPDATE so two concurrent enrollments cannot both win.
+    claimed = session.execute(
+        update(EnrollmentToken)
+        .where(EnrollmentToken.token_hash == row.token_hash, EnrollmentToken.used_at.is_(None))
+        .values(used_at=utcnow(), device_id=device.id)
+    ).rowcount
+    if claimed != 1:
+        session.rollback()
+        raise Unauthorized("enrollment token was already used")
+    session.add(device)
+    events.record(session, kind="enrolled", device_id=device.id,
+                  message=f"{device.name} enrolled ({hardware})")
+    session.commit()
+    return device, credential
+
+
+def get_device(session: Session, *, device_id: str) -> Device:
+    device = session.get(Device, device_id)
+    if device is None:
+        raise NotFound(f"no device {device_id!r}")
+    return device
+
+
+def list_devices(session: Session) -> list[Device]:
+    return list(session.scalars(select(Device).order_by(Device.enrolled_at, Device.id)))
+
+
+def assign(session: Session, *, release_id: str, device_ids: list[str] | None) -> list[Device]:
+    """Make `release_id` the wanted release of the given devices (None: every device)."""
+    release = session.get(Release, release_id)
+    if release is None:
+        raise NotFound(f"no release {release_id!r}")
+    if device_ids is None:
+        devices = list_devices(session)
+    else:
+        devices = [get_device(session, device_id=d) for d in device_ids]
+    for device in devices:
+        device.assigned_release_id = release.id
+        events.record(session, kind="assigned", device_id=device.id, release_id=release.id,
+                      message=f"assigned {release.name}@{release.version}")
+    session.commit()
+    return devices
+
+
+def assignment(session: Session, *, device: Device) -> Release | None:
+    device.last_seen_at = utcnow()
+    session.commit()
+    if device.assigned_release_id is None:
+        return None
+    return session.get(Release, device.assigned_release_id)
+
+
+def report(
+    session: Session,
+    *,
+    device: Device,
+    state: str,
+    event: str,
+    release_id: str | None,
+    target_release_id: str | None,
+    message: str,
+    detail: dict[str, Any],
+) -> None:
+    if state not in AGENT_STATES:
+        raise Conflict(f"unknown agent state {state!r}")
+    for rid in {release_id, target_release_id} - {None}:
+        if session.get(Release, rid) is None:
+            raise NotFound(f"no release {rid!r}")
+    device.state = state
+    device.release_id = release_id
+    device.last_seen_at = utcnow()
+    device.status = {**(device.status or {}), "last_event": event, "message": message,
+                     "target_release_id": target_release_id}
+    events.record(session, kind=event, device_id=device.id,
+                  release_id=target_release_id or release_id, state=state, message=message,
+                  detail=detail)
+    session.commit()

@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from fastapi import APIRouter, File, Response, UploadFile
+from pydantic import BaseModel
+
+from .._deps import AdminDep, ContextDep, RepoDep, SessionDep
+from . import service
+from .models import Release
+
+router = APIRouter(prefix="/api/v1", tags=["releases"])
+
+
+class ReleaseOut(BaseModel):
+    id: str
+    name: str
+    version: str
+    manifest_target: str
+    targets_version: int
+    size_bytes: int
+    created_at: datetime
+    manifest: dict[str, Any]
+
+    @classmethod
+    def of(cls, r: Release) -> ReleaseOut:
+        return cls(id=r.id, name=r.name, version=r.version, manifest_target=r.manifest_target,
+                   targets_version=r.targets_version, size_bytes=r.size_bytes,
+                   created_at=r.created_at, manifest=r.manifest)
+
+
+@router.post("/releases", response_model=ReleaseOut, status_code=201, dependencies=[AdminDep])
+async def publish(
+    ctx: ContextDep,
+    session: SessionDep,
+    targets: UploadFile = File(description="targets metadata signed with the offline key"),
+    files: list[UploadFile] = File(description="the bundle's files, in any order"),
+) -> ReleaseOut:
+    signed = await targets.read()
+    release = service.publish(
+        session, repo=ctx.repo, signed_targets=signed, uploads=[f.file for f in files],
+        max_upload_bytes=ctx.max_upload_bytes,
+    )
+    return ReleaseOut.of(release)
+
+
+@router.get("/releases", response_model=list[ReleaseOut], dependencies=[AdminDep])
+def list_releases(session: SessionDep) -> list[ReleaseOut]:
+    return [ReleaseOut.of(r) for r in service.list_releases(session)]
+
+
+@router.get("/releases/{release_id}", response_model=ReleaseOut, dependencies=[AdminDep])
+def get_release(release_id: str, session: SessionDep) -> ReleaseOut:
+    return ReleaseOut.of(service.get_release(session, release_id=release_id))
+
+
+@router.get("/tuf/targets-metadata", dependencies=[AdminDep],
+            responses={200: {"content": {"application/json": {}}}, 204: {}})
+def current_targets_metadata(repo: RepoDep) -> Response:
+    """The current signed targets metadata, for the operator to extend and re-sign."""
+    current = repo.current_targets()
+    if current is None:
+        return Response(status_code=204)
+    return Response(content=current, media_type="application/json")

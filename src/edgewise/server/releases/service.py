@@ -1,0 +1,100 @@
+"""Releases: operator-signed bundles that become TUF targets and assignable releases.
+
+Invariant: a Release row exists only for a bundle whose manifest and every listed file are
+targets signed by the operator, with matching sha256 and size.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import BinaryIO
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from tuf.api.metadata import Metadata, Targets
+
+from ...artifacts import MANIFEST_NAME, BundleError, parse_manifest
+from ...trust import ServerRepository, VerificationError
+from .._errors import Conflict, InvalidInput, NotFound
+from ..events import service as events
+from .models import Release
+
+
+def list_releases(session: Session) -> list[Release]:
+    return list(session.scalars(select(Release).order_by(Release.created_at, Release.id)))
+
+
+def get_release(session: Session, *, release_id: str) -> Release:
+    release = session.get(Release, release_id)
+    if release is None:
+        raise NotFound(f"no release {release_id!r}")
+    return release
+
+
+def publish(
+    session: Session,
+    *,
+    repo: ServerRepository,
+    signed_targets: bytes,
+    uploads: list[BinaryIO],
+    max_upload_bytes: int,
+) -> Release:
+    for stream in uploads:
+        try:
+            repo.store_object(stream, max_bytes=max_upload_bytes)
+        except VerificationError as exc:
+            raise InvalidInput(str(exc)) from exc
+    try:
+        new = Metadata[Targets].from_bytes(signed_targets).signed
+    except Exception as exc:
+        raise InvalidInput(f"targets metadata is malformed: {exc}") from exc
+    current_bytes = repo.current_targets()
+    current = Metadata[Targets].from_bytes(current_bytes).signed.targets if current_bytes else {}
+    for path, info in current.items():
+        if path not in new.targets or new.targets[path] != info:
+            raise InvalidInput(f"the new targets metadata drops or changes existing target {path}")
+    added = {p: t for p, t in new.targets.items() if p not in current}
+    manifests = [p for p in added if p.rsplit("/", 1)[-1] == MANIFEST_NAME]
+    if len(manifests) != 1:
+        raise InvalidInput(f"a release adds exactly one {MANIFEST_NAME} target, got {len(manifests)}")
+    manifest_path = manifests[0]
+    prefix = manifest_path[: -len(MANIFEST_NAME)]
+    manifest_obj = repo.object_path(added[manifest_path].hashes.get("sha256", ""))
+    if manifest_obj is None:
+        raise InvalidInput(f"{manifest_path}: its bytes were not uploaded")
+    try:
+        manifest = parse_manifest(manifest_obj.read_bytes())
+    except BundleError as exc:
+        raise InvalidInput(f"{manifest_path}: {exc}") from exc
+    if prefix != f"{manifest.name}/{manifest.version}/":
+        raise InvalidInput(f"{manifest_path}: path does not match {manifest.release_name}")
+    expected = {prefix + rel: entry for rel, entry in manifest.files.items()}
+    if set(added) - {manifest_path} != set(expected):
+        raise InvalidInput("the signed targets do not match the files the manifest lists")
+    for path, entry in expected.items():
+        info = added[path]
+        if info.hashes.get("sha256") != entry.sha256 or info.length != entry.size:
+            raise InvalidInput(f"{path}: signed hash/size differ from the manifest")
+    if session.scalars(select(Release).where(Release.name == manifest.name,
+                                             Release.version == manifest.version)).first():
+        raise Conflict(f"release {manifest.release_name} already exists")
+
+    try:
+        published = repo.publish(signed_targets)
+    except VerificationError as exc:
+        raise InvalidInput(str(exc)) from exc
+
+    release = Release(
+        id=f"rel-{secrets.token_hex(5)}",
+        name=manifest.name,
+        version=manifest.version,
+        manifest_target=manifest_path,
+        targets_version=published.version,
+        size_bytes=sum(t.length for t in added.values()),
+        manifest=manifest.model_dump(mode="json"),
+    )
+    session.add(release)
+    events.record(session, kind="published", release_id=release.id,
+                  message=f"published {manifest.release_name} (targets v{published.version})")
+    session.commit()
+    return release

@@ -1,0 +1,37 @@
+"""TUF metadata and targets, served to devices. Everything here is signed, so mirrors and
+caches in front of it need no trust; a device verifies each byte against its root."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import FileResponse
+
+from .._deps import RepoDep
+from .._errors import NotFound
+
+router = APIRouter(prefix="/tuf", tags=["TUF repository"])
+
+
+@router.get("/metadata/{filename}")
+def metadata(filename: str, repo: RepoDep) -> FileResponse:
+    if filename == "timestamp.json":
+        repo.refresh_online_metadata()
+    path = repo.metadata_file(filename)
+    if path is None:
+        raise NotFound(f"no metadata {filename}")
+    return FileResponse(path, media_type="application/json")
+
+
+@router.get("/targets/{target_path:path}")
+def target(target_path: str, repo: RepoDep) -> FileResponse:
+    # Consistent snapshots: clients ask for DIR/<sha256>.<name>; the object store is keyed by
+    # sha256, and the hash must belong to a target the operator signed.
+    dirname, _, basename = target_path.rpartition("/")
+    sha, dot, name = basename.partition(".")
+    info = repo.target(f"{dirname}/{name}" if dirname else name) if dot else None
+    if info is None or info.hashes.get("sha256") != sha:
+        raise NotFound(f"no target {target_path}")
+    path = repo.object_path(sha)
+    if path is None:
+        raise NotFound(f"target {target_path} is signed but its bytes are missing")
+    return FileResponse(path, media_type="application/octet-stream")

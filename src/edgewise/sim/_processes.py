@@ -1,0 +1,121 @@
+"""Real Edgewise processes on this machine: an update server and device agents.
+
+Used by `edgewise demo`, the integration tests and the fleet simulator, so that what is
+rehearsed is the shipped code path (`python -m edgewise ...`), not a reimplementation.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+__all__ = ["AgentProcess", "ServerProcess", "edgewise_command", "free_port"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def edgewise_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "edgewise", *args]
+
+
+@dataclass
+class ServerProcess:
+    data_dir: Path
+    root_path: Path
+    online_key_path: Path
+    admin_token: str
+    port: int = field(default_factory=free_port)
+    db_url: str | None = None
+    log_path: Path | None = None
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, *, timeout_s: float = 30.0) -> ServerProcess:
+        args = ["server", "run", "--data", str(self.data_dir), "--root", str(self.root_path),
+                "--online-key", str(self.online_key_path), "--host", "127.0.0.1",
+                "--port", str(self.port)]
+        if self.db_url:
+            args += ["--db", self.db_url]
+        log = open(self.log_path or os.devnull, "ab")
+        env = {**os.environ, "EDGEWISE_ADMIN_TOKEN": self.admin_token}
+        self.proc = subprocess.Popen(edgewise_command(*args), stdout=log, stderr=log, env=env)
+        log.close()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode} (log: {self.log_path})")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise TimeoutError(f"server did not come up within {timeout_s}s (log: {self.log_path})")
+
+    def stop(self) -> None:
+        _terminate(self.proc)
+
+
+@dataclass
+class AgentProcess:
+    state_dir: Path
+    poll_interval_s: float = 1.0
+    fault: str | None = None  # STATE[:before|after], see edgewise.agent.FaultPoint
+    once: bool = False
+    api_port: int | None = None
+    log_path: Path | None = None
+    proc: subprocess.Popen | None = None
+
+    def start(self) -> AgentProcess:
+        args = ["agent", "run", "--state", str(self.state_dir),
+                "--poll-interval-s", str(self.poll_interval_s)]
+        args += ["--api-port", str(self.api_port)] if self.api_port else ["--no-api"]
+        if self.once:
+            args.append("--once")
+        env = dict(os.environ)
+        env.pop("EDGEWISE_FAULT", None)
+        if self.fault:
+            env["EDGEWISE_FAULT"] = self.fault
+        log = open(self.log_path or os.devnull, "ab")
+        self.proc = subprocess.Popen(edgewise_command(*args), stdout=log, stderr=log, env=env)
+        log.close()
+        return self
+
+    def wait(self, timeout_s: float = 60.0) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout_s)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        _terminate(self.proc)
+
+
+def _terminate(proc: subprocess.Popen | None, timeout_s: float = 10.0) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -1,0 +1,23 @@
+"""TUF trust: operator-side signing, server-side repository, device-side verification."""
+
+from ._client import HttpxFetcher, TrustedClient
+from ._errors import KeyFileError, TransportError, TrustError, VerificationError
+from ._keys import KeyPaths, init_keys, load_root, load_signer
+from ._publisher import sign_targets, target_file
+from ._repository import ServerRepository
+
+__all__ = [
+    "HttpxFetcher",
+    "KeyFileError",
+    "KeyPaths",
+    "ServerRepository",
+    "TransportError",
+    "TrustError",
+    "TrustedClient",
+    "VerificationError",
+    "init_keys",
+    "load_root",
+    "load_signer",
+    "sign_targets",
+    "target_file",
+]

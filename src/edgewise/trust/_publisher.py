@@ -1,0 +1,62 @@
+"""Operator side of publishing: sign new targets metadata with the offline targets key.
+
+Invariant: the operator only ever extends targets metadata that verifies against the trusted
+root it holds, so a compromised server cannot slip a target in for the operator to sign.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from securesystemslib.signer import Signer
+from tuf.api.exceptions import UnsignedMetadataError
+from tuf.api.metadata import Metadata, Root, TargetFile, Targets
+
+from ._errors import KeyFileError, VerificationError
+
+__all__ = ["TARGETS_EXPIRY", "sign_targets", "target_file"]
+
+TARGETS_EXPIRY = timedelta(days=365)
+
+
+def target_file(target_path: str, local_path: Path) -> TargetFile:
+    return TargetFile.from_file(target_path, str(local_path), ["sha256"])
+
+
+def sign_targets(
+    *,
+    root: Metadata[Root],
+    signer: Signer,
+    current: bytes | None,
+    add: dict[str, TargetFile],
+    now: datetime | None = None,
+) -> bytes:
+    """Return signed targets metadata: `current` (verified) plus `add`, version + 1."""
+    now = now or datetime.now(UTC)
+    if signer.public_key.keyid not in root.signed.roles[Targets.type].keyids:
+        raise KeyFileError("this key is not a targets key of the trusted root")
+    if current is None:
+        targets = Targets(version=1, expires=now)
+    else:
+        try:
+            md = Metadata[Targets].from_bytes(current)
+            root.signed.verify_delegate(Targets.type, md.signed_bytes, md.signatures)
+        except UnsignedMetadataError as exc:
+            raise VerificationError(
+                "the server's current targets metadata is not signed by our targets key; "
+                "refusing to extend it"
+            ) from exc
+        except Exception as exc:
+            raise VerificationError(f"the server's targets metadata is malformed: {exc}") from exc
+        targets = md.signed
+        targets.version += 1
+    for path, info in add.items():
+        old = targets.targets.get(path)
+        if old is not None and (old.hashes != info.hashes or old.length != info.length):
+            raise VerificationError(f"target {path} already exists with other content")
+        targets.targets[path] = info
+    targets.expires = now.replace(microsecond=0) + TARGETS_EXPIRY
+    out = Metadata(targets)
+    out.sign(signer)
+    return out.to_bytes()

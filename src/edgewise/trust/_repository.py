@@ -1,0 +1,213 @@
+"""Server side of the TUF repository: accept operator-signed targets, sign snapshot/timestamp.
+
+Invariant: the server never signs targets. It publishes targets metadata only if it verifies
+against the trusted root, has a higher version than the current one and every target's bytes
+are in the content-addressed object store; then it writes, in this order, the targets, a new
+snapshot and a new timestamp (each file replaced atomically), so a client never sees a
+timestamp that points at metadata which is not there yet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+import threading
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import BinaryIO
+
+from securesystemslib.signer import Signer
+from tuf.api.exceptions import UnsignedMetadataError
+from tuf.api.metadata import MetaFile, Metadata, Root, Snapshot, TargetFile, Targets, Timestamp
+
+from ._errors import KeyFileError, VerificationError
+
+__all__ = ["ServerRepository"]
+
+_METADATA_NAME = re.compile(r"^(?:(\d+)\.)?(root|targets|snapshot|timestamp)\.json$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class ServerRepository:
+    def __init__(
+        self,
+        directory: Path | str,
+        *,
+        root: bytes,
+        online_signer: Signer,
+        timestamp_expiry: timedelta = timedelta(days=1),
+        snapshot_expiry: timedelta = timedelta(days=7),
+    ) -> None:
+        self.dir = Path(directory)
+        self.metadata_dir = self.dir / "metadata"
+        self.objects_dir = self.dir / "objects"
+        self.metadata_dir.mkdir(parents=True, exist_ok=True)
+        self.objects_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._signer = online_signer
+        self._timestamp_expiry = timestamp_expiry
+        self._snapshot_expiry = snapshot_expiry
+
+        root_md = Metadata[Root].from_bytes(root)
+        existing = self._latest_root()
+        if existing is not None and existing.signed.version > root_md.signed.version:
+            root_md = existing
+        self.root = root_md
+        keyid = online_signer.public_key.keyid
+        for role in (Snapshot.type, Timestamp.type):
+            if keyid not in root_md.signed.roles[role].keyids:
+                raise KeyFileError(f"the online key is not a {role} key of the trusted root")
+        name = self.metadata_dir / f"{root_md.signed.version}.root.json"
+        if not name.exists():
+            _atomic_write(name, root_md.to_bytes())
+
+    # ---- reading -------------------------------------------------------------------------
+
+    def _latest_root(self) -> Metadata[Root] | None:
+        versions = sorted(int(m.group(1)) for p in self.metadata_dir.iterdir()
+                          if (m := _METADATA_NAME.match(p.name)) and m.group(2) == "root"
+                          and m.group(1))
+        if not versions:
+            return None
+        return Metadata[Root].from_bytes((self.metadata_dir / f"{versions[-1]}.root.json").read_bytes())
+
+    def metadata_file(self, filename: str) -> Path | None:
+        """Path of a metadata file a client asked for, or None (also for unsafe names)."""
+        if not _METADATA_NAME.match(filename):
+            return None
+        if filename == "root.json":
+            filename = f"{self.root.signed.version}.root.json"
+        path = self.metadata_dir / filename
+        return path if path.is_file() else None
+
+    def _timestamp(self) -> Metadata[Timestamp] | None:
+        path = self.metadata_dir / "timestamp.json"
+        return Metadata[Timestamp].from_bytes(path.read_bytes()) if path.exists() else None
+
+    def current_targets(self) -> bytes | None:
+        with self._lock:
+            ts = self._timestamp()
+            if ts is None:
+                return None
+            snap_version = ts.signed.snapshot_meta.version
+            snap = Metadata[Snapshot].from_bytes(
+                (self.metadata_dir / f"{snap_version}.snapshot.json").read_bytes())
+            version = snap.signed.meta["targets.json"].version
+            return (self.metadata_dir / f"{version}.targets.json").read_bytes()
+
+    def target(self, path: str) -> TargetFile | None:
+        current = self.current_targets()
+        if current is None:
+            return None
+        return Metadata[Targets].from_bytes(current).signed.targets.get(path)
+
+    def object_path(self, sha256: str) -> Path | None:
+        if not _SHA256.match(sha256):
+            return None
+        path = self.objects_dir / sha256
+        return path if path.is_file() else None
+
+    # ---- writing -------------------------------------------------------------------------
+
+    def store_object(self, stream: BinaryIO, *, max_bytes: int) -> tuple[str, int]:
+        """Copy a stream into the object store, content-addressed; return (sha256, size)."""
+        digest = hashlib.sha256()
+        size = 0
+        fd, tmp = tempfile.mkstemp(dir=self.objects_dir, prefix=".upload.")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                while chunk := stream.read(1 << 20):
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise VerificationError(f"upload exceeds the limit of {max_bytes} bytes")
+                    digest.update(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            sha = digest.hexdigest()
+            os.replace(tmp, self.objects_dir / sha)
+            return sha, size
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def publish(self, signed_targets: bytes, *, now: datetime | None = None) -> Targets:
+        """Verify operator-signed targets and make them current; return the new Targets."""
+        now = now or datetime.now(UTC)
+        try:
+            md = Metadata[Targets].from_bytes(signed_targets)
+        except Exception as exc:
+            raise VerificationError(f"targets metadata is malformed: {exc}") from exc
+        if not isinstance(md.signed, Targets):
+            raise VerificationError(f"expected targets metadata, got {md.signed.type}")
+        try:
+            self.root.signed.verify_delegate(Targets.type, md.signed_bytes, md.signatures)
+        except UnsignedMetadataError as exc:
+            raise VerificationError(
+                "targets metadata is not signed by the targets key of the trusted root") from exc
+        if md.signed.is_expired(now):
+            raise VerificationError("targets metadata has already expired")
+        with self._lock:
+            current = self.current_targets()
+            current_version = Metadata[Targets].from_bytes(current).signed.version if current else 0
+            if md.signed.version != current_version + 1:
+                raise VerificationError(
+                    f"targets version {md.signed.version} does not follow the current version "
+                    f"{current_version} (someone else published meanwhile? fetch and re-sign)")
+            for path, info in md.signed.targets.items():
+                sha = info.hashes.get("sha256")
+                obj = self.object_path(sha or "")
+                if obj is None:
+                    raise VerificationError(f"target {path}: its bytes were not uploaded")
+                if obj.stat().st_size != info.length:
+                    raise VerificationError(f"target {path}: length differs from the upload")
+            _atomic_write(self.metadata_dir / f"{md.signed.version}.targets.json", signed_targets)
+            self._sign_snapshot_and_timestamp(md.signed.version, now)
+            return md.signed
+
+    def _sign_snapshot_and_timestamp(self, targets_version: int, now: datetime) -> None:
+        now = now.replace(microsecond=0)
+        ts = self._timestamp()
+        snap_version = ts.signed.snapshot_meta.version + 1 if ts else 1
+        snapshot = Snapshot(version=snap_version, expires=now + self._snapshot_expiry,
+                            meta={"targets.json": MetaFile(targets_version)})
+        snap_md = Metadata(snapshot)
+        snap_md.sign(self._signer)
+        _atomic_write(self.metadata_dir / f"{snap_version}.snapshot.json", snap_md.to_bytes())
+        timestamp = Timestamp(version=(ts.signed.version + 1) if ts else 1,
+                              expires=now + self._timestamp_expiry,
+                              snapshot_meta=MetaFile(snap_version))
+        ts_md = Metadata(timestamp)
+        ts_md.sign(self._signer)
+        _atomic_write(self.metadata_dir / "timestamp.json", ts_md.to_bytes())
+
+    def refresh_online_metadata(self, *, now: datetime | None = None) -> bool:
+        """Re-sign snapshot and timestamp when either is in the last half of its lifetime."""
+        now = now or datetime.now(UTC)
+        with self._lock:
+            ts = self._timestamp()
+            if ts is None:
+                return False
+            snap_version = ts.signed.snapshot_meta.version
+            snap = Metadata[Snapshot].from_bytes(
+                (self.metadata_dir / f"{snap_version}.snapshot.json").read_bytes()).signed
+            if (ts.signed.expires - now > self._timestamp_expiry / 2
+                    and snap.expires - now > self._snapshot_expiry / 2):
+                return False
+            self._sign_snapshot_and_timestamp(snap.meta["targets.json"].version, now)
+            return True
