@@ -31,7 +31,9 @@ def preprocess_image(data: bytes, contract: Preprocessing) -> np.ndarray:
             if img.size != (w, h):
                 img = img.resize((w, h), Image.Resampling.BILINEAR)
             pixels = np.asarray(img, dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except UnidentifiedImageError as exc:
+        raise ValueError("not a readable image (expected PNG, JPEG, BMP, ...)") from exc
+    except (OSError, ValueError) as exc:
         raise ValueError(f"not a readable image: {exc}") from exc
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]

@@ -54,6 +54,9 @@ def publish(
         if path not in new.targets or new.targets[path] != info:
             raise InvalidInput(f"the new targets metadata drops or changes existing target {path}")
     added = {p: t for p, t in new.targets.items() if p not in current}
+    if not added:
+        raise Conflict("nothing to publish: every file is already a published target "
+                       "(this release already exists)")
     manifests = [p for p in added if p.rsplit("/", 1)[-1] == MANIFEST_NAME]
     if len(manifests) != 1:
         raise InvalidInput(f"a release adds exactly one {MANIFEST_NAME} target, got {len(manifests)}")

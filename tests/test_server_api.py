@@ -1,0 +1,149 @@
+"""The server's API contract with operators and devices, in-process (FastAPI TestClient on
+the real app, a real SQLite file and a real TUF repository)."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from edgewise.server.app import ServerConfig, create_app
+from edgewise.server.client import OperatorClient, ServerApiError, publish_bundle
+
+ADMIN = secrets.token_urlsafe(24)
+
+
+@pytest.fixture
+def api(tmp_path: Path, keys) -> TestClient:
+    app = create_app(ServerConfig(data_dir=tmp_path / "srv", root_path=keys.root_json,
+                                  online_key_path=keys.online_key, admin_token=ADMIN))
+    with TestClient(app) as client:
+        yield client
+
+
+def admin(api: TestClient) -> dict[str, str]:
+    return {"Authorization": f"Bearer {ADMIN}"}
+
+
+def enroll(api: TestClient, name: str = "d") -> tuple[str, dict[str, str]]:
+    token = api.post("/api/v1/enrollment-tokens", json={}, headers=admin(api)).json()["token"]
+    body = api.post("/api/v1/devices/enroll", json={"token": token, "name": name}).json()
+    return body["device_id"], {"Authorization": f"Bearer {body['credential']}"}
+
+
+def test_openapi_docs_are_served(api: TestClient) -> None:
+    assert api.get("/docs").status_code == 200
+    paths = api.get("/openapi.json").json()["paths"]
+    assert {"/api/v1/devices/enroll", "/api/v1/releases", "/api/v1/device/assignment",
+            "/tuf/metadata/{filename}"} <= set(paths)
+
+
+@pytest.mark.parametrize("path", ["/api/v1/devices", "/api/v1/releases", "/api/v1/events"])
+def test_admin_routes_need_the_admin_token(api: TestClient, path: str) -> None:
+    assert api.get(path).status_code == 401
+    assert api.get(path, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert api.get(path, headers=admin(api)).status_code == 200
+
+
+def test_enrollment_token_is_single_use(api: TestClient) -> None:
+    token = api.post("/api/v1/enrollment-tokens", json={}, headers=admin(api)).json()["token"]
+    assert api.post("/api/v1/devices/enroll", json={"token": token}).status_code == 201
+    second = api.post("/api/v1/devices/enroll", json={"token": token})
+    assert second.status_code == 401 and "already used" in second.json()["detail"]
+    unknown = api.post("/api/v1/devices/enroll", json={"token": "x" * 20})
+    assert unknown.status_code == 401
+
+
+def test_expired_enrollment_token(api: TestClient) -> None:
+    from datetime import timedelta
+
+    from edgewise.server._auth import hash_token
+    from edgewise.server._db import utcnow
+    from edgewise.server.devices.models import EnrollmentToken
+
+    with api.app.state.ctx.sessions() as session:
+        session.add(EnrollmentToken(token_hash=hash_token("expired-token-123"),
+                                    expires_at=utcnow() - timedelta(seconds=1)))
+        session.commit()
+    r = api.post("/api/v1/devices/enroll", json={"token": "expired-token-123"})
+    assert r.status_code == 401 and "expired" in r.json()["detail"]
+
+
+def test_device_routes_need_a_device_credential(api: TestClient) -> None:
+    assert api.get("/api/v1/device/assignment").status_code == 401
+    bad = {"Authorization": "Bearer not-a-device"}
+    assert api.get("/api/v1/device/assignment", headers=bad).status_code == 401
+    # The admin token is not a device credential either.
+    assert api.get("/api/v1/device/assignment", headers=admin(api)).status_code == 401
+    _, creds = enroll(api)
+    assert api.get("/api/v1/device/assignment", headers=creds).json()["release_id"] is None
+
+
+def test_reports_are_validated_and_logged(api: TestClient) -> None:
+    device_id, creds = enroll(api)
+    r = api.post("/api/v1/device/reports", headers=creds,
+                 json={"state": "exploded", "event": "x"})
+    assert r.status_code == 409
+    r = api.post("/api/v1/device/reports", headers=creds,
+                 json={"state": "failed", "event": "error", "release_id": "rel-nope"})
+    assert r.status_code == 404
+    r = api.post("/api/v1/device/reports", headers=creds,
+                 json={"state": "failed", "event": "error", "message": "disk full"})
+    assert r.status_code == 204
+    events = api.get("/api/v1/events", params={"device_id": device_id}, headers=admin(api))
+    assert [e["kind"] for e in events.json()] == ["enrolled", "error"]
+    assert api.get(f"/api/v1/devices/{device_id}", headers=admin(api)).json()["state"] == "failed"
+
+
+def test_assign_unknown_release_or_device(api: TestClient) -> None:
+    r = api.post("/api/v1/assignments", json={"release_id": "rel-x"}, headers=admin(api))
+    assert r.status_code == 404
+
+
+def _operator(api: TestClient) -> OperatorClient:
+    client = OperatorClient("http://testserver", token=ADMIN)
+    client.http = api  # TestClient is an httpx.Client talking to the app in-process
+    client.http.headers["Authorization"] = f"Bearer {ADMIN}"
+    return client
+
+
+def test_publish_creates_a_release_and_signed_targets(api: TestClient, keys, tiny_bundle) -> None:
+    client = _operator(api)
+    release = publish_bundle(client, tiny_bundle("1.0.0"), root_path=keys.root_json,
+                             targets_key_path=keys.targets_key)
+    assert release["id"].startswith("rel-") and release["manifest_target"] == \
+        "tiny/1.0.0/edgewise.json"
+    assert api.get("/tuf/metadata/1.root.json").status_code == 200
+    assert api.get("/tuf/metadata/timestamp.json").status_code == 200
+    assert api.get("/tuf/metadata/1.targets.json").status_code == 200
+    assert api.get("/tuf/metadata/../../etc/passwd").status_code == 404
+    # Publishing the same version again is a conflict; a second version gets a new id.
+    with pytest.raises(ServerApiError, match="already exists|already"):
+        publish_bundle(client, tiny_bundle("1.0.0"), root_path=keys.root_json,
+                       targets_key_path=keys.targets_key)
+    second = publish_bundle(client, tiny_bundle("1.1.0"), root_path=keys.root_json,
+                            targets_key_path=keys.targets_key)
+    assert second["id"] != release["id"] and second["targets_version"] == 2
+
+
+def test_publish_refuses_uploads_that_do_not_match(api: TestClient, keys, tiny_bundle) -> None:
+    from edgewise.trust import load_root, load_signer, sign_targets, target_file
+
+    bundle = tiny_bundle("1.0.0")
+    add = {f"tiny/1.0.0/{p.name}": target_file(f"tiny/1.0.0/{p.name}", p)
+           for p in bundle.iterdir()}
+    signed = sign_targets(root=load_root(keys.root_json), signer=load_signer(keys.targets_key),
+                          current=None, add=add)
+    # Signed, but the model's bytes are not uploaded.
+    files = [("files", (n, (bundle / n.split("/")[-1]).read_bytes())) for n in add
+             if not n.endswith("model.onnx")]
+    r = api.post("/api/v1/releases", headers=admin(api),
+                 files=[("targets", ("t.json", signed)), *files])
+    assert r.status_code == 422 and "not uploaded" in r.json()["detail"]
+    # Garbage metadata.
+    r = api.post("/api/v1/releases", headers=admin(api),
+                 files=[("targets", ("t.json", b"{nope")), *files])
+    assert r.status_code == 422
+    assert api.get("/api/v1/releases", headers=admin(api)).json() == []
