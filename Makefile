@@ -16,9 +16,17 @@ $(VENV): pyproject.toml
 	$(BIN)/pip install -e '.[dev]'
 	touch $(VENV)
 
+# System packages: the Fashion-MNIST data set, PostgreSQL server binaries (tests start their
+# own throwaway cluster), Mosquitto. Installed only when missing.
 system-deps:
-	@if [ ! -d $(FASHION_MNIST) ]; then \
-		$(SUDO) apt-get update && $(SUDO) apt-get install -y dataset-fashion-mnist; fi
+	@missing=""; \
+	[ -d $(FASHION_MNIST) ] || missing="$$missing dataset-fashion-mnist"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v mosquitto >/dev/null 2>&1 || missing="$$missing mosquitto"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing system packages:$$missing"; \
+		$(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y $$missing; \
+	fi
 
 demo: $(VENV)
 	$(BIN)/edgewise demo
