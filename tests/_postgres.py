@@ -12,7 +12,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from edgewise.sim import free_port
@@ -62,8 +62,6 @@ def throwaway_postgres() -> Iterator[str]:
                 time.sleep(0.2)
         yield url
     finally:
-        try:
+        with suppress(Exception):
             run("pg_ctl", "-D", str(data), "-m", "immediate", "stop")
-        except Exception:
-            pass
         shutil.rmtree(base, ignore_errors=True)

@@ -94,7 +94,8 @@ def test_server_refuses_targets_not_signed_by_the_operator(live_server, tiny_bun
         publish_bundle(c, tiny_bundle("6.6.6"), root_path=live_server.keys.root_json,
                        targets_key_path=other.targets_key)
     # ...and the server refuses targets signed by anyone else, whatever root they claim.
-    with live_server.client() as c, pytest.raises(ServerApiError, match="not signed by the targets key"):
+    with live_server.client() as c, \
+            pytest.raises(ServerApiError, match="not signed by the targets key"):
         publish_bundle(c, tiny_bundle("6.6.7"), root_path=other.root_json,
                        targets_key_path=other.targets_key)
     with live_server.client() as c:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edgewise.agent import AgentConfigError, LocalApi, NoModelError, LocalModel
+from edgewise.agent import AgentConfigError, LocalApi, LocalModel, NoModelError
 from edgewise.sim import edgewise_command
 from tests.conftest import LABELS, PRE, make_tiny_bundle
 from tests.test_e2e_update import run_once

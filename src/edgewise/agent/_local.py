@@ -98,7 +98,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         if self.path == "/status":
             self._send(200, agent_status(self.server.state_dir))
         elif self.path == "/healthz":
@@ -106,7 +106,7 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send(404, {"detail": "not found"})
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         if self.path != "/predict":
             self._send(404, {"detail": "not found"})
             return

@@ -17,7 +17,7 @@ from typing import Any
 from ._errors import AgentConfigError
 from ._machine import State
 
-__all__ = ["AgentRecord", "Identity", "ReleaseRef", "atomic_write_json", "StateDir"]
+__all__ = ["AgentRecord", "Identity", "ReleaseRef", "StateDir", "atomic_write_json"]
 
 HISTORY_LIMIT = 100
 OUTBOX_LIMIT = 500

@@ -32,9 +32,9 @@ from ._manifest import (
 )
 
 __all__ = [
-    "GoldenSet",
     "GOLDEN_NAME",
     "MODEL_NAME",
+    "GoldenSet",
     "file_sha256",
     "load_golden",
     "read_manifest",

@@ -120,7 +120,8 @@ class BundleManifest(_Strict):
     @classmethod
     def _known_version(cls, v: int) -> int:
         if v != FORMAT_VERSION:
-            raise ValueError(f"unknown bundle format version {v} (this Edgewise reads {FORMAT_VERSION})")
+            raise ValueError(
+                f"unknown bundle format version {v} (this Edgewise reads {FORMAT_VERSION})")
         return v
 
     @field_validator("files")

@@ -27,7 +27,8 @@ def enroll(
     hardware: Annotated[str, typer.Option(help="hardware id")] = "generic",
 ) -> None:
     """Enroll this device: exchange the token for a device credential, pin the root."""
-    from ..agent import AgentError, enroll as do_enroll
+    from ..agent import AgentError
+    from ..agent import enroll as do_enroll
     from ..trust import TrustError
 
     try:

@@ -6,7 +6,7 @@ import hashlib
 import hmac
 import secrets
 
-__all__ = ["check_admin_token", "hash_token", "new_token", "WEAK_TOKENS"]
+__all__ = ["WEAK_TOKENS", "check_admin_token", "hash_token", "new_token"]
 
 WEAK_TOKENS = {"admin", "changeme", "password", "secret", "token", "edgewise"}
 

@@ -58,7 +58,8 @@ class ServerProcess:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode} (log: {self.log_path})")
+                raise RuntimeError(
+                    f"server exited with {self.proc.returncode} (log: {self.log_path})")
             try:
                 if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
                     return self

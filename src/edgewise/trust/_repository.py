@@ -20,7 +20,7 @@ from typing import BinaryIO
 
 from securesystemslib.signer import Signer
 from tuf.api.exceptions import UnsignedMetadataError
-from tuf.api.metadata import MetaFile, Metadata, Root, Snapshot, TargetFile, Targets, Timestamp
+from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
 
 from ._errors import KeyFileError, VerificationError
 
@@ -84,7 +84,8 @@ class ServerRepository:
                           and m.group(1))
         if not versions:
             return None
-        return Metadata[Root].from_bytes((self.metadata_dir / f"{versions[-1]}.root.json").read_bytes())
+        latest = self.metadata_dir / f"{versions[-1]}.root.json"
+        return Metadata[Root].from_bytes(latest.read_bytes())
 
     def metadata_file(self, filename: str) -> Path | None:
         """Path of a metadata file a client asked for, or None (also for unsafe names)."""

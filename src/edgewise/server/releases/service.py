@@ -59,7 +59,8 @@ def publish(
                        "(this release already exists)")
     manifests = [p for p in added if p.rsplit("/", 1)[-1] == MANIFEST_NAME]
     if len(manifests) != 1:
-        raise InvalidInput(f"a release adds exactly one {MANIFEST_NAME} target, got {len(manifests)}")
+        raise InvalidInput(
+            f"a release adds exactly one {MANIFEST_NAME} target, got {len(manifests)}")
     manifest_path = manifests[0]
     prefix = manifest_path[: -len(MANIFEST_NAME)]
     manifest_obj = repo.object_path(added[manifest_path].hashes.get("sha256", ""))

@@ -1,0 +1,243 @@
+"""`edgewise demo`: the whole loop, build -> ship -> run, on embedded defaults.
+
+Reads top to bottom: build a real model bundle (v1) and a broken one (v2), make keys, start
+a real server, enroll and start real agents, ship v1 (all commit), ship v2 (all roll back by
+themselves), classify an image on a device, print a summary table and the JSON summary.
+"""
+
+from __future__ import annotations
+
+import io
+import secrets
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.live import Live
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from ._common import console, out, print_json
+
+NAME = "fashion-mnist"
+WAIT_S = 240.0
+
+
+def run_demo(*, workdir: str | None, n_devices: int) -> None:
+    from ..agent import enroll
+    from ..server.client import OperatorClient, publish_bundle
+    from ..sim import AgentProcess, ServerProcess
+    from ..trust import init_keys
+
+    work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="edgewise-demo-"))
+    work.mkdir(parents=True, exist_ok=True)
+    console.rule("[bold]Edgewise demo")
+    console.print(f"working directory: {work}")
+    started = time.monotonic()
+
+    # ---- 1. build: a real model, and a bad release of it ----------------------------------
+    v1_dir, v2_dir = work / f"{NAME}-1.0.0", work / f"{NAME}-2.0.0"
+    manifest = _build(v1_dir)
+    console.print(f"[green]built[/] {manifest.release_name}: test accuracy "
+                  f"{manifest.metrics.get('test_accuracy', float('nan')):.3f}")
+    _make_broken_release(v1_dir, v2_dir, version="2.0.0")
+    console.print(f"[yellow]built[/] {NAME}@2.0.0: the same model with a broken export "
+                  "(class weights scrambled), which its golden set must catch")
+
+    # ---- 2. keys: root/targets stay here, the online key goes to the server -------------
+    keys = init_keys(work / "keys")
+
+    # ---- 3. a real server and real agents ------------------------------------------------
+    admin_token = secrets.token_urlsafe(24)
+    server = ServerProcess(data_dir=work / "server", root_path=keys.root_json,
+                           online_key_path=keys.online_key, admin_token=admin_token,
+                           log_path=work / "server.log").start()
+    agents: list[AgentProcess] = []
+    try:
+        client = OperatorClient(server.url, token=admin_token)
+        console.print(f"[green]server[/] on {server.url} (OpenAPI at {server.url}/docs)")
+        states = []
+        for i in range(n_devices):
+            state = work / f"device-{i + 1}"
+            enroll(state, server_url=server.url, token=client.create_enrollment_token(),
+                   root_path=keys.root_json, name=f"device-{i + 1}", hardware="demo-x86_64")
+            states.append(state)
+            agents.append(AgentProcess(state_dir=state, poll_interval_s=1.0,
+                                       log_path=work / f"device-{i + 1}.log").start())
+        console.print(f"[green]enrolled[/] {n_devices} devices, agents running")
+
+        # ---- 4. ship v1: every device installs it ----------------------------------------
+        v1 = publish_bundle(client, v1_dir, root_path=keys.root_json,
+                            targets_key_path=keys.targets_key)
+        client.assign(v1["id"])
+        console.print(f"[green]published[/] {NAME}@1.0.0 as {v1['id']} (signed here, "
+                      "verified on each device) and assigned it to all devices")
+        _wait(client, lambda d: d["state"] == "committed" and d["release_id"] == v1["id"],
+              "installing v1")
+
+        # ---- 5. private inference on a device --------------------------------------------
+        _predict_on_device(states[0], work)
+
+        # ---- 6. ship the broken v2: every device rolls back by itself -----------------------
+        v2 = publish_bundle(client, v2_dir, root_path=keys.root_json,
+                            targets_key_path=keys.targets_key)
+        client.assign(v2["id"])
+        console.print(f"[yellow]published[/] {NAME}@2.0.0 as {v2['id']} and assigned it")
+        _wait(client, lambda d: d["state"] == "rolled-back" and d["release_id"] == v1["id"],
+              "v2 health checks")
+
+        # ---- 7. summary ----------------------------------------------------------------------
+        summary = _summary(client, {v1["id"]: "1.0.0", v2["id"]: "2.0.0"})
+        client.close()
+    finally:
+        for agent in agents:
+            agent.stop()
+        server.stop()
+
+    ok_v1 = sum(1 for d in summary if d["release"] == f"{NAME}@1.0.0")
+    ok_v2 = sum(1 for d in summary if d["state"] == "rolled-back")
+    _print_table(summary)
+    console.print(f"v1 installed on {ok_v1}/{n_devices} devices; broken v2 rolled back on "
+                  f"{ok_v2}/{n_devices}; {time.monotonic() - started:.0f} s in all")
+    print_json({"devices": summary})
+    if ok_v1 != n_devices or ok_v2 != n_devices:
+        raise typer.Exit(1)
+
+
+def _build(out_dir: Path):
+    from ..ml.quick import build_feature_head_bundle
+
+    columns = (TextColumn("{task.description:<28}"), BarColumn(), TaskProgressColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=console) as progress:
+        tasks: dict[str, Any] = {}
+
+        def report(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(stage, total=total)
+            progress.update(tasks[stage], completed=done, total=total)
+
+        return build_feature_head_bundle(out_dir, name=NAME, version="1.0.0", progress=report)
+
+
+def _make_broken_release(good: Path, out_dir: Path, *, version: str) -> None:
+    """A bad release like a real botched export: the classifier's class rows are permuted,
+    while the golden set still holds what the correct model answers."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from ..artifacts import load_golden, read_manifest, write_bundle
+
+    manifest = read_manifest(good)
+    model = onnx.load(str(good / manifest.model))
+    n_classes = len(manifest.labels)
+    inits = {t.name: t for t in model.graph.initializer}
+    # The head: the last initializer whose leading or trailing dimension is the class count.
+    head = [t for t in model.graph.initializer
+            if n_classes in tuple(t.dims)[:1] + tuple(t.dims)[-1:]]
+    if not head:
+        raise RuntimeError("cannot find the classifier head in the ONNX graph")
+    for tensor in head[-2:]:  # weight and bias
+        array = numpy_helper.to_array(tensor)
+        axis = 0 if array.shape[0] == n_classes else array.ndim - 1
+        scrambled = np.roll(array, 1, axis=axis)
+        inits[tensor.name].CopyFrom(numpy_helper.from_array(scrambled, tensor.name))
+    golden = load_golden(good, manifest)
+    extra = {rel: good / rel for rel in manifest.files
+             if rel not in (manifest.model, manifest.golden.file)}
+    write_bundle(out_dir, name=manifest.name, version=version, labels=manifest.labels,
+                 preprocessing=manifest.preprocessing, model=model.SerializeToString(),
+                 golden_inputs=golden.inputs, golden_outputs=golden.outputs,
+                 atol=manifest.golden.atol, max_latency_ms=manifest.golden.max_latency_ms,
+                 extra_files=extra, metrics=manifest.metrics,
+                 provenance={**manifest.provenance,
+                             "deliberately_broken": True,
+                             "note": "deliberately broken export for the rollback demo"})
+
+
+def _wait(client, done, what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    with Live(console=console, refresh_per_second=4, transient=True) as live:
+        while True:
+            devices = client.devices()
+            table = Table(title=f"waiting for {what}", show_header=True)
+            for col in ("device", "state", "release"):
+                table.add_column(col)
+            for d in devices:
+                table.add_row(d["name"], d["state"], d["release_id"] or "-")
+            live.update(table)
+            if devices and all(done(d) for d in devices):
+                break
+            if time.monotonic() > deadline:
+                console.print(f"[red]timed out after {WAIT_S:.0f}s waiting for {what}[/]")
+                break
+            time.sleep(0.5)
+    console.print(f"[green]done[/]: {what}")
+
+
+def _predict_on_device(state: Path, work: Path) -> None:
+    import json
+    import subprocess
+
+    import numpy as np
+    from PIL import Image
+
+    from ..ml.data import FASHION_MNIST_LABELS, FASHION_MNIST_ROOT, load_idx_dataset
+    from ..sim import edgewise_command
+
+    images, labels = load_idx_dataset(FASHION_MNIST_ROOT, "test")
+    path = work / "sample.png"
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(images[0], np.uint8)).save(buf, format="PNG")
+    path.write_bytes(buf.getvalue())
+    result = subprocess.run(edgewise_command("agent", "predict", str(path), "--state", str(state)),
+                            capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        console.print(f"[red]local inference failed:[/] {result.stderr.strip()}")
+        return
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    console.print(f"[green]local inference[/] on {state.name}: {path.name} -> "
+                  f"{answer['label']} ({answer['score']:.2f}); truth: "
+                  f"{FASHION_MNIST_LABELS[int(labels[0])]}; the image never left the device")
+
+
+def _summary(client, versions: dict[str, str]) -> list[dict[str, Any]]:
+    releases = {r["id"]: f"{r['name']}@{r['version']}" for r in client.releases()}
+    summary = []
+    for d in client.devices():
+        history: list[dict[str, Any]] = []
+        for e in client.events(device_id=d["id"]):
+            if not e["state"] or e["release_id"] not in versions:
+                continue
+            if not history or history[-1]["release"] != releases[e["release_id"]] \
+                    or history[-1]["outcome"] in ("committed", "rolled-back", "failed"):
+                history.append({"release": releases[e["release_id"]], "states": [],
+                                "outcome": None, "reason": ""})
+            entry = history[-1]
+            entry["states"].append(e["state"])
+            if e["state"] in ("committed", "rolled-back", "failed"):
+                entry["outcome"] = e["state"]
+            if e["kind"] == "unhealthy" and e["message"]:
+                entry["reason"] = e["message"]
+        summary.append({"id": d["id"], "name": d["name"],
+                        "release": releases.get(d["release_id"]) if d["release_id"] else None,
+                        "state": d["state"], "history": history})
+    return summary
+
+
+def _print_table(summary: list[dict[str, Any]]) -> None:
+    table = Table(title="Edgewise demo: the fleet after two releases")
+    for col in ("device", "release", "state", "what happened"):
+        table.add_column(col)
+    for d in summary:
+        lines = []
+        for h in d["history"]:
+            line = f"{h['release'].split('@')[1]}: {h['outcome'] or 'in progress'}"
+            if h["reason"]:
+                line += " - " + h["reason"].removeprefix("health check failed: ").split(";")[0]
+            lines.append(line)
+        table.add_row(d["name"], d["release"] or "-", d["state"], "\n".join(lines))
+    out.print(table)

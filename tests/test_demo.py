@@ -1,0 +1,32 @@
+"""`edgewise demo`, the main job, exactly as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from edgewise.artifacts import validate_bundle
+from edgewise.sim import edgewise_command
+
+
+@pytest.mark.slow
+def test_demo_ships_v1_everywhere_and_every_device_rolls_back_v2(tmp_path: Path) -> None:
+    result = subprocess.run(edgewise_command("demo", "--workdir", str(tmp_path)),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])  # the very last line
+    devices = summary["devices"]
+    assert len(devices) == 3
+    for device in devices:
+        assert device["release"] == "fashion-mnist@1.0.0"
+        assert device["state"] == "rolled-back"
+        outcomes = [(h["release"], h["outcome"]) for h in device["history"]]
+        assert outcomes == [("fashion-mnist@1.0.0", "committed"),
+                            ("fashion-mnist@2.0.0", "rolled-back")]
+        assert "golden set" in device["history"][1]["reason"]
+    v1 = validate_bundle(tmp_path / "fashion-mnist-1.0.0")
+    assert v1.metrics["test_accuracy"] > 0.8
+    assert "v1 installed on 3/3 devices; broken v2 rolled back on 3/3" in result.stderr
