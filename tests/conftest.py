@@ -97,7 +97,7 @@ def live_server(tmp_path: Path, keys: KeyPaths) -> Iterator[LiveServer]:
     token = secrets.token_urlsafe(24)
     proc = ServerProcess(data_dir=tmp_path / "server", root_path=keys.root_json,
                          online_key_path=keys.online_key, admin_token=token,
-                         log_path=tmp_path / "server.log").start()
+                         rollout_tick_s=0.3, log_path=tmp_path / "server.log").start()
     try:
         yield LiveServer(url=proc.url, admin_token=token, keys=keys,
                          data_dir=tmp_path / "server", process=proc)
@@ -109,12 +109,13 @@ def live_server(tmp_path: Path, keys: KeyPaths) -> Iterator[LiveServer]:
 def enroll_agent(tmp_path: Path, live_server: LiveServer) -> Callable[[str], Path]:
     from edgewise.agent import enroll
 
-    def make(name: str = "dev") -> Path:
+    def make(name: str = "dev", *, tags: list[str] | None = None, timezone: str = "UTC") -> Path:
         with live_server.client() as c:
             token = c.create_enrollment_token()
         state = tmp_path / f"agent-{name}"
         enroll(state, server_url=live_server.url, token=token,
-               root_path=live_server.keys.root_json, name=name, hardware="test")
+               root_path=live_server.keys.root_json, name=name, hardware="test",
+               tags=tags, timezone=timezone)
         return state
 
     return make

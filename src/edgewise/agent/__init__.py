@@ -11,12 +11,23 @@ from ._errors import (
     UpdateRejected,
 )
 from ._local import LocalApi, LocalModel, agent_status, enroll
-from ._machine import REST_STATES, TRANSITIONS, Event, State, next_state, resume_state
+from ._machine import (
+    REST_STATES,
+    TRANSITIONS,
+    WAITING_STATES,
+    Event,
+    State,
+    next_state,
+    resume_state,
+)
+from ._store import StateDir
+from ._userinput import defer_update, submit_feedback
 from ._runtime import HealthReport, OnnxModel, Prediction, health_check, preprocess_image
 
 __all__ = [
     "REST_STATES",
     "TRANSITIONS",
+    "WAITING_STATES",
     "Agent",
     "AgentConfig",
     "AgentConfigError",
@@ -32,11 +43,14 @@ __all__ = [
     "OnnxModel",
     "Prediction",
     "State",
+    "StateDir",
     "UpdateRejected",
     "agent_status",
+    "defer_update",
     "enroll",
     "health_check",
     "next_state",
     "preprocess_image",
     "resume_state",
+    "submit_feedback",
 ]

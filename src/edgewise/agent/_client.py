@@ -20,11 +20,13 @@ def _detail(response: httpx.Response) -> str:
 
 
 def enroll_device(server_url: str, *, token: str, name: str, hardware: str,
+                  tags: list[str] | None = None, timezone: str = "UTC",
                   timeout_s: float = 10.0) -> tuple[str, str]:
     """Exchange a single-use enrollment token for (device_id, credential)."""
     try:
         r = httpx.post(f"{server_url.rstrip('/')}/api/v1/devices/enroll", timeout=timeout_s,
-                       json={"token": token, "name": name, "hardware": hardware})
+                       json={"token": token, "name": name, "hardware": hardware,
+                             "tags": tags or [], "timezone": timezone})
     except httpx.HTTPError as exc:
         raise AgentTransportError(f"cannot reach {server_url}: {exc}") from exc
     if r.status_code != 201:
@@ -59,7 +61,12 @@ class ServerClient:
         if not body.get("release_id"):
             return None
         return ReleaseRef(release_id=body["release_id"], name=body["name"],
-                          version=body["version"], manifest_target=body["manifest_target"])
+                          version=body["version"], manifest_target=body["manifest_target"],
+                          window=body.get("window"), timezone=body.get("timezone") or "UTC",
+                          rollout_id=body.get("rollout_id"))
+
+    def feedback(self, item: dict[str, Any]) -> None:
+        self._request("POST", "/api/v1/device/feedback", json=item)
 
     def report(self, report: dict[str, Any]) -> None:
         self._request("POST", "/api/v1/device/reports", json=report)

@@ -14,16 +14,19 @@ import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
 from ..artifacts import MANIFEST_NAME, BundleError, parse_manifest, validate_bundle
 from ..trust import HttpxFetcher, TransportError, TrustedClient, VerificationError
+from ..windows import in_window
 from ._client import ServerClient
 from ._errors import AgentConfigError, AgentTransportError, HealthCheckFailed, UpdateRejected
 from ._machine import (
     MAX_STATE_ENTRIES,
     REST_STATES,
+    WAITING_STATES,
     Event,
     State,
     next_state,
@@ -32,6 +35,7 @@ from ._machine import (
 from ._runtime import health_check
 from ._slots import SlotStore
 from ._store import AgentRecord, StateDir, now_iso
+from ._userinput import deferred_until, flush_feedback
 
 __all__ = ["Agent", "AgentConfig", "FaultPoint"]
 
@@ -78,13 +82,14 @@ class Agent:
             **{rest: self._check for rest in REST_STATES},
             State.DOWNLOADING: self._download,
             State.VERIFYING: self._verify,
+            State.AWAITING_WINDOW: self._await_window,
             State.INSTALLING: self._install,
             State.ACTIVATING: self._activate,
             State.HEALTH_CHECKING: self._health_check,
             State.ROLLING_BACK: self._roll_back,
         }
         saved = self.record.state
-        if saved not in REST_STATES:
+        if saved not in REST_STATES | WAITING_STATES:
             # We died in the middle of an update: count the re-entry (loop detection).
             resumed = resume_state(saved)
             log.warning("resuming after interruption in state %s -> %s", saved, resumed)
@@ -104,7 +109,7 @@ class Agent:
         with self._lock:
             rec = self.record
             state = rec.state
-            if (state not in REST_STATES and state is not State.ROLLING_BACK
+            if (state not in REST_STATES | WAITING_STATES and state is not State.ROLLING_BACK
                     and rec.entries.get(state, 0) > MAX_STATE_ENTRIES):
                 rec.last_error = f"state loop: entered {state} {rec.entries[state]} times"
                 event = Event.ERROR
@@ -113,12 +118,14 @@ class Agent:
                 event = self._handlers[state](rec)
                 self._maybe_fault(state, "after")
             nxt = next_state(state, event)
-            if nxt != state or state not in REST_STATES:
+            # Self-loops of rest and waiting states are polls; others are retries to record.
+            if nxt != state or state not in REST_STATES | WAITING_STATES:
                 self._transition(state, event, nxt)
             return state, event, nxt
 
     def run_cycle(self, *, max_steps: int = 64) -> State:
         """Check once; if there is an update, carry it through to a rest state."""
+        flush_feedback(self.paths, self.client)
         for _ in range(max_steps):
             before, _event, after = self.step()
             if after in REST_STATES or after == before:
@@ -145,9 +152,11 @@ class Agent:
             if nxt is State.FAILED and target is not None:
                 rec.attempts[target.release_id] = rec.attempts.get(target.release_id, 0) + 1
             rec.target = None
+            rec.target_seen_at = None
             rec.pending_slot = None
             rec.entries = {}
             shutil.rmtree(self.paths.downloads_dir, ignore_errors=True)
+            self.paths.defer_path.unlink(missing_ok=True)
         self.paths.save_record(rec)  # persist before the next handler acts
         log.info("%s --%s--> %s", state, event, nxt)
         self._flush_reports()
@@ -163,7 +172,8 @@ class Agent:
             "target_release_id": target_id,
         }
         rec.history.append(entry)
-        detail = {"health": rec.last_health} if event in ("healthy", "unhealthy") else {}
+        detail = ({"health": rec.last_health}
+                  if rec.last_health and event in ("healthy", "unhealthy", "rolled-back") else {})
         rec.outbox.append({**{k: entry[k] for k in ("state", "event", "message", "release_id",
                                                     "target_release_id")}, "detail": detail})
 
@@ -211,6 +221,7 @@ class Agent:
         if rec.attempts.get(wanted.release_id, 0) >= self.config.max_attempts_per_release:
             return Event.NO_UPDATE
         rec.target = wanted
+        rec.target_seen_at = now_iso()
         rec.last_error = ""
         rec.last_health = {}
         return Event.UPDATE_AVAILABLE
@@ -254,7 +265,34 @@ class Agent:
             return self._fail(rec, UpdateRejected(
                 f"bundle is {manifest.release_name}, but {rec.target.label} was assigned"))
         rec.pending_slot = self.slots.inactive()
-        return Event.VERIFIED
+        return Event.VERIFIED if self._may_install(rec) else Event.OUTSIDE_WINDOW
+
+    def _may_install(self, rec: AgentRecord) -> bool:
+        """Inside the maintenance window (device-local time) and past any user deferral."""
+        assert rec.target is not None
+        now = datetime.now(UTC)
+        deferred = deferred_until(self.paths, rec)
+        if deferred is not None and now < deferred:
+            return False
+        try:
+            return in_window(rec.target.window, now, rec.target.timezone)
+        except ValueError as exc:  # a malformed policy must not block updates forever
+            log.warning("ignoring invalid maintenance window: %s", exc)
+            return True
+
+    def _await_window(self, rec: AgentRecord) -> Event:
+        assert rec.target is not None
+        try:
+            wanted = self.client.assignment()
+        except AgentTransportError:
+            wanted = rec.target  # offline: the window is decided locally
+        except AgentConfigError:
+            raise
+        if wanted is None or wanted.release_id != rec.target.release_id:
+            rec.last_error = "assignment changed while waiting for the maintenance window"
+            return Event.CANCELLED
+        rec.target = wanted  # the policy may have changed
+        return Event.IN_WINDOW if self._may_install(rec) else Event.OUTSIDE_WINDOW
 
     def _install(self, rec: AgentRecord) -> Event:
         assert rec.target is not None and rec.pending_slot is not None

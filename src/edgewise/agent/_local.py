@@ -28,12 +28,13 @@ MAX_IMAGE_BYTES = 16 << 20
 
 
 def enroll(state_dir: Path, *, server_url: str, token: str, root_path: Path, name: str,
-           hardware: str) -> Identity:
+           hardware: str, tags: list[str] | None = None, timezone: str = "UTC") -> Identity:
     paths = StateDir(state_dir)
     if paths.identity_path.exists():
         raise AgentConfigError(f"{state_dir} is already enrolled; use a new state directory")
     root = load_root(root_path)  # refuse a file that is not TUF root metadata
-    device_id, credential = enroll_device(server_url, token=token, name=name, hardware=hardware)
+    device_id, credential = enroll_device(server_url, token=token, name=name, hardware=hardware,
+                                          tags=tags, timezone=timezone)
     identity = Identity(server_url=server_url.rstrip("/"), device_id=device_id,
                         credential=credential, name=name, hardware=hardware)
     paths.save_identity(identity, root.to_bytes())
@@ -54,10 +55,43 @@ def agent_status(state_dir: Path) -> dict[str, Any]:
         "release_id": rec.installed.release_id if rec.installed else None,
         "active_slot": slots.active(),
         "updating_to": rec.target.label if rec.target else None,
+        "upcoming": _upcoming(paths, rec),
         "last_error": rec.last_error,
         "last_health": rec.last_health,
         "pending_reports": len(rec.outbox),
         "history": rec.history[-20:],
+    }
+
+
+def _upcoming(paths: StateDir, rec) -> dict[str, Any] | None:
+    """What users should know before an update installs: which, when, and until when they
+    may defer it."""
+    from datetime import UTC, datetime, timedelta
+
+    from ..windows import next_window_start
+    from ._userinput import deferred_until
+
+    if rec.target is None:
+        return None
+    window = rec.target.window
+    now = datetime.now(UTC)
+    try:
+        opens = next_window_start(window, now, rec.target.timezone)
+    except ValueError:
+        opens = None
+    deferred = deferred_until(paths, rec)
+    max_defer_s = int((window or {}).get("max_defer_s", 0))
+    seen = datetime.fromisoformat(rec.target_seen_at) if rec.target_seen_at else now
+    return {
+        "release": rec.target.label,
+        "release_id": rec.target.release_id,
+        "rollout_id": rec.target.rollout_id,
+        "window": window,
+        "timezone": rec.target.timezone,
+        "installs_from": max(filter(None, [opens, deferred, now])).isoformat(timespec="seconds"),
+        "deferred_until": deferred.isoformat(timespec="seconds") if deferred else None,
+        "may_defer_until": (seen + timedelta(seconds=max_defer_s)).isoformat(timespec="seconds")
+        if max_defer_s else None,
     }
 
 
@@ -136,7 +170,9 @@ class _Server(ThreadingHTTPServer):
 
 
 class LocalApi:
-    """`GET /status`, `POST /predict` (raw image body) on a loopback address only."""
+    """On a loopback address only: `GET /status`, `POST /predict` (raw image body),
+    `POST /defer` ({"seconds": N}), `POST /feedback` ({"rating", "comment", "predicted",
+    "correct"})."""
 
     def __init__(self, state_dir: Path, *, host: str = "127.0.0.1", port: int = 8787) -> None:
         if not ipaddress.ip_address(host).is_loopback:

@@ -5,10 +5,13 @@ step and return an `Event`; `next_state` looks the pair up in `TRANSITIONS`. A p
 in the table is a programming error and raises.
 
     rest states (idle, committed, rolled-back, failed) -- check for an update
-        -> downloading -> verifying -> installing -> activating -> health-checking
+        -> downloading -> verifying [-> awaiting-window] -> installing -> activating
+        -> health-checking
         -> committed                       (new slot proved itself)
         -> rolling-back -> rolled-back     (activation or health check failed)
     a failure before activation -> failed  (the active slot was never touched)
+    awaiting-window: downloaded and verified, waiting for the maintenance window (or a
+        user's deferral); a changed assignment cancels it (-> idle: nothing in progress)
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ __all__ = [
     "MAX_STATE_ENTRIES",
     "REST_STATES",
     "TRANSITIONS",
+    "WAITING_STATES",
     "Event",
     "State",
     "StateLoopError",
@@ -31,6 +35,7 @@ class State(StrEnum):
     IDLE = "idle"  # never installed anything
     DOWNLOADING = "downloading"
     VERIFYING = "verifying"
+    AWAITING_WINDOW = "awaiting-window"
     INSTALLING = "installing"
     ACTIVATING = "activating"
     HEALTH_CHECKING = "health-checking"
@@ -45,6 +50,9 @@ class Event(StrEnum):
     UPDATE_AVAILABLE = "update-available"
     DOWNLOADED = "downloaded"
     VERIFIED = "verified"
+    OUTSIDE_WINDOW = "outside-window"
+    IN_WINDOW = "in-window"
+    CANCELLED = "cancelled"
     INSTALLED = "installed"
     ACTIVATED = "activated"
     HEALTHY = "healthy"
@@ -54,6 +62,8 @@ class Event(StrEnum):
 
 
 REST_STATES = frozenset({State.IDLE, State.COMMITTED, State.ROLLED_BACK, State.FAILED})
+# Not rest (an update is staged) but nothing is in flight either: no crash-loop counting.
+WAITING_STATES = frozenset({State.AWAITING_WINDOW})
 
 TRANSITIONS: dict[tuple[State, Event], State] = {
     **{(rest, Event.NO_UPDATE): rest for rest in REST_STATES},
@@ -63,6 +73,11 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
     (State.DOWNLOADING, Event.ERROR): State.FAILED,
     (State.VERIFYING, Event.VERIFIED): State.INSTALLING,
     (State.VERIFYING, Event.ERROR): State.FAILED,
+    (State.VERIFYING, Event.OUTSIDE_WINDOW): State.AWAITING_WINDOW,
+    (State.AWAITING_WINDOW, Event.OUTSIDE_WINDOW): State.AWAITING_WINDOW,
+    (State.AWAITING_WINDOW, Event.IN_WINDOW): State.INSTALLING,
+    (State.AWAITING_WINDOW, Event.CANCELLED): State.IDLE,
+    (State.AWAITING_WINDOW, Event.ERROR): State.AWAITING_WINDOW,  # offline: keep waiting
     (State.INSTALLING, Event.INSTALLED): State.ACTIVATING,
     (State.INSTALLING, Event.ERROR): State.FAILED,
     (State.ACTIVATING, Event.ACTIVATED): State.HEALTH_CHECKING,

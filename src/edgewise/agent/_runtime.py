@@ -102,16 +102,18 @@ class HealthReport:
     top1_agreement: float
     p95_latency_ms: float
     reason: str
+    memory_mb: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"passed": self.passed, "max_abs_diff": self.max_abs_diff,
                 "top1_agreement": self.top1_agreement, "p95_latency_ms": self.p95_latency_ms,
-                "reason": self.reason}
+                "memory_mb": self.memory_mb, "reason": self.reason}
 
 
 def health_check(bundle_dir: Path) -> HealthReport:
     """Load the model and run its golden set at batch 1: outputs within `atol`, same top-1
     class, p95 latency under the manifest's limit."""
+    rss_before = _rss_mb()
     model = OnnxModel(bundle_dir)
     spec = model.manifest.golden
     try:
@@ -134,6 +136,7 @@ def health_check(bundle_dir: Path) -> HealthReport:
     diff = float(np.max(np.abs(got - golden.outputs)))
     agree = float(np.mean(got.argmax(-1) == golden.outputs.argmax(-1))) if got.ndim == 2 else 1.0
     p95 = float(np.percentile(latencies, 95))
+    memory = _rss_mb() - rss_before if rss_before is not None else None
     reasons = []
     if not np.isfinite(diff) or diff > spec.atol:
         reasons.append(f"outputs differ from the golden set by {diff:.4g} > atol {spec.atol:g}")
@@ -141,4 +144,17 @@ def health_check(bundle_dir: Path) -> HealthReport:
         reasons.append(f"top-1 class agrees on only {agree:.0%} of golden inputs")
     if p95 > spec.max_latency_ms:
         reasons.append(f"p95 latency {p95:.1f} ms > limit {spec.max_latency_ms:g} ms")
-    return HealthReport(not reasons, diff, agree, p95, "; ".join(reasons) or "ok")
+    return HealthReport(not reasons, diff, agree, p95, "; ".join(reasons) or "ok",
+                        memory_mb=round(memory, 2) if memory is not None else None)
+
+
+def _rss_mb() -> float | None:
+    """Resident memory of this process (Linux); the model's cost is the growth around it."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    import os
+
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20

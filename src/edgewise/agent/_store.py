@@ -61,6 +61,9 @@ class ReleaseRef:
     name: str
     version: str
     manifest_target: str
+    window: dict[str, Any] | None = None  # maintenance window policy from the server
+    timezone: str = "UTC"
+    rollout_id: str | None = None
 
     @property
     def label(self) -> str:
@@ -79,6 +82,7 @@ class AgentRecord:
     rejected: list[str] = field(default_factory=list)  # release ids that failed health checks
     attempts: dict[str, int] = field(default_factory=dict)  # failed attempts per release id
     entries: dict[str, int] = field(default_factory=dict)  # state entries in this attempt
+    target_seen_at: str | None = None  # when the current target was first offered
     last_error: str = ""
     last_health: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -110,6 +114,10 @@ class StateDir:
         self.tuf_dir = self.root / "tuf"
         self.downloads_dir = self.root / "downloads"
         self.slots_dir = self.root / "slots"
+        # Written by the device's users (CLI, local API), read by the daemon: separate files,
+        # so two processes never write state.json.
+        self.defer_path = self.root / "defer.json"
+        self.feedback_dir = self.root / "feedback"
 
     def save_identity(self, identity: Identity, trusted_root: bytes) -> None:
         self.root.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,9 @@ def enroll(
     root: Annotated[Path, typer.Option(help="trusted root.json (provisioned, not downloaded)")],
     name: Annotated[str, typer.Option(help="device name")] = "device",
     hardware: Annotated[str, typer.Option(help="hardware id")] = "generic",
+    tag: Annotated[list[str] | None, typer.Option("--tag", help="tag (repeat), e.g. site=berlin")]
+    = None,
+    timezone: Annotated[str, typer.Option(help="IANA zone for maintenance windows")] = "UTC",
 ) -> None:
     """Enroll this device: exchange the token for a device credential, pin the root."""
     from ..agent import AgentError
@@ -33,7 +36,7 @@ def enroll(
 
     try:
         identity = do_enroll(state, server_url=server, token=token, root_path=root, name=name,
-                             hardware=hardware)
+                             hardware=hardware, tags=tag or [], timezone=timezone)
     except (AgentError, TrustError) as exc:
         fail(str(exc))
     console.print(f"[green]enrolled[/] as {identity.device_id}")
@@ -118,3 +121,35 @@ def predict(
                     "release": f"{meta.get('name')}@{meta.get('version')}"})
     if failed:
         raise typer.Exit(1)
+
+
+@agent_app.command("defer")
+def defer(state: StateOpt,
+          seconds: Annotated[int, typer.Option("--for-s", help="postpone by this long")] = 3600,
+          ) -> None:
+    """Postpone the pending update (within the policy's limit)."""
+    from ..agent import AgentError, StateDir, defer_update
+
+    try:
+        print_json(defer_update(StateDir(state), seconds=seconds))
+    except AgentError as exc:
+        fail(str(exc))
+
+
+@agent_app.command("feedback")
+def feedback(
+    state: StateOpt,
+    rating: Annotated[int | None, typer.Option(min=1, max=5, help="1 (bad) .. 5 (good)")] = None,
+    comment: Annotated[str, typer.Option(help="free text")] = "",
+    wrong: Annotated[str | None, typer.Option(help="flag a wrong prediction: what it said")]
+    = None,
+    correct: Annotated[str | None, typer.Option(help="...and what it should have said")] = None,
+) -> None:
+    """Rate the running release, comment, or flag a wrong prediction (no image is sent)."""
+    from ..agent import AgentError, StateDir, submit_feedback
+
+    try:
+        print_json(submit_feedback(StateDir(state), rating=rating, comment=comment,
+                                   predicted=wrong, correct=correct))
+    except (AgentError, ValueError) as exc:
+        fail(str(exc))

@@ -28,7 +28,7 @@ app.add_typer(releases_app, name="releases")
 app.add_typer(bundle_app, name="bundle")
 app.command()(publish)
 # Commands owned by other modules register themselves (train/eval, delta, compress, ...).
-for _module in ("_ml", "_delta", "_compress"):
+for _module in ("_rollouts", "_ml", "_delta", "_compress"):
     try:
         __import__(f"{__package__}.{_module}", fromlist=["register"]).register(app)
     except ModuleNotFoundError as _exc:

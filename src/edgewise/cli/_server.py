@@ -26,6 +26,7 @@ def run(
     port: int = 8080,
     admin_token: Annotated[str | None, typer.Option(envvar="EDGEWISE_ADMIN_TOKEN",
                                                     help="default: DATA/admin.token")] = None,
+    rollout_tick_s: Annotated[float, typer.Option(help="rollout engine period")] = 2.0,
     verbose: bool = False,
 ) -> None:
     """Run the update server (FastAPI + uvicorn). OpenAPI docs at /docs."""
@@ -38,7 +39,8 @@ def run(
     try:
         token = resolve_admin_token(data, admin_token)
         app = create_app(ServerConfig(data_dir=data, root_path=root, online_key_path=online_key,
-                                      admin_token=token, db_url=db))
+                                      admin_token=token, db_url=db,
+                                      rollout_tick_s=rollout_tick_s))
     except (ValueError, TrustError) as exc:
         fail(str(exc))
     if admin_token is None:

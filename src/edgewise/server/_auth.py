@@ -6,7 +6,10 @@ import hashlib
 import hmac
 import secrets
 
-__all__ = ["WEAK_TOKENS", "check_admin_token", "hash_token", "new_token"]
+__all__ = ["ROLES", "WEAK_TOKENS", "check_admin_token", "hash_token", "new_token"]
+
+# admin: everything; publisher: releases; operator: devices, groups, rollouts; viewer: read.
+ROLES = frozenset({"admin", "publisher", "operator", "viewer"})
 
 WEAK_TOKENS = {"admin", "changeme", "password", "secret", "token", "edgewise"}
 

@@ -1,21 +1,35 @@
-"""FastAPI dependencies shared by every domain: the DB session, the repository, and auth."""
+"""FastAPI dependencies shared by every domain: the DB session, the repository, and auth.
+
+Operators authenticate with bearer API tokens that carry a role; devices with their own
+credential. `require_role(...)` guards every operator route.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Annotated
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..trust import ServerRepository
-from ._auth import check_admin_token, hash_token
-from ._errors import Unauthorized
+from ._auth import ROLES, check_admin_token, hash_token
+from ._errors import Forbidden, Unauthorized
 from .devices.models import Device
+from .tokens.models import ApiToken
 
-__all__ = ["AdminDep", "ContextDep", "DeviceDep", "RepoDep", "ServerContext", "SessionDep"]
+__all__ = [
+    "AdminDep",
+    "ContextDep",
+    "DeviceDep",
+    "Operator",
+    "RepoDep",
+    "ServerContext",
+    "SessionDep",
+    "require_role",
+]
 
 
 @dataclass
@@ -24,6 +38,15 @@ class ServerContext:
     repo: ServerRepository
     admin_token_hash: str
     max_upload_bytes: int
+    notify: Callable[[str, dict[str, Any]], None] = field(default=lambda kind, payload: None)
+    wake_device: Callable[[str, dict[str, Any]], None] = field(
+        default=lambda device_id, payload: None)
+
+
+@dataclass(frozen=True)
+class Operator:
+    name: str
+    role: str
 
 
 def _context(request: Request) -> ServerContext:
@@ -39,25 +62,49 @@ def get_repo(request: Request) -> ServerRepository:
     return _context(request).repo
 
 
-def _bearer(request: Request) -> str:
+def bearer_token(request: Request) -> str:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        raise Unauthorized("missing bearer token (Authorization: Bearer ...)")
-    return token.strip()
-
-
-def require_admin(request: Request) -> None:
-    if not check_admin_token(_bearer(request), _context(request).admin_token_hash):
-        raise Unauthorized("invalid admin token")
+    if scheme.lower() == "bearer" and token:
+        return token.strip()
+    cookie = request.cookies.get("edgewise_token")  # the dashboard's session
+    if cookie:
+        return cookie
+    raise Unauthorized("missing bearer token (Authorization: Bearer ...)")
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
+def current_operator(request: Request, session: SessionDep) -> Operator:
+    token = bearer_token(request)
+    if check_admin_token(token, _context(request).admin_token_hash):
+        return Operator(name="admin", role="admin")
+    row = session.scalars(select(ApiToken).where(ApiToken.token_hash == hash_token(token),
+                                                 ApiToken.revoked.is_(False))).one_or_none()
+    if row is None:
+        raise Unauthorized("invalid API token")
+    return Operator(name=row.name, role=row.role)
+
+
+def require_role(*roles: str) -> Any:
+    """Allow the given roles (admin is always allowed)."""
+    unknown = set(roles) - ROLES
+    if unknown:
+        raise ValueError(f"unknown roles {unknown}")
+
+    def check(operator: Annotated[Operator, Depends(current_operator)]) -> Operator:
+        if operator.role != "admin" and operator.role not in roles:
+            raise Forbidden(f"role {operator.role!r} may not do this (needs one of: "
+                            f"{', '.join(('admin', *roles))})")
+        return operator
+
+    return Depends(check)
+
+
 def require_device(request: Request, session: SessionDep) -> Device:
     device = session.scalars(
-        select(Device).where(Device.credential_hash == hash_token(_bearer(request)))
+        select(Device).where(Device.credential_hash == hash_token(bearer_token(request)))
     ).one_or_none()
     if device is None:
         raise Unauthorized("unknown device credential (not enrolled, or revoked)")
@@ -66,5 +113,8 @@ def require_device(request: Request, session: SessionDep) -> Device:
 
 RepoDep = Annotated[ServerRepository, Depends(get_repo)]
 ContextDep = Annotated[ServerContext, Depends(_context)]
-AdminDep = Depends(require_admin)
+AdminDep = require_role()
+ViewerDep = require_role("viewer", "operator", "publisher")
+OperatorDep = require_role("operator")
+PublisherDep = require_role("publisher")
 DeviceDep = Annotated[Device, Depends(require_device)]

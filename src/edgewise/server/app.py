@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +22,18 @@ from .devices import models as _device_models  # noqa: F401  (register tables)
 from .devices.routes import router as devices_router
 from .events import models as _event_models  # noqa: F401
 from .events.routes import router as events_router
+from .feedback import models as _feedback_models  # noqa: F401
+from .feedback.routes import router as feedback_router
+from .groups import models as _group_models  # noqa: F401
+from .groups.routes import router as groups_router
 from .releases import models as _release_models  # noqa: F401
 from .releases.routes import router as releases_router
 from .repository.routes import router as repository_router
+from .rollouts import models as _rollout_models  # noqa: F401
+from .rollouts import service as rollouts
+from .rollouts.routes import router as rollouts_router
+from .tokens import models as _token_models  # noqa: F401
+from .tokens.routes import router as tokens_router
 
 __all__ = ["ServerConfig", "create_app", "resolve_admin_token"]
 
@@ -35,7 +47,8 @@ class ServerConfig:
     online_key_path: Path
     admin_token: str
     db_url: str | None = None  # default: SQLite file in data_dir
-    max_upload_bytes: int = 2 << 30
+    max_upload_bytes: int = 16 << 30
+    rollout_tick_s: float = 2.0  # how often the rollout engine decides
 
     @property
     def resolved_db_url(self) -> str:
@@ -67,14 +80,30 @@ def create_app(config: ServerConfig) -> FastAPI:
         root=load_root(config.root_path).to_bytes(),
         online_signer=load_signer(config.online_key_path),
     )
+    sessions = make_sessionmaker(engine)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        stop = threading.Event()
+        runner = threading.Thread(target=_rollout_loop, args=(sessions, config.rollout_tick_s,
+                                                              stop),
+                                  name="edgewise-rollouts", daemon=True)
+        runner.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            runner.join(timeout=10)
+
     app = FastAPI(
+        lifespan=lifespan,
         title="Edgewise update server",
         version=__version__,
         description="Signed model releases for edge fleets: enrollment, releases, "
         "assignments, device reports, event log and the TUF repository devices verify against.",
     )
     app.state.ctx = ServerContext(
-        sessions=make_sessionmaker(engine),
+        sessions=sessions,
         repo=repo,
         admin_token_hash=hash_token(config.admin_token),
         max_upload_bytes=config.max_upload_bytes,
@@ -88,6 +117,17 @@ def create_app(config: ServerConfig) -> FastAPI:
     def healthz() -> dict[str, str]:
         return {"status": "ok", "version": __version__}
 
-    for router in (devices_router, releases_router, events_router, repository_router):
+    for router in (devices_router, releases_router, events_router, groups_router,
+                   rollouts_router, feedback_router, tokens_router, repository_router):
         app.include_router(router)
     return app
+
+
+def _rollout_loop(sessions, tick_s: float, stop: threading.Event) -> None:
+    """The rollout engine's clock: decide for every active rollout every `tick_s`."""
+    while not stop.wait(tick_s):
+        try:
+            with sessions() as session:
+                rollouts.tick_all(session)
+        except Exception:  # keep deciding; one bad tick must not stop all rollouts
+            log.exception("rollout tick failed")

@@ -38,6 +38,7 @@ class ServerProcess:
     admin_token: str
     port: int = field(default_factory=free_port)
     db_url: str | None = None
+    rollout_tick_s: float = 2.0
     log_path: Path | None = None
     proc: subprocess.Popen | None = None
 
@@ -48,7 +49,7 @@ class ServerProcess:
     def start(self, *, timeout_s: float = 30.0) -> ServerProcess:
         args = ["server", "run", "--data", str(self.data_dir), "--root", str(self.root_path),
                 "--online-key", str(self.online_key_path), "--host", "127.0.0.1",
-                "--port", str(self.port)]
+                "--port", str(self.port), "--rollout-tick-s", str(self.rollout_tick_s)]
         if self.db_url:
             args += ["--db", self.db_url]
         log = open(self.log_path or os.devnull, "ab")

@@ -34,3 +34,19 @@ class Device(Base):
     assigned_release_id: Mapped[str | None] = mapped_column(ForeignKey("releases.id"),
                                                             nullable=True)
     status: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    tags: Mapped[list[str]] = mapped_column(JSON, default=list)
+    timezone: Mapped[str] = mapped_column(String(64), default="UTC")
+    # A maintenance window for this device alone (overrides its groups' windows).
+    window: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+
+
+class InstallResult(Base):
+    """How a device's attempt at a release ended, with the model health it measured."""
+
+    __tablename__ = "install_results"
+
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), primary_key=True)
+    release_id: Mapped[str] = mapped_column(ForeignKey("releases.id"), primary_key=True)
+    outcome: Mapped[str] = mapped_column(String(32))
+    health: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    finished_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)

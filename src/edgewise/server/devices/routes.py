@@ -6,7 +6,7 @@ from typing import Any
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from .._deps import AdminDep, DeviceDep, SessionDep
+from .._deps import ContextDep, DeviceDep, OperatorDep, SessionDep, ViewerDep
 from . import service
 from .models import Device
 
@@ -26,6 +26,8 @@ class EnrollIn(BaseModel):
     token: str = Field(min_length=8, max_length=200)
     name: str = Field(default="device", max_length=128)
     hardware: str = Field(default="generic", max_length=128)
+    tags: list[str] = Field(default_factory=list, max_length=64)
+    timezone: str = Field(default="UTC", max_length=64)
 
 
 class EnrollOut(BaseModel):
@@ -43,12 +45,17 @@ class DeviceOut(BaseModel):
     enrolled_at: datetime
     last_seen_at: datetime | None
     status: dict[str, Any]
+    tags: list[str]
+    timezone: str
+    window: dict[str, Any] | None
 
     @classmethod
     def of(cls, d: Device) -> DeviceOut:
         return cls(id=d.id, name=d.name, hardware=d.hardware, state=d.state,
                    release_id=d.release_id, assigned_release_id=d.assigned_release_id,
-                   enrolled_at=d.enrolled_at, last_seen_at=d.last_seen_at, status=d.status or {})
+                   enrolled_at=d.enrolled_at, last_seen_at=d.last_seen_at,
+                   status=d.status or {}, tags=d.tags or [], timezone=d.timezone or "UTC",
+                   window=d.window)
 
 
 class AssignIn(BaseModel):
@@ -61,6 +68,10 @@ class AssignmentOut(BaseModel):
     name: str | None = None
     version: str | None = None
     manifest_target: str | None = None
+    window: dict[str, Any] | None = Field(default=None, description="maintenance window; "
+                                          "install only inside it (device-local time)")
+    timezone: str = "UTC"
+    rollout_id: str | None = None
 
 
 class ReportIn(BaseModel):
@@ -72,7 +83,8 @@ class ReportIn(BaseModel):
     detail: dict[str, Any] = Field(default_factory=dict)
 
 
-@router.post("/enrollment-tokens", response_model=EnrollmentTokenOut, dependencies=[AdminDep],
+@router.post("/enrollment-tokens", response_model=EnrollmentTokenOut,
+             dependencies=[OperatorDep],
              status_code=201)
 def create_enrollment_token(body: EnrollmentTokenIn, session: SessionDep) -> EnrollmentTokenOut:
     token, expires = service.create_enrollment_token(session, ttl_s=body.ttl_s)
@@ -82,33 +94,54 @@ def create_enrollment_token(body: EnrollmentTokenIn, session: SessionDep) -> Enr
 @router.post("/devices/enroll", response_model=EnrollOut, status_code=201)
 def enroll(body: EnrollIn, session: SessionDep) -> EnrollOut:
     device, credential = service.enroll(session, token=body.token, name=body.name,
-                                        hardware=body.hardware)
+                                        hardware=body.hardware, tags=body.tags,
+                                        timezone=body.timezone)
     return EnrollOut(device_id=device.id, credential=credential)
 
 
-@router.get("/devices", response_model=list[DeviceOut], dependencies=[AdminDep])
+@router.get("/devices", response_model=list[DeviceOut], dependencies=[ViewerDep])
 def list_devices(session: SessionDep) -> list[DeviceOut]:
     return [DeviceOut.of(d) for d in service.list_devices(session)]
 
 
-@router.get("/devices/{device_id}", response_model=DeviceOut, dependencies=[AdminDep])
+@router.get("/devices/{device_id}", response_model=DeviceOut, dependencies=[ViewerDep])
 def get_device(device_id: str, session: SessionDep) -> DeviceOut:
     return DeviceOut.of(service.get_device(session, device_id=device_id))
 
 
-@router.post("/assignments", response_model=list[DeviceOut], dependencies=[AdminDep])
-def assign(body: AssignIn, session: SessionDep) -> list[DeviceOut]:
+@router.post("/assignments", response_model=list[DeviceOut], dependencies=[OperatorDep])
+def assign(body: AssignIn, session: SessionDep, ctx: ContextDep) -> list[DeviceOut]:
     devices = service.assign(session, release_id=body.release_id, device_ids=body.device_ids)
+    for d in devices:
+        ctx.wake_device(d.id, {"release_id": body.release_id})
     return [DeviceOut.of(d) for d in devices]
+
+
+class DevicePatch(BaseModel):
+    tags: list[str] | None = Field(default=None, max_length=64)
+    timezone: str | None = Field(default=None, max_length=64)
+    window: dict[str, Any] | None = None
+    clear_window: bool = False
+
+
+@router.patch("/devices/{device_id}", response_model=DeviceOut, dependencies=[OperatorDep])
+def update_device(device_id: str, body: DevicePatch, session: SessionDep) -> DeviceOut:
+    device = service.update_device(session, device_id=device_id, tags=body.tags,
+                                   timezone=body.timezone, window=body.window,
+                                   clear_window=body.clear_window)
+    return DeviceOut.of(device)
 
 
 @router.get("/device/assignment", response_model=AssignmentOut, tags=["device API"])
 def my_assignment(device: DeviceDep, session: SessionDep) -> AssignmentOut:
     release = service.assignment(session, device=device)
     if release is None:
-        return AssignmentOut(release_id=None)
+        return AssignmentOut(release_id=None, timezone=device.timezone or "UTC")
     return AssignmentOut(release_id=release.id, name=release.name, version=release.version,
-                         manifest_target=release.manifest_target)
+                         manifest_target=release.manifest_target,
+                         window=service.effective_window(session, device=device),
+                         timezone=device.timezone or "UTC",
+                         rollout_id=service.rollout_of(session, device=device))
 
 
 @router.post("/device/reports", status_code=204, tags=["device API"])

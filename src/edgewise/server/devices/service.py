@@ -11,10 +11,13 @@ from sqlalchemy.orm import Session
 
 from .._auth import hash_token, new_token
 from .._db import utcnow
-from .._errors import Conflict, NotFound, Unauthorized
+from ...windows import parse_window, zone
+from .._errors import Conflict, InvalidInput, NotFound, Unauthorized
 from ..events import service as events
 from ..releases.models import Release
-from .models import Device, EnrollmentToken
+from .models import Device, EnrollmentToken, InstallResult
+
+FINAL_STATES = {"committed", "rolled-back", "failed"}
 
 AGENT_STATES = {
     "idle", "checking", "downloading", "verifying", "installing", "activating",
@@ -30,7 +33,9 @@ def create_enrollment_token(session: Session, *, ttl_s: int) -> tuple[str, datet
     return token, expires
 
 
-def enroll(session: Session, *, token: str, name: str, hardware: str) -> tuple[Device, str]:
+def enroll(session: Session, *, token: str, name: str, hardware: str, tags: list[str] | None = None,
+           timezone: str = "UTC") -> tuple[Device, str]:
+    _check_timezone(timezone)
     row = session.get(EnrollmentToken, hash_token(token))
     if row is None:
         raise Unauthorized("unknown enrollment token")
@@ -40,7 +45,8 @@ def enroll(session: Session, *, token: str, name: str, hardware: str) -> tuple[D
         raise Unauthorized("enrollment token has expired")
     credential = new_token()
     device = Device(id=f"dev-{secrets.token_hex(5)}", name=name or "device", hardware=hardware,
-                    credential_hash=hash_token(credential), state="enrolled", status={})
+                    credential_hash=hash_token(credential), state="enrolled", status={},
+                    tags=sorted(set(tags or [])), timezone=timezone)
     # Claim the token with a conditional UPDATE so two concurrent enrollments cannot both win.
     claimed = session.execute(
         update(EnrollmentToken)
@@ -117,4 +123,66 @@ def report(
     events.record(session, kind=event, device_id=device.id,
                   release_id=target_release_id or release_id, state=state, message=message,
                   detail=detail)
+    if state in FINAL_STATES and target_release_id is not None:
+        result = session.get(InstallResult, (device.id, target_release_id))
+        if result is None:
+            result = InstallResult(device_id=device.id, release_id=target_release_id)
+            session.add(result)
+        result.outcome = state
+        result.finished_at = utcnow()
+        if detail.get("health"):
+            result.health = detail["health"]
     session.commit()
+
+
+def _check_timezone(name: str) -> None:
+    try:
+        zone(name)
+    except ValueError as exc:
+        raise InvalidInput(str(exc)) from None
+
+
+def update_device(session: Session, *, device_id: str, tags: list[str] | None,
+                  timezone: str | None, window: dict[str, Any] | None,
+                  clear_window: bool) -> Device:
+    device = get_device(session, device_id=device_id)
+    if tags is not None:
+        device.tags = sorted(set(tags))
+    if timezone is not None:
+        _check_timezone(timezone)
+        device.timezone = timezone
+    if window is not None:
+        try:
+            parse_window(window)
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from None
+        device.window = window
+    if clear_window:
+        device.window = None
+    events.record(session, kind="device-updated", device_id=device.id,
+                  message=f"tags={device.tags} tz={device.timezone} window={device.window}")
+    session.commit()
+    return device
+
+
+def effective_window(session: Session, *, device: Device) -> dict[str, Any] | None:
+    """The device's own window, else the first window of a group it belongs to."""
+    if device.window:
+        return device.window
+    from ..groups.service import groups_of
+
+    for group in groups_of(session, device=device):
+        if group.window:
+            return group.window
+    return None
+
+
+def rollout_of(session: Session, *, device: Device) -> str | None:
+    from ..rollouts.models import Rollout, RolloutDevice
+
+    row = session.execute(
+        select(Rollout.id).join(RolloutDevice, RolloutDevice.rollout_id == Rollout.id)
+        .where(RolloutDevice.device_id == device.id,
+               Rollout.release_id == device.assigned_release_id)
+        .order_by(Rollout.created_at.desc())).first()
+    return row[0] if row else None

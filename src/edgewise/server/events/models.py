@@ -18,6 +18,7 @@ class Event(Base):
     ts: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
     device_id: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
     release_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    rollout_id: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
     kind: Mapped[str] = mapped_column(String(32))
     state: Mapped[str | None] = mapped_column(String(32), nullable=True)
     message: Mapped[str] = mapped_column(String(2000), default="")

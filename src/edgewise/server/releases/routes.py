@@ -6,7 +6,7 @@ from typing import Any
 from fastapi import APIRouter, File, Response, UploadFile
 from pydantic import BaseModel
 
-from .._deps import AdminDep, ContextDep, RepoDep, SessionDep
+from .._deps import ContextDep, PublisherDep, RepoDep, SessionDep, ViewerDep
 from . import service
 from .models import Release
 
@@ -30,7 +30,8 @@ class ReleaseOut(BaseModel):
                    created_at=r.created_at, manifest=r.manifest)
 
 
-@router.post("/releases", response_model=ReleaseOut, status_code=201, dependencies=[AdminDep])
+@router.post("/releases", response_model=ReleaseOut, status_code=201,
+             dependencies=[PublisherDep])
 async def publish(
     ctx: ContextDep,
     session: SessionDep,
@@ -45,17 +46,17 @@ async def publish(
     return ReleaseOut.of(release)
 
 
-@router.get("/releases", response_model=list[ReleaseOut], dependencies=[AdminDep])
+@router.get("/releases", response_model=list[ReleaseOut], dependencies=[ViewerDep])
 def list_releases(session: SessionDep) -> list[ReleaseOut]:
     return [ReleaseOut.of(r) for r in service.list_releases(session)]
 
 
-@router.get("/releases/{release_id}", response_model=ReleaseOut, dependencies=[AdminDep])
+@router.get("/releases/{release_id}", response_model=ReleaseOut, dependencies=[ViewerDep])
 def get_release(release_id: str, session: SessionDep) -> ReleaseOut:
     return ReleaseOut.of(service.get_release(session, release_id=release_id))
 
 
-@router.get("/tuf/targets-metadata", dependencies=[AdminDep],
+@router.get("/tuf/targets-metadata", dependencies=[PublisherDep],
             responses={200: {"content": {"application/json": {}}}, 204: {}})
 def current_targets_metadata(repo: RepoDep) -> Response:
     """The current signed targets metadata, for the operator to extend and re-sign."""

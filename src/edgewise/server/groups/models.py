@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import JSON, ForeignKey, String
+from sqlalchemy.orm import Mapped, mapped_column
+
+from .._db import Base
+
+
+class Group(Base):
+    """A static group (explicit members) or a dynamic one (devices carrying all its tags)."""
+
+    __tablename__ = "groups"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))  # "static" | "dynamic"
+    selector: Mapped[list[str]] = mapped_column(JSON, default=list)  # tags, for dynamic
+    window: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+
+
+class GroupMember(Base):
+    __tablename__ = "group_members"
+
+    group_name: Mapped[str] = mapped_column(ForeignKey("groups.name", ondelete="CASCADE"),
+                                            primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"),
+                                           primary_key=True)

@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import BaseModel, Field
+
+from .._deps import OperatorDep, SessionDep, ViewerDep
+from . import service
+from .models import Group
+
+router = APIRouter(prefix="/api/v1", tags=["groups"])
+
+
+class GroupIn(BaseModel):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
+    kind: str = Field(default="static", description="static | dynamic")
+    selector: list[str] = Field(default_factory=list, description="tags (dynamic groups)")
+    members: list[str] = Field(default_factory=list, description="device ids (static)")
+    window: dict[str, Any] | None = Field(
+        default=None, description='{"days": "daily"|["mon",...], "start": "HH:MM", '
+        '"duration_min": N, "max_defer_s": S} in each device\'s time zone')
+
+
+class GroupOut(BaseModel):
+    name: str
+    kind: str
+    selector: list[str]
+    window: dict[str, Any] | None
+    devices: list[str]
+
+
+class MembersIn(BaseModel):
+    device_ids: list[str]
+
+
+def _out(session, group: Group) -> GroupOut:
+    return GroupOut(name=group.name, kind=group.kind, selector=group.selector or [],
+                    window=group.window,
+                    devices=[d.id for d in service.members(session, group=group)])
+
+
+@router.post("/groups", response_model=GroupOut, status_code=201, dependencies=[OperatorDep])
+def create_group(body: GroupIn, session: SessionDep) -> GroupOut:
+    from .._errors import InvalidInput
+
+    try:
+        group = service.create_group(session, name=body.name, kind=body.kind,
+                                     selector=body.selector, members=body.members,
+                                     window=body.window)
+    except ValueError as exc:
+        raise InvalidInput(str(exc)) from None
+    return _out(session, group)
+
+
+@router.get("/groups", response_model=list[GroupOut], dependencies=[ViewerDep])
+def list_groups(session: SessionDep) -> list[GroupOut]:
+    return [_out(session, g) for g in service.list_groups(session)]
+
+
+@router.get("/groups/{name}", response_model=GroupOut, dependencies=[ViewerDep])
+def get_group(name: str, session: SessionDep) -> GroupOut:
+    return _out(session, service.get_group(session, name=name))
+
+
+@router.post("/groups/{name}/members", response_model=GroupOut, dependencies=[OperatorDep])
+def add_members(name: str, body: MembersIn, session: SessionDep) -> GroupOut:
+    service.add_members(session, name=name, device_ids=body.device_ids)
+    return _out(session, service.get_group(session, name=name))

@@ -1,0 +1,74 @@
+"""Groups: static (explicit members) and dynamic (every device carrying all selector tags)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from .._errors import Conflict, InvalidInput, NotFound
+from ..devices.models import Device
+from ...windows import parse_window
+from .models import Group, GroupMember
+
+
+def create_group(session: Session, *, name: str, kind: str, selector: list[str],
+                 members: list[str], window: dict[str, Any] | None) -> Group:
+    if kind not in ("static", "dynamic"):
+        raise InvalidInput("group kind is 'static' or 'dynamic'")
+    if kind == "dynamic" and not selector:
+        raise InvalidInput("a dynamic group needs at least one selector tag")
+    if kind == "static" and selector:
+        raise InvalidInput("a static group has members, not selector tags")
+    if session.get(Group, name) is not None:
+        raise Conflict(f"group {name!r} already exists")
+    if window is not None:
+        parse_window(window)
+    group = Group(name=name, kind=kind, selector=selector, window=window)
+    session.add(group)
+    session.flush()
+    for device_id in members:
+        if session.get(Device, device_id) is None:
+            raise NotFound(f"no device {device_id!r}")
+        session.add(GroupMember(group_name=name, device_id=device_id))
+    session.commit()
+    return group
+
+
+def get_group(session: Session, *, name: str) -> Group:
+    group = session.get(Group, name)
+    if group is None:
+        raise NotFound(f"no group {name!r}")
+    return group
+
+
+def list_groups(session: Session) -> list[Group]:
+    return list(session.scalars(select(Group).order_by(Group.name)))
+
+
+def add_members(session: Session, *, name: str, device_ids: list[str]) -> None:
+    group = get_group(session, name=name)
+    if group.kind != "static":
+        raise InvalidInput("members are added to static groups; dynamic groups follow tags")
+    for device_id in device_ids:
+        if session.get(Device, device_id) is None:
+            raise NotFound(f"no device {device_id!r}")
+        if session.get(GroupMember, (name, device_id)) is None:
+            session.add(GroupMember(group_name=name, device_id=device_id))
+    session.commit()
+
+
+def members(session: Session, *, group: Group) -> list[Device]:
+    """The group's devices, ordered by id (callers impose their own stable order)."""
+    if group.kind == "static":
+        query = (select(Device).join(GroupMember, GroupMember.device_id == Device.id)
+                 .where(GroupMember.group_name == group.name))
+        return list(session.scalars(query.order_by(Device.id)))
+    wanted = set(group.selector)
+    return [d for d in session.scalars(select(Device).order_by(Device.id))
+            if wanted <= set(d.tags or [])]
+
+
+def groups_of(session: Session, *, device: Device) -> list[Group]:
+    return [g for g in list_groups(session) if device.id in {d.id for d in members(session, group=g)}]

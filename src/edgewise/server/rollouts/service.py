@@ -1,0 +1,240 @@
+"""Rollouts: the runner that applies `engine.decide` to the database, and operator actions.
+
+Invariant: a device is assigned the rollout's release only when its stage is reached and the
+rollout is active; an abort or a rollback reassigns every device the rollout touched to the
+release it ran before (a new assignment of the old artifact, never a silent downgrade).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+from dataclasses import asdict
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from .._db import utcnow
+from .._errors import Conflict, InvalidInput, NotFound
+from ..devices.models import Device, InstallResult
+from ..events import service as events
+from ..feedback import service as feedback
+from ..groups.service import get_group, members
+from ..releases.models import Release
+from .engine import Action, DeviceOutcome, Gates, Stage, StageView, decide, stage_size
+from .models import Rollout, RolloutDevice
+
+log = logging.getLogger("edgewise.server.rollouts")
+
+ACTIVE, PAUSED, COMPLETED, ABORTED, ROLLED_BACK = (
+    "active", "paused", "completed", "aborted", "rolled-back")
+
+
+def stage_to_json(stage: Stage) -> dict[str, Any]:
+    return asdict(stage)
+
+
+def stage_from_json(data: dict[str, Any]) -> Stage:
+    data = dict(data)
+    data["gates"] = Gates(**data.get("gates", {}))
+    return Stage(**data)
+
+
+def create_rollout(session: Session, *, release_id: str, group_name: str,
+                   stages: list[Stage]) -> Rollout:
+    if session.get(Release, release_id) is None:
+        raise NotFound(f"no release {release_id!r}")
+    get_group(session, name=group_name)
+    if not stages:
+        raise InvalidInput("a rollout needs at least one stage")
+    running = session.scalars(select(Rollout).where(
+        Rollout.group_name == group_name, Rollout.status.in_((ACTIVE, PAUSED)))).first()
+    if running is not None:
+        raise Conflict(f"group {group_name!r} already has rollout {running.id} in progress; "
+                       "finish, abort or roll it back first")
+    rollout = Rollout(id=f"ro-{secrets.token_hex(5)}", release_id=release_id,
+                      group_name=group_name, stages=[stage_to_json(s) for s in stages],
+                      status=ACTIVE, stage_index=0, stage_started_at=utcnow())
+    session.add(rollout)
+    events.record(session, kind="rollout-created", rollout_id=rollout.id, release_id=release_id,
+                  message=f"rollout of {release_id} to group {group_name}: "
+                  + " -> ".join(s.name for s in stages))
+    session.commit()
+    return rollout
+
+
+def get_rollout(session: Session, *, rollout_id: str) -> Rollout:
+    rollout = session.get(Rollout, rollout_id)
+    if rollout is None:
+        raise NotFound(f"no rollout {rollout_id!r}")
+    return rollout
+
+
+def list_rollouts(session: Session) -> list[Rollout]:
+    return list(session.scalars(select(Rollout).order_by(Rollout.created_at.desc())))
+
+
+def _order_key(rollout_id: str, device_id: str) -> str:
+    # A stable pseudo-random order per rollout: the canary ring is not always the same device.
+    return hashlib.sha256(f"{rollout_id}/{device_id}".encode()).hexdigest()
+
+
+def _sync_members(session: Session, rollout: Rollout) -> list[RolloutDevice]:
+    """Rollout devices in stable order; devices that joined the group since are appended."""
+    rows = list(session.scalars(select(RolloutDevice).where(
+        RolloutDevice.rollout_id == rollout.id).order_by(RolloutDevice.position)))
+    known = {r.device_id for r in rows}
+    group = get_group(session, name=rollout.group_name)
+    new = sorted((d for d in members(session, group=group) if d.id not in known),
+                 key=lambda d: _order_key(rollout.id, d.id))
+    for device in new:
+        row = RolloutDevice(rollout_id=rollout.id, device_id=device.id, position=len(rows))
+        session.add(row)
+        rows.append(row)
+    return rows
+
+
+def _outcome(session: Session, row: RolloutDevice, release_id: str) -> DeviceOutcome:
+    if row.assigned_at is not None and row.previous_release_id == release_id:
+        return DeviceOutcome(device_id=row.device_id, outcome="committed")  # already ran it
+    result = session.get(InstallResult, (row.device_id, release_id))
+    if result is None or row.assigned_at is None or result.finished_at < row.assigned_at:
+        return DeviceOutcome(device_id=row.device_id, outcome=None)
+    health = result.health or {}
+    previous = (session.get(InstallResult, (row.device_id, row.previous_release_id))
+                if row.previous_release_id else None)
+    prev_health = (previous.health or {}) if previous is not None else {}
+    flags, rating = feedback.for_device(session, device_id=row.device_id, release_id=release_id)
+    return DeviceOutcome(
+        device_id=row.device_id, outcome=result.outcome,
+        golden_agreement=health.get("top1_agreement"),
+        p95_latency_ms=health.get("p95_latency_ms"), memory_mb=health.get("memory_mb"),
+        previous_p95_latency_ms=prev_health.get("p95_latency_ms"),
+        previous_memory_mb=prev_health.get("memory_mb"),
+        flags=flags, rating=rating)
+
+
+def progress(session: Session, rollout: Rollout) -> dict[str, Any]:
+    """Counts per outcome, for the API, dashboard and metrics."""
+    rows = list(session.scalars(select(RolloutDevice).where(
+        RolloutDevice.rollout_id == rollout.id)))
+    counts = {"devices": len(rows), "assigned": 0, "committed": 0, "rolled-back": 0,
+              "failed": 0, "in-progress": 0}
+    for row in rows:
+        if row.assigned_at is None:
+            continue
+        counts["assigned"] += 1
+        outcome = _outcome(session, row, rollout.release_id).outcome
+        counts[outcome or "in-progress"] += 1
+    return counts
+
+
+def tick(session: Session, rollout: Rollout, *, now: datetime | None = None) -> Action | None:
+    """One decision step for an active rollout; returns what was done."""
+    if rollout.status != ACTIVE:
+        return None
+    now = now or utcnow()
+    stages = [stage_from_json(s) for s in rollout.stages]
+    stage = stages[rollout.stage_index]
+    rows = _sync_members(session, rollout)
+    size = stage_size(stage, len(rows))
+    for row in rows[:size]:
+        if row.assigned_at is None:
+            device = session.get(Device, row.device_id)
+            row.previous_release_id = device.release_id
+            row.assigned_at = now
+            row.stage_index = rollout.stage_index
+            if device.release_id != rollout.release_id:
+                device.assigned_release_id = rollout.release_id
+            events.record(session, kind="assigned", device_id=device.id,
+                          release_id=rollout.release_id, rollout_id=rollout.id,
+                          message=f"rollout {rollout.id} stage {stage.name}")
+    if not rows:
+        session.commit()
+        return Action.WAIT
+    view = StageView(
+        stage=stage, is_last=rollout.stage_index == len(stages) - 1, stage_devices=size,
+        soaked_s=(now - rollout.stage_started_at).total_seconds(),
+        outcomes=tuple(_outcome(session, row, rollout.release_id) for row in rows[:size]))
+    decision = decide(view)
+    if decision.action is Action.WAIT:
+        session.commit()
+        return decision.action
+    if decision.action is Action.ADVANCE:
+        rollout.stage_index += 1
+        rollout.stage_started_at = now
+        kind = "rollout-stage-advanced"
+    elif decision.action is Action.COMPLETE:
+        rollout.status = COMPLETED
+        kind = "rollout-completed"
+    elif decision.action is Action.PAUSE:
+        rollout.status = PAUSED
+        kind = "rollout-paused"
+    else:
+        rollout.status = ABORTED
+        kind = "rollout-aborted"
+        _roll_back_devices(session, rollout, rows, now=now)
+    rollout.reason = decision.reason[:500]
+    events.record(session, kind=kind, rollout_id=rollout.id, release_id=rollout.release_id,
+                  message=decision.reason)
+    session.commit()
+    log.info("rollout %s: %s (%s)", rollout.id, decision.action, decision.reason)
+    return decision.action
+
+
+def _roll_back_devices(session: Session, rollout: Rollout, rows: list[RolloutDevice], *,
+                       now: datetime) -> int:
+    count = 0
+    for row in rows:
+        if row.assigned_at is None:
+            continue
+        device = session.get(Device, row.device_id)
+        if device.assigned_release_id == rollout.release_id or \
+                device.release_id == rollout.release_id:
+            device.assigned_release_id = row.previous_release_id
+            count += 1
+            events.record(session, kind="rollback-assigned", device_id=device.id,
+                          rollout_id=rollout.id, release_id=row.previous_release_id,
+                          message=f"rollout {rollout.id} rolled back: back to "
+                          f"{row.previous_release_id or 'no release'}")
+    return count
+
+
+def operator_action(session: Session, *, rollout_id: str, action: str, actor: str) -> Rollout:
+    rollout = get_rollout(session, rollout_id=rollout_id)
+    transitions = {
+        "pause": ({ACTIVE}, PAUSED),
+        "resume": ({PAUSED}, ACTIVE),
+        "abort": ({ACTIVE, PAUSED}, ABORTED),
+        "rollback": ({ACTIVE, PAUSED, COMPLETED, ABORTED}, ROLLED_BACK),
+    }
+    if action not in transitions:
+        raise InvalidInput(f"unknown rollout action {action!r}")
+    allowed, new_status = transitions[action]
+    if rollout.status not in allowed:
+        raise Conflict(f"cannot {action} a rollout that is {rollout.status}")
+    rows = list(session.scalars(select(RolloutDevice).where(
+        RolloutDevice.rollout_id == rollout.id)))
+    if action in ("abort", "rollback"):
+        _roll_back_devices(session, rollout, rows, now=utcnow())
+    if action == "resume":
+        rollout.stage_started_at = utcnow()
+    rollout.status = new_status
+    rollout.reason = f"{action} by {actor}"
+    events.record(session, kind=f"rollout-{new_status}" if action != "resume"
+                  else "rollout-resumed", rollout_id=rollout.id, release_id=rollout.release_id,
+                  message=f"{action} by {actor}")
+    session.commit()
+    return rollout
+
+
+def tick_all(session: Session) -> None:
+    for rollout in session.scalars(select(Rollout).where(Rollout.status == ACTIVE)).all():
+        try:
+            tick(session, rollout)
+        except Exception:
+            session.rollback()
+            log.exception("rollout %s: tick failed", rollout.id)
