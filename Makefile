@@ -17,14 +17,15 @@ $(VENV): pyproject.toml
 	touch $(VENV)
 
 # System packages: the Fashion-MNIST data set, PostgreSQL server binaries (tests start their
-# own throwaway cluster), Mosquitto, xdelta3 (a delta benchmark baseline). Installed only
-# when missing.
+# own throwaway cluster), Mosquitto, xdelta3 (a delta benchmark baseline), Chromium (dashboard
+# tests via Playwright). Installed only when missing.
 system-deps:
 	@missing=""; \
 	[ -d $(FASHION_MNIST) ] || missing="$$missing dataset-fashion-mnist"; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	command -v mosquitto >/dev/null 2>&1 || missing="$$missing mosquitto"; \
 	command -v xdelta3 >/dev/null 2>&1 || missing="$$missing xdelta3"; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing system packages:$$missing"; \
 		$(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y $$missing; \
