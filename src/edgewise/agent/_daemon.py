@@ -132,14 +132,19 @@ class Agent:
                 return after
         return self.record.state
 
-    def run_forever(self, stop: threading.Event) -> None:
+    def run_forever(self, stop: threading.Event, wake: threading.Event | None = None) -> None:
+        """Check, then sleep until the poll interval passes, `wake` is set (an MQTT push)
+        or `stop` is set."""
+        wake = wake or stop
         while not stop.is_set():
+            if wake is not stop:
+                wake.clear()
             try:
                 self.run_cycle()
             except AgentConfigError as exc:
                 log.error("%s", exc)
                 raise
-            stop.wait(self.config.poll_interval_s)
+            wake.wait(self.config.poll_interval_s)
 
     def _transition(self, state: State, event: Event, nxt: State) -> None:
         rec = self.record

@@ -51,12 +51,17 @@ def run(
     api_port: Annotated[int, typer.Option(help="localhost inference API port")] = 8787,
     no_api: Annotated[bool, typer.Option("--no-api", help="do not serve the local API")]
     = False,
+    mqtt_url: Annotated[str | None, typer.Option(envvar="EDGEWISE_MQTT_URL",
+                                                 help="mqtts://HOST:PORT for push wake-ups")]
+    = None,
+    mqtt_ca: Annotated[Path | None, typer.Option(help="CA certificate to pin for MQTT")] = None,
+    log_json: Annotated[bool, typer.Option("--log-json", help="structured JSON logs")] = False,
     verbose: bool = False,
 ) -> None:
     """Run the update loop (and the localhost-only inference API)."""
     from ..agent import Agent, AgentConfig, AgentError, FaultPoint, LocalApi
 
-    setup_logging(verbose)
+    setup_logging(verbose, json_lines=log_json)
     fault_spec = os.environ.get("EDGEWISE_FAULT")  # fault injection, for tests and the simulator
     try:
         fault = FaultPoint.parse(fault_spec) if fault_spec else None
@@ -74,10 +79,24 @@ def run(
             api = LocalApi(state, port=api_port)
             api.start()
             console.print(f"local API on http://127.0.0.1:{api.port}")
-        stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        signal.signal(signal.SIGINT, lambda *_: stop.set())
-        agent.run_forever(stop)
+        stop, wake = threading.Event(), threading.Event()
+
+        def _stop(*_: object) -> None:
+            stop.set()
+            wake.set()
+
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
+        wakeup = None
+        if mqtt_url:
+            from ..agent._wakeup import MqttWakeup, WakeupConfig
+
+            wakeup = MqttWakeup(WakeupConfig(url=mqtt_url, ca_path=mqtt_ca),
+                                device_id=agent.identity.device_id, wake=wake)
+            wakeup.start()
+        agent.run_forever(stop, wake)
+        if wakeup:
+            wakeup.stop()
         if api:
             api.stop()
     except AgentError as exc:

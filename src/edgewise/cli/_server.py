@@ -27,6 +27,12 @@ def run(
     admin_token: Annotated[str | None, typer.Option(envvar="EDGEWISE_ADMIN_TOKEN",
                                                     help="default: DATA/admin.token")] = None,
     rollout_tick_s: Annotated[float, typer.Option(help="rollout engine period")] = 2.0,
+    mqtt_url: Annotated[str | None, typer.Option(envvar="EDGEWISE_MQTT_URL",
+                                                 help="mqtts://HOST:PORT of the broker")] = None,
+    mqtt_ca: Annotated[Path | None, typer.Option(help="CA certificate of the broker")] = None,
+    mqtt_cert: Annotated[Path | None, typer.Option(help="client certificate (mTLS)")] = None,
+    mqtt_key: Annotated[Path | None, typer.Option(help="client key (mTLS)")] = None,
+    log_json: Annotated[bool, typer.Option("--log-json", help="structured JSON logs")] = False,
     verbose: bool = False,
 ) -> None:
     """Run the update server (FastAPI + uvicorn). OpenAPI docs at /docs."""
@@ -35,14 +41,19 @@ def run(
     from ..server.app import ServerConfig, create_app, resolve_admin_token
     from ..trust import TrustError
 
-    setup_logging(verbose)
+    from ..server.notify.mqtt import MqttConfig
+
+    setup_logging(verbose, json_lines=log_json)
+    mqtt = (MqttConfig(url=mqtt_url, ca_path=mqtt_ca, cert_path=mqtt_cert, key_path=mqtt_key)
+            if mqtt_url else None)
     try:
         token = resolve_admin_token(data, admin_token)
         app = create_app(ServerConfig(data_dir=data, root_path=root, online_key_path=online_key,
                                       admin_token=token, db_url=db,
-                                      rollout_tick_s=rollout_tick_s))
+                                      rollout_tick_s=rollout_tick_s, mqtt=mqtt))
     except (ValueError, TrustError) as exc:
         fail(str(exc))
     if admin_token is None:
         console.print(f"admin token: {data / 'admin.token'}")
-    uvicorn.run(app, host=host, port=port, log_level="debug" if verbose else "warning")
+    uvicorn.run(app, host=host, port=port, log_level="debug" if verbose else "warning",
+                log_config=None)

@@ -6,8 +6,8 @@ credential. `require_role(...)` guards every operator route.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
@@ -38,9 +38,6 @@ class ServerContext:
     repo: ServerRepository
     admin_token_hash: str
     max_upload_bytes: int
-    notify: Callable[[str, dict[str, Any]], None] = field(default=lambda kind, payload: None)
-    wake_device: Callable[[str, dict[str, Any]], None] = field(
-        default=lambda device_id, payload: None)
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,12 @@ from .repository.routes import router as repository_router
 from .rollouts import models as _rollout_models  # noqa: F401
 from .rollouts import service as rollouts
 from .rollouts.routes import router as rollouts_router
+from .monitoring.metrics import Metrics
+from .monitoring.metrics import router as metrics_router
+from .notify import models as _notify_models  # noqa: F401
+from .notify import service as notify
+from .notify.mqtt import MqttConfig, MqttPublisher
+from .notify.routes import router as notify_router
 from .tokens import models as _token_models  # noqa: F401
 from .tokens.routes import router as tokens_router
 
@@ -49,6 +55,8 @@ class ServerConfig:
     db_url: str | None = None  # default: SQLite file in data_dir
     max_upload_bytes: int = 16 << 30
     rollout_tick_s: float = 2.0  # how often the rollout engine decides
+    notify_tick_s: float = 0.5  # how often events become MQTT messages and webhook calls
+    mqtt: MqttConfig | None = None
 
     @property
     def resolved_db_url(self) -> str:
@@ -85,15 +93,26 @@ def create_app(config: ServerConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         stop = threading.Event()
-        runner = threading.Thread(target=_rollout_loop, args=(sessions, config.rollout_tick_s,
-                                                              stop),
-                                  name="edgewise-rollouts", daemon=True)
-        runner.start()
+        with sessions() as session:
+            notify.init_cursor(session)
+        mqtt = MqttPublisher(config.mqtt) if config.mqtt else None
+        threads = [
+            threading.Thread(target=_rollout_loop, args=(sessions, config.rollout_tick_s, stop),
+                             name="edgewise-rollouts", daemon=True),
+            threading.Thread(target=_notify_loop, args=(sessions, mqtt, config.notify_tick_s,
+                                                        stop),
+                             name="edgewise-notify", daemon=True),
+        ]
+        for thread in threads:
+            thread.start()
         try:
             yield
         finally:
             stop.set()
-            runner.join(timeout=10)
+            for thread in threads:
+                thread.join(timeout=10)
+            if mqtt is not None:
+                mqtt.close()
 
     app = FastAPI(
         lifespan=lifespan,
@@ -102,6 +121,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         description="Signed model releases for edge fleets: enrollment, releases, "
         "assignments, device reports, event log and the TUF repository devices verify against.",
     )
+    app.state.metrics = Metrics(sessions)
     app.state.ctx = ServerContext(
         sessions=sessions,
         repo=repo,
@@ -118,7 +138,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         return {"status": "ok", "version": __version__}
 
     for router in (devices_router, releases_router, events_router, groups_router,
-                   rollouts_router, feedback_router, tokens_router, repository_router):
+                   rollouts_router, feedback_router, tokens_router, notify_router,
+                   metrics_router, repository_router):
         app.include_router(router)
     return app
 
@@ -131,3 +152,18 @@ def _rollout_loop(sessions, tick_s: float, stop: threading.Event) -> None:
                 rollouts.tick_all(session)
         except Exception:  # keep deciding; one bad tick must not stop all rollouts
             log.exception("rollout tick failed")
+
+
+def _notify_loop(sessions, mqtt: MqttPublisher | None, tick_s: float,
+                 stop: threading.Event) -> None:
+    """Turn committed events into MQTT messages and webhook deliveries; send what is due."""
+    import httpx
+
+    with httpx.Client(timeout=10) as http:
+        while not stop.wait(tick_s):
+            try:
+                with sessions() as session:
+                    notify.process_events(session, mqtt=mqtt)
+                    notify.deliver_due(session, http=http)
+            except Exception:
+                log.exception("notification tick failed")

@@ -39,6 +39,8 @@ class ServerProcess:
     port: int = field(default_factory=free_port)
     db_url: str | None = None
     rollout_tick_s: float = 2.0
+    mqtt_url: str | None = None
+    mqtt_ca: Path | None = None
     log_path: Path | None = None
     proc: subprocess.Popen | None = None
 
@@ -52,6 +54,10 @@ class ServerProcess:
                 "--port", str(self.port), "--rollout-tick-s", str(self.rollout_tick_s)]
         if self.db_url:
             args += ["--db", self.db_url]
+        if self.mqtt_url:
+            args += ["--mqtt-url", self.mqtt_url]
+            if self.mqtt_ca:
+                args += ["--mqtt-ca", str(self.mqtt_ca)]
         log = open(self.log_path or os.devnull, "ab")
         env = {**os.environ, "EDGEWISE_ADMIN_TOKEN": self.admin_token}
         self.proc = subprocess.Popen(edgewise_command(*args), stdout=log, stderr=log, env=env)
@@ -81,6 +87,8 @@ class AgentProcess:
     fault: str | None = None  # STATE[:before|after], see edgewise.agent.FaultPoint
     once: bool = False
     api_port: int | None = None
+    mqtt_url: str | None = None
+    mqtt_ca: Path | None = None
     log_path: Path | None = None
     proc: subprocess.Popen | None = None
 
@@ -90,6 +98,10 @@ class AgentProcess:
         args += ["--api-port", str(self.api_port)] if self.api_port else ["--no-api"]
         if self.once:
             args.append("--once")
+        if self.mqtt_url:
+            args += ["--mqtt-url", self.mqtt_url]
+            if self.mqtt_ca:
+                args += ["--mqtt-ca", str(self.mqtt_ca)]
         env = dict(os.environ)
         env.pop("EDGEWISE_FAULT", None)
         if self.fault:

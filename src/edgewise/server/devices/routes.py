@@ -3,10 +3,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
-from .._deps import ContextDep, DeviceDep, OperatorDep, SessionDep, ViewerDep
+from .._deps import DeviceDep, OperatorDep, SessionDep, ViewerDep
 from . import service
 from .models import Device
 
@@ -110,10 +110,8 @@ def get_device(device_id: str, session: SessionDep) -> DeviceOut:
 
 
 @router.post("/assignments", response_model=list[DeviceOut], dependencies=[OperatorDep])
-def assign(body: AssignIn, session: SessionDep, ctx: ContextDep) -> list[DeviceOut]:
+def assign(body: AssignIn, session: SessionDep) -> list[DeviceOut]:
     devices = service.assign(session, release_id=body.release_id, device_ids=body.device_ids)
-    for d in devices:
-        ctx.wake_device(d.id, {"release_id": body.release_id})
     return [DeviceOut.of(d) for d in devices]
 
 
@@ -145,7 +143,8 @@ def my_assignment(device: DeviceDep, session: SessionDep) -> AssignmentOut:
 
 
 @router.post("/device/reports", status_code=204, tags=["device API"])
-def report(body: ReportIn, device: DeviceDep, session: SessionDep) -> None:
+def report(body: ReportIn, device: DeviceDep, session: SessionDep, request: Request) -> None:
+    request.app.state.metrics.reports.labels(event=body.event).inc()
     service.report(session, device=device, state=body.state, event=body.event,
                    release_id=body.release_id, target_release_id=body.target_release_id,
                    message=body.message, detail=body.detail)

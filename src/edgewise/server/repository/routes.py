@@ -3,7 +3,7 @@ caches in front of it need no trust; a device verifies each byte against its roo
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 
 from .._deps import RepoDep
@@ -23,7 +23,7 @@ def metadata(filename: str, repo: RepoDep) -> FileResponse:
 
 
 @router.get("/targets/{target_path:path}")
-def target(target_path: str, repo: RepoDep) -> FileResponse:
+def target(target_path: str, repo: RepoDep, request: Request) -> FileResponse:
     # Consistent snapshots: clients ask for DIR/<sha256>.<name>; the object store is keyed by
     # sha256, and the hash must belong to a target the operator signed.
     dirname, _, basename = target_path.rpartition("/")
@@ -34,4 +34,5 @@ def target(target_path: str, repo: RepoDep) -> FileResponse:
     path = repo.object_path(sha)
     if path is None:
         raise NotFound(f"target {target_path} is signed but its bytes are missing")
+    request.app.state.metrics.bytes_served.inc(info.length)
     return FileResponse(path, media_type="application/octet-stream")

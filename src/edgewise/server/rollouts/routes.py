@@ -6,7 +6,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from .._deps import ContextDep, Operator, OperatorDep, SessionDep, ViewerDep
+from .._deps import Operator, OperatorDep, SessionDep, ViewerDep
 from .._errors import InvalidInput
 from . import service
 from .engine import Gates, Stage, parse_stages
@@ -58,7 +58,7 @@ def rollout_out(session, r: Rollout) -> RolloutOut:
 
 
 @router.post("/rollouts", response_model=RolloutOut, status_code=201)
-def create_rollout(body: RolloutIn, session: SessionDep, ctx: ContextDep,
+def create_rollout(body: RolloutIn, session: SessionDep,
                    operator: Annotated[Operator, OperatorDep]) -> RolloutOut:
     try:
         stages: list[Stage] = parse_stages(body.stages, min_soak_s=body.min_soak_s,
@@ -68,8 +68,6 @@ def create_rollout(body: RolloutIn, session: SessionDep, ctx: ContextDep,
     rollout = service.create_rollout(session, release_id=body.release_id,
                                      group_name=body.group, stages=stages)
     service.tick(session, rollout)
-    ctx.notify("rollout-created", {"rollout_id": rollout.id, "release_id": rollout.release_id,
-                                   "group": rollout.group_name, "by": operator.name})
     return rollout_out(session, rollout)
 
 
@@ -84,10 +82,8 @@ def get_rollout(rollout_id: str, session: SessionDep) -> RolloutOut:
 
 
 @router.post("/rollouts/{rollout_id}/{action}", response_model=RolloutOut)
-def rollout_action(rollout_id: str, action: str, session: SessionDep, ctx: ContextDep,
+def rollout_action(rollout_id: str, action: str, session: SessionDep,
                    operator: Annotated[Operator, OperatorDep]) -> RolloutOut:
     rollout = service.operator_action(session, rollout_id=rollout_id, action=action,
                                       actor=operator.name)
-    ctx.notify(f"rollout-{action}", {"rollout_id": rollout.id, "status": rollout.status,
-                                     "by": operator.name})
     return rollout_out(session, rollout)
