@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from edgewise.artifacts import Preprocessing, write_bundle
-from edgewise.trust import KeyPaths, init_keys
+from edgewise.trust import CertPaths, KeyPaths, init_certs, init_keys
 
 LABELS = ("zero", "one", "two")
 PRE = Preprocessing(input_size=(4, 4), channels=1, mean=(0.5,), std=(0.25,))
@@ -66,6 +66,11 @@ def keys(tmp_path: Path) -> KeyPaths:
     return init_keys(tmp_path / "keys")
 
 
+@pytest.fixture
+def certs(tmp_path: Path) -> CertPaths:
+    return init_certs(tmp_path / "certs", hostnames=["127.0.0.1", "localhost"])
+
+
 @dataclass
 class LiveServer:
     url: str
@@ -73,11 +78,12 @@ class LiveServer:
     keys: KeyPaths
     data_dir: Path
     process: object
+    ca: Path
 
     def client(self):
         from edgewise.server.client import OperatorClient
 
-        return OperatorClient(self.url, token=self.admin_token)
+        return OperatorClient(self.url, token=self.admin_token, verify=str(self.ca))
 
     def publish(self, bundle: Path, *, assign: bool = True) -> dict:
         from edgewise.server.client import publish_bundle
@@ -91,16 +97,18 @@ class LiveServer:
 
 
 @pytest.fixture
-def live_server(tmp_path: Path, keys: KeyPaths) -> Iterator[LiveServer]:
+def live_server(tmp_path: Path, keys: KeyPaths, certs: CertPaths) -> Iterator[LiveServer]:
+    """A real server process over TLS (private CA, pinned by agents and operators)."""
     from edgewise.sim import ServerProcess
 
     token = secrets.token_urlsafe(24)
     proc = ServerProcess(data_dir=tmp_path / "server", root_path=keys.root_json,
                          online_key_path=keys.online_key, admin_token=token,
-                         rollout_tick_s=0.3, log_path=tmp_path / "server.log").start()
+                         rollout_tick_s=0.3, tls_cert=certs.server_cert, tls_key=certs.server_key,
+                         ca_path=certs.ca_cert, log_path=tmp_path / "server.log").start()
     try:
         yield LiveServer(url=proc.url, admin_token=token, keys=keys,
-                         data_dir=tmp_path / "server", process=proc)
+                         data_dir=tmp_path / "server", process=proc, ca=certs.ca_cert)
     finally:
         proc.stop()
 
@@ -115,7 +123,7 @@ def enroll_agent(tmp_path: Path, live_server: LiveServer) -> Callable[[str], Pat
         state = tmp_path / f"agent-{name}"
         enroll(state, server_url=live_server.url, token=token,
                root_path=live_server.keys.root_json, name=name, hardware="test",
-               tags=tags, timezone=timezone)
+               tags=tags, timezone=timezone, ca_path=live_server.ca)
         return state
 
     return make

@@ -49,7 +49,8 @@ def test_mqtt_tls_wakes_the_agent(mqtt_stack, keys, tmp_path: Path) -> None:
     with OperatorClient(server.url, token=token) as client:
         state = tmp_path / "agent"
         enroll(state, server_url=server.url, token=client.create_enrollment_token(),
-               root_path=keys.root_json, name="pushy", hardware="test")
+               root_path=keys.root_json, name="pushy", hardware="test",
+                       insecure_dev=True)
         # Polling every 10 minutes: only a push can explain a quick install.
         agent = AgentProcess(state_dir=state, poll_interval_s=600, mqtt_url=broker.url,
                              mqtt_ca=broker.ca, log_path=tmp_path / "agent.log").start()

@@ -29,7 +29,8 @@ def test_update_cycle_on_postgresql(tmp_path: Path, keys) -> None:
             with OperatorClient(server.url, token=token) as client:
                 state = tmp_path / "agent"
                 enroll(state, server_url=server.url, token=client.create_enrollment_token(),
-                       root_path=keys.root_json, name="pg", hardware="test")
+                       root_path=keys.root_json, name="pg", hardware="test",
+                       insecure_dev=True)
                 release = publish_bundle(client, make_tiny_bundle(tmp_path / "b"),
                                          root_path=keys.root_json,
                                          targets_key_path=keys.targets_key)

@@ -54,6 +54,11 @@ def test_failure_gates(outcomes, kwargs, action) -> None:
      Action.ADVANCE),
     ({"memory_mb": 200, "previous_memory_mb": 50}, Gates(), Action.ABORT),
     ({"memory_mb": 60, "previous_memory_mb": 50}, Gates(), Action.ADVANCE),
+    # 3x slower but by 0.02 ms, or 3x the memory but 2 MB more: noise, not a regression.
+    ({"p95_latency_ms": 0.03, "previous_p95_latency_ms": 0.01}, Gates(), Action.ADVANCE),
+    ({"memory_mb": 3, "previous_memory_mb": 1}, Gates(), Action.ADVANCE),
+    ({"p95_latency_ms": 0.03, "previous_p95_latency_ms": 0.01},
+     Gates(latency_slack_ms=0.0), Action.ABORT),
     ({"memory_mb": 60, "previous_memory_mb": None}, Gates(), Action.ADVANCE),  # first release
     ({"flags": 3}, Gates(max_flag_rate=1.0), Action.PAUSE),
     ({"flags": 1}, Gates(max_flag_rate=1.0), Action.ADVANCE),

@@ -21,10 +21,11 @@ def _detail(response: httpx.Response) -> str:
 
 def enroll_device(server_url: str, *, token: str, name: str, hardware: str,
                   tags: list[str] | None = None, timezone: str = "UTC",
-                  timeout_s: float = 10.0) -> tuple[str, str]:
+                  verify=True, timeout_s: float = 10.0) -> tuple[str, str]:
     """Exchange a single-use enrollment token for (device_id, credential)."""
     try:
         r = httpx.post(f"{server_url.rstrip('/')}/api/v1/devices/enroll", timeout=timeout_s,
+                       verify=verify,
                        json={"token": token, "name": name, "hardware": hardware,
                              "tags": tags or [], "timezone": timezone})
     except httpx.HTTPError as exc:
@@ -36,10 +37,14 @@ def enroll_device(server_url: str, *, token: str, name: str, hardware: str,
 
 
 class ServerClient:
-    def __init__(self, server_url: str, *, credential: str, timeout_s: float = 10.0) -> None:
+    def __init__(self, server_url: str, *, credential: str, timeout_s: float = 10.0,
+                 verify: str | bool = True,
+                 transport: httpx.BaseTransport | None = None) -> None:
         self.base_url = server_url.rstrip("/")
         self.auth_headers = {"Authorization": f"Bearer {credential}"}
-        self.http = httpx.Client(timeout=timeout_s, headers=self.auth_headers)
+        # `transport`: the network seam (the simulator's profiles); None is httpx's own.
+        self.http = httpx.Client(timeout=timeout_s, headers=self.auth_headers, verify=verify,
+                                 transport=transport)
 
     def close(self) -> None:
         self.http.close()

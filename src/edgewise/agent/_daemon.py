@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from ..artifacts import MANIFEST_NAME, BundleError, parse_manifest, validate_bundle
 from ..trust import HttpxFetcher, TransportError, TrustedClient, VerificationError
@@ -36,6 +36,11 @@ from ._runtime import health_check
 from ._slots import SlotStore
 from ._store import AgentRecord, StateDir, now_iso
 from ._userinput import deferred_until, flush_feedback
+
+if TYPE_CHECKING:
+    import httpx
+
+    from ._runtime import HealthReport
 
 __all__ = ["Agent", "AgentConfig", "FaultPoint"]
 
@@ -66,6 +71,14 @@ class AgentConfig:
     max_attempts_per_release: int = 3
     request_timeout_s: float = 15.0
     fault: FaultPoint | None = None
+    # Seams for the fleet simulator (edgewise.sim); None keeps the real default. The network
+    # (an httpx transport), the slot backend, the health check, the device clock, and a hook
+    # called where `fault` would cut power (it may raise to abandon this Agent mid-state).
+    transport: httpx.BaseTransport | None = None
+    slot_store: Callable[[Path], SlotStore] | None = None
+    health_check: Callable[[Path], HealthReport] | None = None
+    clock: Callable[[], datetime] | None = None
+    fault_hook: Callable[[State, str], None] | None = None
 
 
 class Agent:
@@ -73,9 +86,13 @@ class Agent:
         self.config = config
         self.paths = StateDir(config.state_dir)
         self.identity = self.paths.load_identity()
-        self.slots = SlotStore(self.paths.slots_dir)
+        self.slots = (config.slot_store or SlotStore)(self.paths.slots_dir)
+        if self.identity.server_url.startswith("http://"):
+            log.warning("talking to the server over plain HTTP (enrolled with --insecure-dev)")
         self.client = ServerClient(self.identity.server_url, credential=self.identity.credential,
-                                   timeout_s=config.request_timeout_s)
+                                   timeout_s=config.request_timeout_s,
+                                   verify=self.paths.tls_verify(self.identity),
+                                   transport=config.transport)
         self.record = self.paths.load_record()
         self._lock = threading.RLock()
         self._handlers: dict[State, Callable[[AgentRecord], Event]] = {
@@ -199,6 +216,8 @@ class Agent:
             self.paths.save_record(rec)
 
     def _maybe_fault(self, state: State, when: str) -> None:
+        if self.config.fault_hook is not None:
+            self.config.fault_hook(state, when)
         fault = self.config.fault
         if fault is not None and fault.state is state and fault.when == when:
             log.warning("fault injection: power cut in %s (%s)", state, when)
@@ -275,7 +294,7 @@ class Agent:
     def _may_install(self, rec: AgentRecord) -> bool:
         """Inside the maintenance window (device-local time) and past any user deferral."""
         assert rec.target is not None
-        now = datetime.now(UTC)
+        now = self.config.clock() if self.config.clock is not None else datetime.now(UTC)
         deferred = deferred_until(self.paths, rec)
         if deferred is not None and now < deferred:
             return False
@@ -320,7 +339,8 @@ class Agent:
     def _health_check(self, rec: AgentRecord) -> Event:
         assert rec.target is not None and rec.pending_slot is not None
         try:
-            report = health_check(self.slots.path(rec.pending_slot))
+            report = (self.config.health_check or health_check)(
+                self.slots.path(rec.pending_slot))
         except (HealthCheckFailed, UpdateRejected, OSError) as exc:
             rec.last_health = {"passed": False, "reason": str(exc)}
             self._reject(rec, str(exc))

@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from ..trust import load_root
+from ..trust import client_tls, load_root
 from ._client import enroll_device
 from ._errors import AgentConfigError, NoModelError
 from ._runtime import OnnxModel, Prediction
@@ -28,16 +28,33 @@ MAX_IMAGE_BYTES = 16 << 20
 
 
 def enroll(state_dir: Path, *, server_url: str, token: str, root_path: Path, name: str,
-           hardware: str, tags: list[str] | None = None, timezone: str = "UTC") -> Identity:
+           hardware: str, tags: list[str] | None = None, timezone: str = "UTC",
+           ca_path: Path | None = None, insecure_dev: bool = False) -> Identity:
+    """Enroll: pin the TUF root (and the server's CA), get a device credential."""
     paths = StateDir(state_dir)
     if paths.identity_path.exists():
         raise AgentConfigError(f"{state_dir} is already enrolled; use a new state directory")
+    if server_url.startswith("http://") and not insecure_dev:
+        raise AgentConfigError("refusing plain HTTP: use https:// (and --ca), or --insecure-dev "
+                               "for local development")
+    if not server_url.startswith(("https://", "http://")):
+        raise AgentConfigError(f"server URL must be https://..., not {server_url!r}")
     root = load_root(root_path)  # refuse a file that is not TUF root metadata
+    ca_pem = None
+    if ca_path is not None:
+        try:
+            ca_pem = Path(ca_path).read_bytes()
+        except OSError as exc:
+            raise AgentConfigError(f"cannot read CA certificate {ca_path}: {exc}") from exc
+        if b"BEGIN CERTIFICATE" not in ca_pem:
+            raise AgentConfigError(f"{ca_path} is not a PEM certificate")
     device_id, credential = enroll_device(server_url, token=token, name=name, hardware=hardware,
-                                          tags=tags, timezone=timezone)
+                                          tags=tags, timezone=timezone,
+                                          verify=client_tls(ca_path))
     identity = Identity(server_url=server_url.rstrip("/"), device_id=device_id,
-                        credential=credential, name=name, hardware=hardware)
-    paths.save_identity(identity, root.to_bytes())
+                        credential=credential, name=name, hardware=hardware,
+                        pinned_ca=ca_pem is not None)
+    paths.save_identity(identity, root.to_bytes(), ca_pem)
     return identity
 
 

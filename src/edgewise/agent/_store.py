@@ -53,6 +53,7 @@ class Identity:
     credential: str
     name: str
     hardware: str
+    pinned_ca: bool = False  # state_dir/ca.pem is the only CA trusted for the server
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,7 @@ class StateDir:
         self.root = Path(root)
         self.identity_path = self.root / "identity.json"
         self.trusted_root_path = self.root / "root.json"
+        self.ca_path = self.root / "ca.pem"
         self.state_path = self.root / "state.json"
         self.tuf_dir = self.root / "tuf"
         self.downloads_dir = self.root / "downloads"
@@ -119,9 +121,12 @@ class StateDir:
         self.defer_path = self.root / "defer.json"
         self.feedback_dir = self.root / "feedback"
 
-    def save_identity(self, identity: Identity, trusted_root: bytes) -> None:
+    def save_identity(self, identity: Identity, trusted_root: bytes,
+                      ca_pem: bytes | None = None) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         self.trusted_root_path.write_bytes(trusted_root)
+        if ca_pem is not None:
+            self.ca_path.write_bytes(ca_pem)
         atomic_write_json(self.identity_path, asdict(identity), mode=0o600)
 
     def load_identity(self) -> Identity:
@@ -133,6 +138,12 @@ class StateDir:
             ) from None
         except (ValueError, TypeError) as exc:
             raise AgentConfigError(f"{self.identity_path} is corrupt: {exc}") from exc
+
+    def tls_verify(self, identity: Identity):
+        """What httpx verifies the server against: the pinned CA, else the system store."""
+        from ..trust import client_tls
+
+        return client_tls(self.ca_path if identity.pinned_ca else None)
 
     def trusted_root(self) -> bytes:
         try:

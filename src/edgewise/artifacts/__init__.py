@@ -10,7 +10,16 @@ from ._bundle import (
     validate_bundle,
     write_bundle,
 )
-from ._errors import ArtifactError, BundleError
+from ._errors import (
+    ArtifactError,
+    BundleError,
+    DeltaBaseError,
+    DeltaError,
+    DeltaFormatError,
+    DeltaResultError,
+    DeltaTruncatedError,
+    DeltaVersionError,
+)
 from ._manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -30,6 +39,12 @@ __all__ = [
     "ArtifactError",
     "BundleError",
     "BundleManifest",
+    "DeltaBaseError",
+    "DeltaError",
+    "DeltaFormatError",
+    "DeltaResultError",
+    "DeltaTruncatedError",
+    "DeltaVersionError",
     "FileEntry",
     "GoldenSet",
     "GoldenSpec",

@@ -28,6 +28,11 @@ def enroll(
     tag: Annotated[list[str] | None, typer.Option("--tag", help="tag (repeat), e.g. site=berlin")]
     = None,
     timezone: Annotated[str, typer.Option(help="IANA zone for maintenance windows")] = "UTC",
+    ca: Annotated[Path | None, typer.Option(help="CA certificate to pin for the server")]
+    = None,
+    insecure_dev: Annotated[bool, typer.Option("--insecure-dev",
+                                               help="allow plain HTTP (development only)")]
+    = False,
 ) -> None:
     """Enroll this device: exchange the token for a device credential, pin the root."""
     from ..agent import AgentError
@@ -36,7 +41,8 @@ def enroll(
 
     try:
         identity = do_enroll(state, server_url=server, token=token, root_path=root, name=name,
-                             hardware=hardware, tags=tag or [], timezone=timezone)
+                             hardware=hardware, tags=tag or [], timezone=timezone,
+                             ca_path=ca, insecure_dev=insecure_dev)
     except (AgentError, TrustError) as exc:
         fail(str(exc))
     console.print(f"[green]enrolled[/] as {identity.device_id}")

@@ -5,6 +5,8 @@ import typer
 from ._agent import agent_app
 from ._ops import (
     assign,
+    audit_app,
+    tokens_app,
     bundle_app,
     devices_app,
     events,
@@ -12,7 +14,7 @@ from ._ops import (
     publish,
     releases_app,
 )
-from ._server import server_app
+from ._server import certs_app, server_app
 
 app = typer.Typer(
     name="edgewise",
@@ -22,13 +24,16 @@ app = typer.Typer(
 )
 app.add_typer(keys_app, name="keys")
 app.add_typer(server_app, name="server")
+app.add_typer(certs_app, name="certs")
 app.add_typer(agent_app, name="agent")
 app.add_typer(devices_app, name="devices")
 app.add_typer(releases_app, name="releases")
 app.add_typer(bundle_app, name="bundle")
+app.add_typer(tokens_app, name="tokens")
+app.add_typer(audit_app, name="audit")
 app.command()(publish)
 # Commands owned by other modules register themselves (train/eval, delta, compress, ...).
-for _module in ("_rollouts", "_ml", "_delta", "_compress"):
+for _module in ("_rollouts", "_ml", "_delta", "_compress", "_sim"):
     try:
         __import__(f"{__package__}.{_module}", fromlist=["register"]).register(app)
     except ModuleNotFoundError as _exc:

@@ -29,7 +29,7 @@ def run_demo(*, workdir: str | None, n_devices: int) -> None:
     from ..agent import enroll
     from ..server.client import OperatorClient, publish_bundle
     from ..sim import AgentProcess, ServerProcess
-    from ..trust import init_keys
+    from ..trust import init_certs, init_keys
 
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="edgewise-demo-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -48,21 +48,25 @@ def run_demo(*, workdir: str | None, n_devices: int) -> None:
 
     # ---- 2. keys: root/targets stay here, the online key goes to the server -------------
     keys = init_keys(work / "keys")
+    certs = init_certs(work / "certs", hostnames=["127.0.0.1", "localhost"])  # TLS, private CA
 
     # ---- 3. a real server and real agents ------------------------------------------------
     admin_token = secrets.token_urlsafe(24)
     server = ServerProcess(data_dir=work / "server", root_path=keys.root_json,
                            online_key_path=keys.online_key, admin_token=admin_token,
-                           log_path=work / "server.log").start()
+                           tls_cert=certs.server_cert, tls_key=certs.server_key,
+                           ca_path=certs.ca_cert, log_path=work / "server.log").start()
     agents: list[AgentProcess] = []
     try:
-        client = OperatorClient(server.url, token=admin_token)
-        console.print(f"[green]server[/] on {server.url} (OpenAPI at {server.url}/docs)")
+        client = OperatorClient(server.url, token=admin_token, verify=str(certs.ca_cert))
+        console.print(f"[green]server[/] on {server.url} over TLS (private CA; OpenAPI at "
+                      f"{server.url}/docs)")
         states = []
         for i in range(n_devices):
             state = work / f"device-{i + 1}"
             enroll(state, server_url=server.url, token=client.create_enrollment_token(),
-                   root_path=keys.root_json, name=f"device-{i + 1}", hardware="demo-x86_64")
+                   root_path=keys.root_json, name=f"device-{i + 1}", hardware="demo-x86_64",
+                   ca_path=certs.ca_cert)
             states.append(state)
             agents.append(AgentProcess(state_dir=state, poll_interval_s=1.0,
                                        log_path=work / f"device-{i + 1}.log").start())
@@ -107,19 +111,32 @@ def run_demo(*, workdir: str | None, n_devices: int) -> None:
 
 
 def _build(out_dir: Path):
-    from ..ml.quick import build_feature_head_bundle
+    """Train v1 with `edgewise train`'s pipeline: a feature-extract run (frozen
+    EfficientNet-Lite0, 64 px, 800 images per class), then ship its bundle as `out_dir`."""
+    import shutil
+
+    from ..ml.train import TrainConfig, train
 
     columns = (TextColumn("{task.description:<28}"), BarColumn(), TaskProgressColumn(),
                TimeRemainingColumn())
+    work = out_dir.parent / f"{out_dir.name}.run"  # checkpoints, config: not part of the bundle
+    config = TrainConfig(data="fashion-mnist", out_dir=str(work), name=NAME, version="1.0.0",
+                         strategy="feature-extract", resolution=64, train_per_class=800,
+                         test_per_class=300,
+                         val_fraction=0.2, track=False)
     with Progress(*columns, console=console) as progress:
         tasks: dict[str, Any] = {}
 
-        def report(stage: str, done: int, total: int) -> None:
+        def report(stage: str, done: float, total: float) -> None:
             if stage not in tasks:
                 tasks[stage] = progress.add_task(stage, total=total)
             progress.update(tasks[stage], completed=done, total=total)
 
-        return build_feature_head_bundle(out_dir, name=NAME, version="1.0.0", progress=report)
+        result = train(config, progress=report, notify=progress.console.print)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    shutil.copytree(result.bundle_dir, out_dir)
+    return result.manifest
 
 
 def _make_broken_release(good: Path, out_dir: Path, *, version: str) -> None:

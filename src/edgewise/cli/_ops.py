@@ -23,9 +23,12 @@ bundle_app = typer.Typer(help="Model bundles.", no_args_is_help=True)
 
 
 def _client(server: str, token: str):
+    import os
+
     from ..server.client import OperatorClient
 
-    return OperatorClient(server, token=token)
+    # The operator pins the server's CA like devices do (EDGEWISE_CA), else the system store.
+    return OperatorClient(server, token=token, verify=os.environ.get("EDGEWISE_CA") or True)
 
 
 def _api_errors():
@@ -169,3 +172,77 @@ def bundle_validate(bundle: Path) -> None:
         fail(f"{bundle}: {exc}")
     console.print(f"[green]valid[/] {manifest.release_name}: {len(manifest.files)} files, "
                   f"{len(manifest.labels)} labels, golden set of {manifest.golden.count}")
+
+
+@devices_app.command("revoke")
+def devices_revoke(device_id: str, server: ServerOpt, token: TokenOpt) -> None:
+    """Cut a device off at once (its credential stops working)."""
+    try:
+        with _client(server, token) as client:
+            client.request("POST", f"/api/v1/devices/{device_id}/revoke")
+    except _api_errors() as exc:
+        fail(str(exc))
+    console.print(f"device {device_id} revoked")
+
+
+tokens_app = typer.Typer(help="Operator API tokens with roles.", no_args_is_help=True)
+audit_app = typer.Typer(help="The hash-chained audit log.", no_args_is_help=True)
+
+
+@tokens_app.command("create")
+def tokens_create(server: ServerOpt, token: TokenOpt,
+                  name: Annotated[str, typer.Option(help="who holds it")],
+                  role: Annotated[str, typer.Option(help="admin | publisher | operator | "
+                                                    "viewer")]) -> None:
+    """Create an API token for a person or a system, with one role."""
+    try:
+        with _client(server, token) as client:
+            created = client.request("POST", "/api/v1/tokens",
+                                     json={"name": name, "role": role}).json()
+    except _api_errors() as exc:
+        fail(str(exc))
+    print_json(created)
+
+
+def _audit_entries(client) -> list[dict]:
+    entries, after = [], 0
+    while batch := client.request("GET", "/api/v1/audit",
+                                  params={"after_id": after, "limit": 5000}).json():
+        entries += batch
+        after = batch[-1]["id"]
+    return entries
+
+
+@audit_app.command("list")
+def audit_list(server: ServerOpt, token: TokenOpt, as_json: JsonOpt = False,
+               last: int = 50) -> None:
+    try:
+        with _client(server, token) as client:
+            entries = _audit_entries(client)[-last:]
+    except _api_errors() as exc:
+        fail(str(exc))
+    if as_json:
+        print_json(entries)
+        return
+    table = Table("id", "time", "actor", "request", "status", "from")
+    for e in entries:
+        table.add_row(str(e["id"]), e["ts"][:19], e["actor"], f"{e['method']} {e['path']}",
+                      str(e["status"]), e["client"])
+    out.print(table)
+
+
+@audit_app.command("verify")
+def audit_verify(server: ServerOpt, token: TokenOpt) -> None:
+    """Download the whole audit log and check its hash chain here."""
+    from ..server.audit.service import verify_chain
+
+    try:
+        with _client(server, token) as client:
+            entries = _audit_entries(client)
+    except _api_errors() as exc:
+        fail(str(exc))
+    ok, bad, reason = verify_chain(entries)
+    print_json({"ok": ok, "entries": len(entries), "first_bad_id": bad, "reason": reason,
+                "head": entries[-1]["hash"] if entries else None})
+    if not ok:
+        fail(f"audit log chain broken at entry {bad}: {reason}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from pathlib import Path
 from typing import Annotated
 
@@ -33,6 +35,11 @@ def run(
     mqtt_cert: Annotated[Path | None, typer.Option(help="client certificate (mTLS)")] = None,
     mqtt_key: Annotated[Path | None, typer.Option(help="client key (mTLS)")] = None,
     log_json: Annotated[bool, typer.Option("--log-json", help="structured JSON logs")] = False,
+    tls_cert: Annotated[Path | None, typer.Option(help="server certificate (PEM)")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="server private key (PEM)")] = None,
+    insecure_dev: Annotated[bool, typer.Option("--insecure-dev",
+                                               help="serve plain HTTP (development only)")]
+    = False,
     verbose: bool = False,
 ) -> None:
     """Run the update server (FastAPI + uvicorn). OpenAPI docs at /docs."""
@@ -44,6 +51,14 @@ def run(
     from ..server.notify.mqtt import MqttConfig
 
     setup_logging(verbose, json_lines=log_json)
+    if (tls_cert is None) != (tls_key is None):
+        fail("give both --tls-cert and --tls-key")
+    if tls_cert is None and not insecure_dev:
+        fail("refusing to serve plain HTTP: give --tls-cert/--tls-key (see `edgewise certs "
+             "init`), or --insecure-dev for local development")
+    if tls_cert is None:
+        logging.getLogger("edgewise.server").warning(
+            "serving plain HTTP (--insecure-dev): credentials and tokens travel in clear text")
     mqtt = (MqttConfig(url=mqtt_url, ca_path=mqtt_ca, cert_path=mqtt_cert, key_path=mqtt_key)
             if mqtt_url else None)
     try:
@@ -56,4 +71,28 @@ def run(
     if admin_token is None:
         console.print(f"admin token: {data / 'admin.token'}")
     uvicorn.run(app, host=host, port=port, log_level="debug" if verbose else "warning",
-                log_config=None)
+                log_config=None,
+                ssl_certfile=str(tls_cert) if tls_cert else None,
+                ssl_keyfile=str(tls_key) if tls_key else None)
+
+
+certs_app = typer.Typer(help="A private CA and server certificate for self-hosting.",
+                        no_args_is_help=True)
+
+
+@certs_app.command("init")
+def certs_init(
+    out_dir: Annotated[Path, typer.Option("--out", help="directory for the certificates")]
+    = Path("certs"),
+    host: Annotated[list[str] | None, typer.Option("--host", help="server DNS name or IP "
+                                                   "(repeat)")] = None,
+) -> None:
+    """Make ca.pem/ca.key (keep the key offline) and server.pem/server.key for --tls-*."""
+    from ..trust import KeyFileError, init_certs
+
+    try:
+        paths = init_certs(out_dir, hostnames=host or ["localhost", "127.0.0.1"])
+    except KeyFileError as exc:
+        fail(str(exc))
+    console.print(f"[green]certificates in {out_dir}[/]: server {paths.server_cert} + "
+                  f"{paths.server_key}; devices and operators pin {paths.ca_cert}")

@@ -76,12 +76,15 @@ SessionDep = Annotated[Session, Depends(get_session)]
 def current_operator(request: Request, session: SessionDep) -> Operator:
     token = bearer_token(request)
     if check_admin_token(token, _context(request).admin_token_hash):
-        return Operator(name="admin", role="admin")
-    row = session.scalars(select(ApiToken).where(ApiToken.token_hash == hash_token(token),
-                                                 ApiToken.revoked.is_(False))).one_or_none()
-    if row is None:
-        raise Unauthorized("invalid API token")
-    return Operator(name=row.name, role=row.role)
+        operator = Operator(name="admin", role="admin")
+    else:
+        row = session.scalars(select(ApiToken).where(ApiToken.token_hash == hash_token(token),
+                                                     ApiToken.revoked.is_(False))).one_or_none()
+        if row is None:
+            raise Unauthorized("invalid API token")
+        operator = Operator(name=row.name, role=row.role)
+    request.state.actor = f"operator:{operator.name}({operator.role})"  # for the audit log
+    return operator
 
 
 def require_role(*roles: str) -> Any:
@@ -105,6 +108,7 @@ def require_device(request: Request, session: SessionDep) -> Device:
     ).one_or_none()
     if device is None:
         raise Unauthorized("unknown device credential (not enrolled, or revoked)")
+    request.state.actor = f"device:{device.id}"
     return device
 
 

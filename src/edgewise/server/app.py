@@ -18,6 +18,7 @@ from ._auth import WEAK_TOKENS, hash_token, new_token
 from ._db import Base, make_engine, make_sessionmaker
 from ._deps import ServerContext
 from ._errors import DomainError
+from .dashboard.routes import router as dashboard_router
 from .devices import models as _device_models  # noqa: F401  (register tables)
 from .devices.routes import router as devices_router
 from .events import models as _event_models  # noqa: F401
@@ -32,6 +33,9 @@ from .repository.routes import router as repository_router
 from .rollouts import models as _rollout_models  # noqa: F401
 from .rollouts import service as rollouts
 from .rollouts.routes import router as rollouts_router
+from .audit import models as _audit_models  # noqa: F401
+from .audit.routes import AuditMiddleware
+from .audit.routes import router as audit_router
 from .monitoring.metrics import Metrics
 from .monitoring.metrics import router as metrics_router
 from .notify import models as _notify_models  # noqa: F401
@@ -129,6 +133,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         max_upload_bytes=config.max_upload_bytes,
     )
 
+    app.add_middleware(AuditMiddleware)
+
     @app.exception_handler(DomainError)
     async def _domain_error(_request: Request, exc: DomainError) -> JSONResponse:
         return JSONResponse(status_code=exc.status_code, content={"detail": exc.message})
@@ -139,7 +145,7 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     for router in (devices_router, releases_router, events_router, groups_router,
                    rollouts_router, feedback_router, tokens_router, notify_router,
-                   metrics_router, repository_router):
+                   metrics_router, audit_router, repository_router, dashboard_router):
         app.include_router(router)
     return app
 

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 
 from ..artifacts import MANIFEST_NAME, validate_bundle
-from ..trust import load_root, load_signer, sign_targets, target_file
+from ..trust import client_tls, load_root, load_signer, sign_targets, target_file
 
 __all__ = ["OperatorClient", "ServerApiError", "publish_bundle"]
 
@@ -27,9 +27,10 @@ class ServerApiError(Exception):
 
 
 class OperatorClient:
-    def __init__(self, server_url: str, *, token: str, timeout_s: float = 60.0) -> None:
+    def __init__(self, server_url: str, *, token: str, timeout_s: float = 60.0,
+                 verify: str | Path | bool = True) -> None:
         self.base_url = server_url.rstrip("/")
-        self.http = httpx.Client(timeout=timeout_s,
+        self.http = httpx.Client(timeout=timeout_s, verify=client_tls(verify),
                                  headers={"Authorization": f"Bearer {token}"})
 
     def close(self) -> None:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import httpx
 
+from ..trust import client_tls
+
 __all__ = ["AgentProcess", "ServerProcess", "edgewise_command", "free_port"]
 
 
@@ -41,12 +43,16 @@ class ServerProcess:
     rollout_tick_s: float = 2.0
     mqtt_url: str | None = None
     mqtt_ca: Path | None = None
+    tls_cert: Path | None = None  # without a certificate the server runs --insecure-dev
+    tls_key: Path | None = None
+    ca_path: Path | None = None  # what clients pin (to check readiness over TLS)
     log_path: Path | None = None
     proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self.tls_cert else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     def start(self, *, timeout_s: float = 30.0) -> ServerProcess:
         args = ["server", "run", "--data", str(self.data_dir), "--root", str(self.root_path),
@@ -54,6 +60,10 @@ class ServerProcess:
                 "--port", str(self.port), "--rollout-tick-s", str(self.rollout_tick_s)]
         if self.db_url:
             args += ["--db", self.db_url]
+        if self.tls_cert:
+            args += ["--tls-cert", str(self.tls_cert), "--tls-key", str(self.tls_key)]
+        else:
+            args.append("--insecure-dev")
         if self.mqtt_url:
             args += ["--mqtt-url", self.mqtt_url]
             if self.mqtt_ca:
@@ -68,7 +78,8 @@ class ServerProcess:
                 raise RuntimeError(
                     f"server exited with {self.proc.returncode} (log: {self.log_path})")
             try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                if httpx.get(f"{self.url}/healthz", timeout=1,
+                             verify=client_tls(self.ca_path)).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass

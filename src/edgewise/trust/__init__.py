@@ -1,6 +1,6 @@
 """TUF trust: operator-side signing, server-side repository, device-side verification."""
 
-from ._certs import CertPaths, init_certs, issue_certificate
+from ._certs import CertPaths, client_tls, init_certs, issue_certificate
 from ._client import HttpxFetcher, TrustedClient
 from ._errors import KeyFileError, TransportError, TrustError, VerificationError
 from ._keys import KeyPaths, init_keys, load_root, load_signer
@@ -9,6 +9,7 @@ from ._repository import ServerRepository
 
 __all__ = [
     "CertPaths",
+    "client_tls",
     "init_certs",
     "issue_certificate",
     "HttpxFetcher",

@@ -19,7 +19,19 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ._errors import KeyFileError
 
-__all__ = ["CertPaths", "init_certs", "issue_certificate"]
+__all__ = ["CertPaths", "client_tls", "init_certs", "issue_certificate"]
+
+
+def client_tls(ca: str | Path | bool | None):
+    """What an httpx client verifies servers with: a context pinning `ca`, or the system store
+    (True). `False` is refused: there is no way to turn verification off."""
+    import ssl
+
+    if ca is None or ca is True:
+        return True
+    if ca is False:
+        raise ValueError("TLS verification cannot be disabled; pin a CA instead")
+    return ssl.create_default_context(cafile=str(ca))
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from pathlib import Path
 from torch import nn
 
 from ._efficientnet_lite import EfficientNetLite
+from ._fast_cnn import FastCNN
 from ._registry import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -96,5 +97,20 @@ def _efficientnet_lite0() -> nn.Module:
         pretrained_source=None,
     )
 )
-def _small_cnn() -> nn.Module:
-    return SmallCNN(in_channels=1)
+def _small_cnn(in_channels: int = 1) -> nn.Module:
+    return SmallCNN(in_channels=in_channels)
+
+
+@register_backbone(
+    BackboneSpec(
+        name="fast-cnn",
+        feature_dim=256,
+        input_size=(28, 28),
+        in_channels=1,
+        mean=(0.5,),
+        std=(0.5,),
+        pretrained_source=None,
+    )
+)
+def _fast_cnn(in_channels: int = 1) -> nn.Module:
+    return FastCNN(in_channels=in_channels)

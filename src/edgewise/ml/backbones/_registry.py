@@ -9,7 +9,7 @@ buffer of the model (strict), and nothing was unpickled.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -52,7 +52,7 @@ class BackboneSpec:
 @dataclass(frozen=True)
 class _Entry:
     spec: BackboneSpec
-    builder: Callable[[], nn.Module]
+    builder: Callable[..., nn.Module]
     default_weights: Callable[[], Path] | None
 
 
@@ -61,12 +61,12 @@ _REGISTRY: dict[str, _Entry] = {}
 
 def register_backbone(
     spec: BackboneSpec, *, default_weights: Callable[[], Path] | None = None
-) -> Callable[[Callable[[], nn.Module]], Callable[[], nn.Module]]:
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator: register `builder` (no arguments, returns an uninitialised-weights model)."""
     if (default_weights is None) != (spec.pretrained_source is None):
         raise BackboneError(f"{spec.name}: pretrained_source and default_weights go together")
 
-    def decorate(builder: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    def decorate(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if spec.name in _REGISTRY:
             raise BackboneError(f"backbone {spec.name!r} is already registered")
         _REGISTRY[spec.name] = _Entry(spec, builder, default_weights)
@@ -141,18 +141,32 @@ def load_weights(model: nn.Module, path: Path | str) -> None:
 
 
 def create_backbone(
-    name: str, *, pretrained: bool = True, weights_path: Path | str | None = None
+    name: str, *, pretrained: bool = True, weights_path: Path | str | None = None,
+    in_channels: int | None = None,
 ) -> nn.Module:
     """Build backbone `name`, load weights (explicit file first, else its defaults), eval mode.
 
     `pretrained=True` on a backbone without pretrained weights is an error rather than a silent
     random initialisation, so a release can never ship an untrained backbone by accident.
+    `in_channels` rebuilds a from-scratch backbone for another channel count (its builder must
+    take `in_channels`); pretrained backbones keep theirs and the classifier converts.
     """
     entry = _entry(name)
-    model = entry.builder()
+    spec = entry.spec
+    if in_channels is not None and in_channels != spec.in_channels:
+        if pretrained or weights_path is not None:
+            raise BackboneError(f"{name}: pretrained weights fix in_channels={spec.in_channels}")
+        try:
+            model = entry.builder(in_channels=in_channels)
+        except TypeError as exc:
+            raise BackboneError(f"{name}: its builder cannot change in_channels") from exc
+        spec = replace(spec, in_channels=in_channels, mean=(spec.mean[0],) * in_channels,
+                       std=(spec.std[0],) * in_channels)
+    else:
+        model = entry.builder()
     if weights_path is not None:
         load_weights(model, weights_path)
     elif pretrained:
         load_weights(model, pretrained_weights_path(name))
-    model.spec = entry.spec  # type: ignore[assignment]  # lets callers recover the contract
+    model.spec = spec  # type: ignore[assignment]  # lets callers recover the contract
     return model.eval()

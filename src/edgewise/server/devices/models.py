@@ -38,6 +38,7 @@ class Device(Base):
     timezone: Mapped[str] = mapped_column(String(64), default="UTC")
     # A maintenance window for this device alone (overrides its groups' windows).
     window: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 
 
 class InstallResult(Base):

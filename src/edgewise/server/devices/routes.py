@@ -1,12 +1,12 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
-from .._deps import DeviceDep, OperatorDep, SessionDep, ViewerDep
+from .._deps import DeviceDep, Operator, OperatorDep, SessionDep, ViewerDep
 from . import service
 from .models import Device
 
@@ -148,3 +148,9 @@ def report(body: ReportIn, device: DeviceDep, session: SessionDep, request: Requ
     service.report(session, device=device, state=body.state, event=body.event,
                    release_id=body.release_id, target_release_id=body.target_release_id,
                    message=body.message, detail=body.detail)
+
+
+@router.post("/devices/{device_id}/revoke", response_model=DeviceOut)
+def revoke(device_id: str, session: SessionDep,
+           operator: Annotated[Operator, OperatorDep]) -> DeviceOut:
+    return DeviceOut.of(service.revoke(session, device_id=device_id, actor=operator.name))

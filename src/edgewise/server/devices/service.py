@@ -186,3 +186,17 @@ def rollout_of(session: Session, *, device: Device) -> str | None:
                Rollout.release_id == device.assigned_release_id)
         .order_by(Rollout.created_at.desc())).first()
     return row[0] if row else None
+
+
+def revoke(session: Session, *, device_id: str, actor: str) -> Device:
+    """Cut a device off at once: its credential stops matching, its assignment is dropped."""
+    device = get_device(session, device_id=device_id)
+    if device.revoked_at is not None:
+        raise Conflict(f"device {device_id} is already revoked")
+    device.credential_hash = f"revoked:{secrets.token_hex(24)}"  # matches no token's sha256
+    device.revoked_at = utcnow()
+    device.assigned_release_id = None
+    device.state = "revoked"
+    events.record(session, kind="revoked", device_id=device.id, message=f"revoked by {actor}")
+    session.commit()
+    return device

@@ -70,5 +70,12 @@ def members(session: Session, *, group: Group) -> list[Device]:
             if wanted <= set(d.tags or [])]
 
 
+def is_member(session: Session, *, group: Group, device: Device) -> bool:
+    """Membership of one device, without listing the group (a check-in asks this)."""
+    if group.kind == "static":
+        return session.get(GroupMember, (group.name, device.id)) is not None
+    return set(group.selector) <= set(device.tags or [])
+
+
 def groups_of(session: Session, *, device: Device) -> list[Group]:
-    return [g for g in list_groups(session) if device.id in {d.id for d in members(session, group=g)}]
+    return [g for g in list_groups(session) if is_member(session, group=g, device=device)]

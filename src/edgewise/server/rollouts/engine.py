@@ -52,6 +52,9 @@ class Gates:
     min_golden_agreement: float = 1.0  # top-1 agreement on the golden set
     max_latency_ratio: float | None = 1.5  # p95 latency vs the previous release (median)
     max_memory_ratio: float | None = 1.5  # model memory vs the previous release (median)
+    # Ratios of tiny numbers are noise: a regression must also exceed these absolute margins.
+    latency_slack_ms: float = 2.0
+    memory_slack_mb: float = 16.0
     max_flag_rate: float | None = None  # wrong-prediction flags per device that reported
     min_rating: float | None = None  # mean user rating (1-5)
 
@@ -129,9 +132,16 @@ class Decision:
     reason: str
 
 
-def _ratio(values: list[tuple[float, float]]) -> float | None:
-    ratios = [new / old for new, old in values if old and old > 0]
-    return statistics.median(ratios) if ratios else None
+def _regression(values: list[tuple[float, float]], *, max_ratio: float,
+                slack: float) -> float | None:
+    """The median new/old ratio if it exceeds `max_ratio` and the median growth exceeds
+    `slack` (absolute units); else None."""
+    pairs = [(new, old) for new, old in values if old and old > 0]
+    if not pairs:
+        return None
+    ratio = statistics.median(new / old for new, old in pairs)
+    growth = statistics.median(new - old for new, old in pairs)
+    return ratio if ratio > max_ratio and growth > slack else None
 
 
 def decide(view: StageView) -> Decision:
@@ -150,15 +160,17 @@ def decide(view: StageView) -> Decision:
         return Decision(Action.ABORT, f"golden-set agreement {min(agreements):.0%} < "
                         f"{gates.min_golden_agreement:.0%}")
     if gates.max_latency_ratio is not None:
-        ratio = _ratio([(o.p95_latency_ms, o.previous_p95_latency_ms) for o in committed
-                        if o.p95_latency_ms is not None and o.previous_p95_latency_ms])
-        if ratio is not None and ratio > gates.max_latency_ratio:
+        ratio = _regression([(o.p95_latency_ms, o.previous_p95_latency_ms) for o in committed
+                             if o.p95_latency_ms is not None and o.previous_p95_latency_ms],
+                            max_ratio=gates.max_latency_ratio, slack=gates.latency_slack_ms)
+        if ratio is not None:
             return Decision(Action.ABORT, f"p95 latency {ratio:.2f}x the previous release "
                             f"(limit {gates.max_latency_ratio:.2f}x)")
     if gates.max_memory_ratio is not None:
-        ratio = _ratio([(o.memory_mb, o.previous_memory_mb) for o in committed
-                        if o.memory_mb is not None and o.previous_memory_mb])
-        if ratio is not None and ratio > gates.max_memory_ratio:
+        ratio = _regression([(o.memory_mb, o.previous_memory_mb) for o in committed
+                             if o.memory_mb is not None and o.previous_memory_mb],
+                            max_ratio=gates.max_memory_ratio, slack=gates.memory_slack_mb)
+        if ratio is not None:
             return Decision(Action.ABORT, f"model memory {ratio:.2f}x the previous release "
                             f"(limit {gates.max_memory_ratio:.2f}x)")
 

@@ -22,6 +22,8 @@ class GatesIn(BaseModel):
     min_golden_agreement: float = Field(default=1.0, ge=0, le=1)
     max_latency_ratio: float | None = Field(default=1.5, gt=0)
     max_memory_ratio: float | None = Field(default=1.5, gt=0)
+    latency_slack_ms: float = Field(default=2.0, ge=0)
+    memory_slack_mb: float = Field(default=16.0, ge=0)
     max_flag_rate: float | None = Field(default=None, ge=0)
     min_rating: float | None = Field(default=None, ge=1, le=5)
 

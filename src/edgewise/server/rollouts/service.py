@@ -8,6 +8,7 @@ release it ran before (a new assignment of the old artifact, never a silent down
 from __future__ import annotations
 
 import hashlib
+import statistics
 import logging
 import secrets
 from dataclasses import asdict
@@ -22,6 +23,7 @@ from .._errors import Conflict, InvalidInput, NotFound
 from ..devices.models import Device, InstallResult
 from ..events import service as events
 from ..feedback import service as feedback
+from ..feedback.models import Feedback
 from ..groups.service import get_group, members
 from ..releases.models import Release
 from .engine import Action, DeviceOutcome, Gates, Stage, StageView, decide, stage_size
@@ -97,17 +99,48 @@ def _sync_members(session: Session, rollout: Rollout) -> list[RolloutDevice]:
     return rows
 
 
-def _outcome(session: Session, row: RolloutDevice, release_id: str) -> DeviceOutcome:
+class _Known:
+    """The install results and feedback a rollout's decision reads, loaded in two queries:
+    a tick over thousands of devices must not cost a query per device."""
+
+    def __init__(self, session: Session, release_id: str, rows: list[RolloutDevice]) -> None:
+        releases = {release_id} | {r.previous_release_id for r in rows if r.previous_release_id}
+        self.results = {(r.device_id, r.release_id): r for r in session.scalars(
+            select(InstallResult).where(InstallResult.release_id.in_(releases)))}
+        self.feedback: dict[str, list[Feedback]] = {}
+        for item in session.scalars(select(Feedback).where(Feedback.release_id == release_id)):
+            self.feedback.setdefault(item.device_id, []).append(item)
+
+    def flags_rating(self, device_id: str) -> tuple[int, float | None]:
+        items = self.feedback.get(device_id, [])
+        ratings = [f.rating for f in items if f.rating is not None]
+        return (sum(1 for f in items if f.predicted is not None),
+                statistics.mean(ratings) if ratings else None)
+
+
+def _outcome(session: Session, row: RolloutDevice, release_id: str,
+             known: _Known | None = None) -> DeviceOutcome:
     if row.assigned_at is not None and row.previous_release_id == release_id:
         return DeviceOutcome(device_id=row.device_id, outcome="committed")  # already ran it
-    result = session.get(InstallResult, (row.device_id, release_id))
+    if known is not None:
+        result = known.results.get((row.device_id, release_id))
+    else:
+        result = session.get(InstallResult, (row.device_id, release_id))
     if result is None or row.assigned_at is None or result.finished_at < row.assigned_at:
         return DeviceOutcome(device_id=row.device_id, outcome=None)
     health = result.health or {}
-    previous = (session.get(InstallResult, (row.device_id, row.previous_release_id))
-                if row.previous_release_id else None)
+    if not row.previous_release_id:
+        previous = None
+    elif known is not None:
+        previous = known.results.get((row.device_id, row.previous_release_id))
+    else:
+        previous = session.get(InstallResult, (row.device_id, row.previous_release_id))
     prev_health = (previous.health or {}) if previous is not None else {}
-    flags, rating = feedback.for_device(session, device_id=row.device_id, release_id=release_id)
+    if known is not None:
+        flags, rating = known.flags_rating(row.device_id)
+    else:
+        flags, rating = feedback.for_device(session, device_id=row.device_id,
+                                            release_id=release_id)
     return DeviceOutcome(
         device_id=row.device_id, outcome=result.outcome,
         golden_agreement=health.get("top1_agreement"),
@@ -123,11 +156,12 @@ def progress(session: Session, rollout: Rollout) -> dict[str, Any]:
         RolloutDevice.rollout_id == rollout.id)))
     counts = {"devices": len(rows), "assigned": 0, "committed": 0, "rolled-back": 0,
               "failed": 0, "in-progress": 0}
+    known = _Known(session, rollout.release_id, rows)
     for row in rows:
         if row.assigned_at is None:
             continue
         counts["assigned"] += 1
-        outcome = _outcome(session, row, rollout.release_id).outcome
+        outcome = _outcome(session, row, rollout.release_id, known).outcome
         counts[outcome or "in-progress"] += 1
     return counts
 
@@ -155,10 +189,13 @@ def tick(session: Session, rollout: Rollout, *, now: datetime | None = None) -> 
     if not rows:
         session.commit()
         return Action.WAIT
+    session.flush()
+    known = _Known(session, rollout.release_id, rows[:size])
     view = StageView(
         stage=stage, is_last=rollout.stage_index == len(stages) - 1, stage_devices=size,
         soaked_s=(now - rollout.stage_started_at).total_seconds(),
-        outcomes=tuple(_outcome(session, row, rollout.release_id) for row in rows[:size]))
+        outcomes=tuple(_outcome(session, row, rollout.release_id, known)
+                       for row in rows[:size]))
     decision = decide(view)
     if decision.action is Action.WAIT:
         session.commit()

@@ -1,0 +1,132 @@
+"""`edgewise train` and `edgewise eval`: thin wrappers over edgewise.ml.train / .evaluate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ._common import console, fail, out, print_json
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train)
+    app.command("eval")(evaluate)
+
+
+def train(
+    data: Annotated[str, typer.Option(help="'fashion-mnist', an IDX directory or an image "
+                                           "folder (one sub-folder per class)")]
+    = "fashion-mnist",
+    out_dir: Annotated[Path, typer.Option("--out", help="output directory (bundle/ and run/)")]
+    = Path("model"),
+    time_budget: Annotated[str | None, typer.Option(
+        "--time-budget", help="wall-clock budget for the whole run, e.g. 90s, 15m")] = None,
+    strategy: Annotated[str, typer.Option(
+        help="auto | feature-extract | fine-tune | from-scratch")] = "auto",
+    backbone: Annotated[str | None, typer.Option(help="backbone name (see the registry)")]
+    = None,
+    weights: Annotated[Path | None, typer.Option(help="local .pth/.safetensors backbone weights")]
+    = None,
+    resolution: Annotated[int | None, typer.Option(help="backbone input size in pixels")] = None,
+    epochs: Annotated[int | None, typer.Option(help="epochs (default: fit the budget)")] = None,
+    batch_size: Annotated[int, typer.Option()] = 256,
+    lr: Annotated[float | None, typer.Option(help="peak learning rate")] = None,
+    augment: Annotated[str | None, typer.Option(
+        help="none | flip | light | default | strong (default: by strategy)")] = None,
+    trainable_blocks: Annotated[int, typer.Option(help="fine-tune: last N blocks (0: all)")] = 4,
+    train_per_class: Annotated[int | None, typer.Option(help="use N images per class")] = None,
+    name: Annotated[str | None, typer.Option(help="bundle name")] = None,
+    version: Annotated[str, typer.Option(help="bundle version")] = "1.0.0",
+    tracking_uri: Annotated[str | None, typer.Option(
+        help="MLflow tracking URI (default: sqlite store in OUT/run)")] = None,
+    no_tracking: Annotated[bool, typer.Option("--no-tracking", help="skip MLflow")] = False,
+    resume: Annotated[bool, typer.Option(help="continue an interrupted run in --out")] = False,
+    stop_after_epochs: Annotated[int | None, typer.Option(
+        help="pause after N epochs (continue later with --resume)")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Train an image classifier on this CPU and write a bundle (ONNX, golden set, card)."""
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from ..ml import MLError
+    from ..ml.train import TrainConfig, parse_duration
+    from ..ml.train import train as run_training
+
+    try:
+        budget_s = parse_duration(time_budget) if time_budget else None
+    except ValueError as exc:
+        fail(str(exc))
+    config = TrainConfig(
+        data=data, out_dir=str(out_dir), name=name, version=version, strategy=strategy,
+        backbone=backbone, weights_path=str(weights) if weights else None,
+        resolution=resolution, time_budget_s=budget_s, epochs=epochs, batch_size=batch_size,
+        lr=lr, augment=augment, trainable_blocks=trainable_blocks,
+        train_per_class=train_per_class, tracking_uri=tracking_uri, track=not no_tracking,
+        resume=resume, stop_after_epochs=stop_after_epochs, seed=seed)
+    columns = (TextColumn("{task.description:<24}"), BarColumn(), TaskProgressColumn(),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    try:
+        with Progress(*columns, console=console) as progress:
+            tasks: dict[str, Any] = {}
+
+            def report(stage: str, done: float, total: float) -> None:
+                if stage not in tasks:
+                    tasks[stage] = progress.add_task(stage, total=total)
+                progress.update(tasks[stage], completed=done, total=total)
+
+            result = run_training(config, progress=report, notify=progress.console.print)
+    except (MLError, ValueError) as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        fail(f"interrupted; continue with: edgewise train ... --out {out_dir} --resume", 130)
+    if result.paused:
+        print_json({"paused": True, "epochs": len(result.history), "out": str(out_dir)})
+        return
+    m = result.metrics
+    from rich.table import Table
+
+    table = Table(title=f"edgewise train: {result.manifest.release_name}")
+    table.add_column("")
+    table.add_column("")
+    for key, value in (("strategy", f"{result.choice.strategy} (case {result.choice.case})"),
+                       ("test accuracy (onnxruntime)", f"{m['test_accuracy']:.4f}"),
+                       ("validation accuracy", f"{m['val_accuracy']:.4f}"),
+                       ("epochs", str(m.get("epochs"))),
+                       ("p95 latency, batch 1", f"{m['p95_latency_ms']:.1f} ms"),
+                       ("wall time", f"{m['wall_s']:.0f} s"),
+                       ("bundle", str(result.bundle_dir)),
+                       ("MLflow run", str(result.run_id))):
+        table.add_row(key, value)
+    console.print(table)
+    print_json({"bundle": str(result.bundle_dir), "strategy": result.choice.strategy,
+                "mlflow_run_id": result.run_id, **m})
+
+
+def evaluate(
+    bundle: Annotated[Path, typer.Argument(help="bundle directory (or a train --out DIR)")],
+    data: Annotated[str, typer.Option(help="'fashion-mnist', an IDX directory or an image "
+                                           "folder")] = "fashion-mnist",
+    split: Annotated[str, typer.Option(help="test | train")] = "test",
+    limit: Annotated[int | None, typer.Option(help="first N images only")] = None,
+) -> None:
+    """Score a bundle on a data set with onnxruntime, exactly as a device runs it."""
+    from ..artifacts import ArtifactError
+    from ..ml import MLError
+    from ..ml.evaluate import evaluate_bundle
+
+    try:
+        result = evaluate_bundle(bundle, data, split=split, limit=limit)
+    except (MLError, ArtifactError) as exc:
+        fail(str(exc))
+    out.print(f"{result['bundle']}: accuracy {result['accuracy']:.4f} on {result['images']} "
+              f"{split} images of {data} ({result['seconds']:.1f} s)")
+    print_json(result)

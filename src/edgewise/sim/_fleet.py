@@ -1,0 +1,564 @@
+"""The fleet runner: N real agents (`edgewise.agent.Agent`) in one process against a real
+server process, with per-device network and hardware profiles and scripted faults.
+
+Invariant: every simulated device is the shipped agent driver with its own state directory;
+the simulator only schedules `run_cycle()` calls, supplies the agent's seams (transport, slot
+backend, health check, clock, fault hook) and restarts an Agent after a power cut by building
+a fresh one on the same state directory, as a device does when it boots.
+
+Phases: server up -> releases published -> devices enrolled -> baseline release installed by
+the agents themselves -> faults armed -> staged rollout of the candidate -> settle -> invariants.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import os
+import random
+import secrets
+import shutil
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from ..agent import REST_STATES, WAITING_STATES, Agent, AgentConfig, State, StateDir
+from ..agent._store import Identity
+from ..trust import KeyPaths, init_keys
+from ._bundles import synthetic_bundle
+from ._faults import (
+    DiskFull,
+    PowerCut,
+    PowerCutPlan,
+    disk_full_slots,
+    hardware_health_check,
+    power_cut_hook,
+    skewed_clock,
+)
+from ._network import DeviceLink, LinkStats, SimTransport, shared_transport
+from ._processes import AgentProcess, ServerProcess
+from ._scenario import HardwareProfile, NetworkProfile, ReleaseSpec, Scenario
+
+__all__ = ["Fleet", "FleetResult", "SimDevice", "run_fleet"]
+
+log = logging.getLogger("edgewise.sim")
+
+TERMINAL = ("completed", "aborted", "paused", "rolled-back")
+# Power cuts are planned in these states; rest states cut while checking for an update.
+ALL_CUT_STATES = [s for s in State]
+
+
+@dataclass
+class SimDevice:
+    index: int
+    name: str
+    state_dir: Path
+    device_id: str
+    hardware: HardwareProfile
+    network: NetworkProfile
+    timezone: str
+    link: DeviceLink
+    config: AgentConfig | None = None
+    agent: Agent | None = None
+    power_cut: PowerCutPlan | None = None
+    disk_full: DiskFull = field(default_factory=lambda: DiskFull(0))
+    skew_s: float = 0.0
+    faults: list[str] = field(default_factory=list)
+    boots: int = 0
+    power_cuts: int = 0
+    crashes: list[str] = field(default_factory=list)
+    last_state: str = State.IDLE.value
+    last_end: float = 0.0
+    last_changed: bool = True
+    busy: bool = False
+
+    def record(self):
+        return self.agent.record if self.agent is not None else StateDir(
+            self.state_dir).load_record()
+
+
+@dataclass
+class ProcDevice:
+    """A device run as a real agent process (`python -m edgewise agent run`)."""
+
+    name: str
+    state_dir: Path
+    device_id: str
+    fault: str
+    proc: AgentProcess | None = None
+    killed: bool = False
+    exit_codes: list[int] = field(default_factory=list)
+
+
+@dataclass
+class FleetResult:
+    scenario: Scenario
+    workdir: Path
+    db_url: str
+    devices: list[SimDevice]
+    proc_devices: list[ProcDevice]
+    release_ids: dict[str, str]  # baseline / candidate -> release id
+    rollout_id: str | None
+    rollout: dict[str, Any]
+    timeline: list[dict[str, Any]]
+    stats: LinkStats
+    timings: dict[str, float]
+    server_rss_mb_max: float
+    restarts: list[dict[str, Any]]
+    load_avg: dict[str, list[float]]
+    timed_out: bool
+    server: ServerProcess
+    admin_token: str
+
+
+def _pick(rng: random.Random, items: list, weights: list[float]):
+    return rng.choices(items, weights=weights, k=1)[0]
+
+
+def _count(n: int, fraction: float, count: int | None) -> int:
+    return count if count is not None else int(round(n * fraction))
+
+
+class Fleet:
+    def __init__(self, scenario: Scenario, workdir: Path, *, db_url: str | None = None,
+                 progress: Callable[[str], None] | None = None) -> None:
+        self.sc = scenario
+        self.workdir = Path(workdir)
+        self.db_url = db_url
+        self.say = progress or (lambda _msg: None)
+        self.rng = random.Random(scenario.seed)
+        self.stats = LinkStats()
+        self.inner = shared_transport(max(8, scenario.workers * 2))
+        self.devices: list[SimDevice] = []
+        self.procs: list[ProcDevice] = []
+        self.timeline: list[dict[str, Any]] = []
+        self.timings: dict[str, float] = {}
+        self.restarts: list[dict[str, Any]] = []
+        self.rollout_id: str | None = None
+        self.rollout: dict[str, Any] = {}
+        self.rss_max_mb = 0.0
+        self._heap: list[tuple[float, int]] = []
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._t0 = time.monotonic()
+
+    # ---- setup --------------------------------------------------------------------------
+
+    def _start_server(self) -> None:
+        self.admin_token = secrets.token_urlsafe(24)
+        self.keys: KeyPaths = init_keys(self.workdir / "keys")
+        self.server = ServerProcess(
+            data_dir=self.workdir / "server", root_path=self.keys.root_json,
+            online_key_path=self.keys.online_key, admin_token=self.admin_token,
+            db_url=self.db_url, rollout_tick_s=self.sc.server.rollout_tick_s,
+            log_path=self.workdir / "server.log").start(timeout_s=60)
+        self.db_url = self.db_url or f"sqlite:///{(self.workdir / 'server' / 'edgewise.db')}"
+        self.op = httpx.Client(base_url=self.server.url, timeout=120,
+                               headers={"Authorization": f"Bearer {self.admin_token}"})
+
+    def _api(self, method: str, path: str, **kw: Any) -> Any:
+        for attempt in range(30):  # the server may be restarting under us
+            try:
+                r = self.op.request(method, path, **kw)
+            except httpx.TransportError:
+                time.sleep(0.5)
+                continue
+            if r.status_code >= 500 and attempt < 29:
+                time.sleep(0.5)
+                continue
+            r.raise_for_status()
+            return r.json() if r.content else None
+        raise RuntimeError(f"{method} {path}: server unreachable")
+
+    def _publish(self, spec: ReleaseSpec, seed: int) -> str:
+        from ..server.client import OperatorClient, publish_bundle
+
+        bundle = spec.bundle or synthetic_bundle(
+            self.workdir / "bundles" / f"{spec.name}-{spec.version}", name=spec.name,
+            version=spec.version, broken=spec.broken, max_latency_ms=spec.max_latency_ms,
+            seed=seed)
+        with OperatorClient(self.server.url, token=self.admin_token) as client:
+            release = publish_bundle(client, bundle, root_path=self.keys.root_json,
+                                     targets_key_path=self.keys.targets_key)
+        return release["id"]
+
+    def _enroll_one(self, name: str, state_dir: Path, tags: list[str], hardware: str,
+                    tz: str) -> str:
+        token = self._api("POST", "/api/v1/enrollment-tokens", json={"ttl_s": 3600})["token"]
+        body = self._api("POST", "/api/v1/devices/enroll", json={
+            "token": token, "name": name, "hardware": hardware, "tags": tags, "timezone": tz})
+        identity = Identity(server_url=self.server.url, device_id=body["device_id"],
+                            credential=body["credential"], name=name, hardware=hardware)
+        StateDir(state_dir).save_identity(identity, self._root_bytes)
+        return body["device_id"]
+
+    def _make_devices(self) -> None:
+        sc = self.sc
+        self._root_bytes = self.keys.root_json.read_bytes()
+        plans = []
+        for i in range(sc.devices):
+            hw = _pick(self.rng, sc.hardware, [h.weight for h in sc.hardware])
+            net = _pick(self.rng, sc.network, [n.weight for n in sc.network])
+            tz = sc.timezones[i % len(sc.timezones)]
+            link = DeviceLink(profile=net, rng=random.Random(sc.seed * 1_000_003 + i),
+                              phase_s=self.rng.uniform(0, max(net.disconnect_every_s, 1)))
+            plans.append((i, hw, net, tz, link))
+
+        def enroll(plan) -> SimDevice:
+            i, hw, net, tz, link = plan
+            name = f"sim-{i:05d}"
+            state_dir = self.workdir / "devices" / name
+            dev_id = self._enroll_one(name, state_dir, ["sim", f"hw={hw.name}",
+                                                        f"net={net.name}"], hw.name, tz)
+            return SimDevice(index=i, name=name, state_dir=state_dir, device_id=dev_id,
+                             hardware=hw, network=net, timezone=tz, link=link)
+
+        with ThreadPoolExecutor(min(sc.workers, 16)) as pool:
+            self.devices = list(pool.map(enroll, plans))
+        for dev in self.devices:
+            dev.config = self._agent_config(dev)
+        if sc.faults.process_kill is not None:
+            for j, fault in enumerate(sc.faults.process_kill.states):
+                name = f"proc-{j:02d}"
+                state_dir = self.workdir / "devices" / name
+                dev_id = self._enroll_one(name, state_dir, ["sim", "hw=process", "net=real"],
+                                          "process", "UTC")
+                self.procs.append(ProcDevice(name=name, state_dir=state_dir, device_id=dev_id,
+                                             fault=fault))
+
+    def _agent_config(self, dev: SimDevice) -> AgentConfig:
+        transport = SimTransport(self.inner, dev.link, self.stats, record_latency=True)
+        return AgentConfig(
+            state_dir=dev.state_dir, poll_interval_s=self.sc.poll_interval_s,
+            request_timeout_s=30.0, transport=transport,
+            slot_store=disk_full_slots(dev.disk_full),
+            health_check=hardware_health_check(dev.hardware),
+            clock=skewed_clock(lambda d=dev: d.skew_s),
+            fault_hook=power_cut_hook(lambda d=dev: d.power_cut),
+        )
+
+    def _arm_faults(self) -> None:
+        """Choose the faulty devices (disjoint sets, seeded) and arm their faults."""
+        sc, f = self.sc, self.sc.faults
+        order = list(self.devices)
+        random.Random(sc.seed + 7).shuffle(order)
+        pos = 0
+
+        def take(k: int) -> list[SimDevice]:
+            nonlocal pos
+            chosen = order[pos:pos + k]
+            pos += len(chosen)
+            return chosen
+
+        for dev in self.devices:
+            dev.link.armed = True
+        n = len(self.devices)
+        states = ALL_CUT_STATES if f.power_cut.states == "all" else [
+            State(s) for s in f.power_cut.states]
+        combos = [(s, w) for s in states for w in f.power_cut.when]
+        for k, dev in enumerate(take(_count(n, f.power_cut.fraction, f.power_cut.count))):
+            state, when = combos[k % len(combos)]
+            dev.power_cut = PowerCutPlan(state, when)
+            dev.faults.append(f"power-cut:{state.value}:{when}")
+        for dev in take(_count(n, f.disk_full.fraction, f.disk_full.count)):
+            dev.disk_full.left = f.disk_full.times
+            dev.faults.append("disk-full")
+        for dev in take(_count(n, f.corrupt_download.fraction, f.corrupt_download.count)):
+            dev.link.damage_left = f.corrupt_download.times
+            dev.link.damage_mode = f.corrupt_download.mode
+            dev.faults.append(f"{f.corrupt_download.mode}-download")
+        for dev in take(_count(n, f.clock_skew.fraction, f.clock_skew.count)):
+            dev.skew_s = f.clock_skew.skew_s
+            dev.faults.append("clock-skew")
+
+    # ---- driving agents ------------------------------------------------------------------
+
+    def _schedule(self, dev: SimDevice, delay_s: float) -> None:
+        with self._cond:
+            heapq.heappush(self._heap, (time.monotonic() + delay_s, dev.index))
+            self._cond.notify()
+
+    def _next_due(self) -> SimDevice | None:
+        with self._cond:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                if self._heap and self._heap[0][0] <= now:
+                    return self.devices[heapq.heappop(self._heap)[1]]
+                wait = min(self._heap[0][0] - now, 0.2) if self._heap else 0.2
+                self._cond.wait(wait)
+        return None
+
+    def _cycle(self, dev: SimDevice) -> None:
+        dev.busy = True
+        try:
+            if dev.agent is None:
+                dev.agent = Agent(dev.config)  # boot: resumes whatever state was saved
+                dev.boots += 1
+            rec = dev.agent.record
+            last = rec.history[-1] if rec.history else None
+            dev.agent.run_cycle()
+            rec = dev.agent.record
+            dev.last_changed = (rec.history[-1] if rec.history else None) is not last
+            dev.last_state = rec.state.value
+        except PowerCut:
+            dev.power_cuts += 1
+            dev.agent = None  # abandoned mid-state; the next cycle boots a fresh Agent
+            dev.last_changed = True
+        except Exception as exc:  # an agent crash is a finding: record it, reboot
+            log.exception("%s: agent crashed", dev.name)
+            dev.crashes.append(f"{type(exc).__name__}: {exc}")
+            dev.agent = None
+            dev.last_changed = True
+        finally:
+            dev.last_end = time.monotonic()
+            dev.busy = False
+
+    def _worker(self) -> None:
+        while not self._stop.is_set():
+            dev = self._next_due()
+            if dev is None:
+                return
+            self._cycle(dev)
+            if not self._stop.is_set():
+                jitter = self.rng.uniform(0.5, 1.5)
+                self._schedule(dev, self.sc.poll_interval_s * jitter)
+
+    # ---- observing -----------------------------------------------------------------------
+
+    def _server_rss_mb(self) -> float:
+        proc = self.server.proc
+        if proc is None:
+            return 0.0
+        try:
+            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        except (OSError, ValueError):
+            pass
+        return 0.0
+
+    def _poll_rollout(self) -> None:
+        if self.rollout_id is None:
+            return
+        try:
+            r = self.op.get(f"/api/v1/rollouts/{self.rollout_id}")
+            if r.status_code == 200:
+                self.rollout = r.json()
+        except httpx.HTTPError:
+            pass
+
+    def _sampler(self) -> None:
+        while not self._stop.wait(self.sc.sample_s):
+            self._poll_rollout()
+            self.rss_max_mb = max(self.rss_max_mb, self._server_rss_mb())
+            states = Counter(d.last_state for d in self.devices)
+            on = Counter((d.agent.record.installed.version if d.agent is not None and
+                          d.agent.record.installed else None) for d in self.devices)
+            with self.stats.lock:
+                bytes_down, requests = self.stats.bytes_down, self.stats.requests
+            self.timeline.append({
+                "t": round(time.monotonic() - self._t0, 2), "states": dict(states),
+                "on_version": {str(k): v for k, v in on.items()},
+                "bytes_down": bytes_down, "requests": requests,
+                "rollout_status": self.rollout.get("status"),
+                "stage": self.rollout.get("stage"),
+                "stage_index": self.rollout.get("stage_index"),
+                "progress": self.rollout.get("progress"),
+                "load1": os.getloadavg()[0],
+            })
+
+    def _settled(self, since: float) -> bool:
+        # A device polling right now is not unsettled: its last finished cycle decides.
+        for d in self.devices:
+            if d.agent is None or d.last_end <= since or d.last_changed:
+                return False
+            rec = d.agent.record
+            if rec.state not in REST_STATES | WAITING_STATES or rec.outbox:
+                return False
+        return all(p.proc is None or p.proc.proc.poll() is not None or self._proc_at_rest(p)
+                   for p in self.procs)
+
+    @staticmethod
+    def _proc_at_rest(p: ProcDevice) -> bool:
+        try:
+            rec = StateDir(p.state_dir).load_record()
+        except Exception:
+            return False
+        return p.killed and rec.state in REST_STATES and not rec.outbox
+
+    # ---- real agent processes -------------------------------------------------------------
+
+    def _start_proc(self, p: ProcDevice, fault: str | None, *, once: bool = False) -> None:
+        p.proc = AgentProcess(state_dir=p.state_dir, poll_interval_s=0.5, fault=fault,
+                              once=once, log_path=self.workdir / f"{p.name}.log").start()
+
+    def _watch_procs(self) -> None:
+        while not self._stop.wait(0.3):
+            for p in self.procs:
+                if p.proc is not None and not p.killed and p.proc.proc.poll() is not None:
+                    p.exit_codes.append(p.proc.proc.returncode)
+                    p.killed = True
+                    self._start_proc(p, None)  # reboot without the fault
+
+    # ---- the run -------------------------------------------------------------------------
+
+    def _wait_baseline(self, release_id: str, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            done = sum(1 for d in self.devices if d.agent is not None and
+                       d.agent.record.installed is not None and
+                       d.agent.record.installed.release_id == release_id)
+            if done == len(self.devices):
+                return
+            time.sleep(0.25)
+        raise TimeoutError("the fleet did not install the baseline release in time")
+
+    def run(self) -> FleetResult:
+        sc = self.sc
+        load_start = list(os.getloadavg())
+        self._start_server()
+        threads: list[threading.Thread] = []
+        timed_out = False
+        try:
+            t = time.monotonic()
+            self.release_ids = {"baseline": self._publish(sc.baseline, sc.seed),
+                                "candidate": self._publish(sc.candidate, sc.seed)}
+            self.timings["publish_s"] = time.monotonic() - t
+            t = time.monotonic()
+            self._make_devices()
+            self.timings["enroll_s"] = time.monotonic() - t
+            self.say(f"{len(self.devices)} devices enrolled in {self.timings['enroll_s']:.1f}s")
+
+            # Baseline: the agents install it themselves (the real update path).
+            t = time.monotonic()
+            deadline = t + sc.timeout_s
+            self._api("POST", "/api/v1/assignments",
+                      json={"release_id": self.release_ids["baseline"], "device_ids": None})
+            for dev in self.devices:
+                self._schedule(dev, self.rng.uniform(0, min(sc.poll_interval_s, 1.0)))
+            threads = [threading.Thread(target=self._worker, name=f"sim-worker-{i}",
+                                        daemon=True) for i in range(sc.workers)]
+            threads.append(threading.Thread(target=self._sampler, name="sim-sampler",
+                                            daemon=True))
+            for th in threads:
+                th.start()
+            for p in self.procs:
+                self._start_proc(p, None, once=True)
+                p.proc.wait(timeout_s=sc.timeout_s)
+            self._wait_baseline(self.release_ids["baseline"], deadline)
+            self.timings["baseline_s"] = time.monotonic() - t
+            self.say(f"baseline installed on the fleet in {self.timings['baseline_s']:.1f}s")
+
+            # Rollout, with faults armed.
+            self._arm_faults()
+            for p in self.procs:
+                self._start_proc(p, p.fault)
+            watcher = threading.Thread(target=self._watch_procs, daemon=True)
+            watcher.start()
+            threads.append(watcher)
+            self._api("POST", "/api/v1/groups", json={
+                "name": "sim", "kind": "dynamic", "selector": ["sim"], "members": [],
+                "window": sc.window})
+            t_roll = time.monotonic()
+            self.rollout = self._api("POST", "/api/v1/rollouts", json={
+                "release_id": self.release_ids["candidate"], "group": "sim",
+                "stages": sc.rollout.stages, "min_soak_s": sc.rollout.min_soak_s,
+                "gates": {k: v for k, v in sc.rollout.gates.items()}})
+            self.rollout_id = self.rollout["id"]
+            self.say(f"rollout {self.rollout_id} created: {sc.rollout.stages}")
+            for spec in sorted(sc.faults.server_restarts, key=lambda s: s.at_s):
+                threading.Timer(max(0.0, t_roll + spec.at_s - time.monotonic()),
+                                self._restart_server, args=(spec,)).start()
+            deadline = t_roll + sc.timeout_s
+            terminal_at: float | None = None
+            while time.monotonic() < deadline:
+                time.sleep(0.5)
+                self._poll_rollout()
+                status = self.rollout.get("status")
+                if status in TERMINAL and terminal_at is None:
+                    terminal_at = time.monotonic()
+                    self.say(f"rollout {status} at stage {self.rollout.get('stage')} after "
+                             f"{terminal_at - t_roll:.1f}s; settling")
+                if terminal_at is not None and not self._restarting and \
+                        self._settled(terminal_at):
+                    break
+            else:
+                timed_out = True
+                self.say("timed out")
+            self.timings["rollout_s"] = time.monotonic() - t_roll
+            self._stop.set()
+            with self._cond:
+                self._cond.notify_all()
+            for th in threads:
+                th.join(timeout=60)
+            self._poll_rollout()
+            self.rss_max_mb = max(self.rss_max_mb, self._server_rss_mb())
+        finally:
+            self._stop.set()
+            for p in self.procs:
+                if p.proc is not None:
+                    p.proc.stop()
+        return FleetResult(
+            scenario=sc, workdir=self.workdir, db_url=self.db_url, devices=self.devices,
+            proc_devices=self.procs, release_ids=self.release_ids, rollout_id=self.rollout_id,
+            rollout=self.rollout, timeline=self.timeline, stats=self.stats,
+            timings=self.timings, server_rss_mb_max=self.rss_max_mb, restarts=self.restarts,
+            load_avg={"start": load_start, "end": list(os.getloadavg())},
+            timed_out=timed_out, server=self.server, admin_token=self.admin_token)
+
+    _restarting = False
+
+    def _restart_server(self, spec) -> None:
+        from ._invariants import db_snapshot
+
+        self._restarting = True
+        try:
+            before = db_snapshot(self.db_url)
+            t = time.monotonic()
+            if getattr(spec, "hard", False):
+                self.server.proc.kill()
+                self.server.proc.wait()
+            else:
+                self.server.stop()
+            time.sleep(spec.down_s)
+            self.server.start(timeout_s=60)
+            self.restarts.append({"t": round(t - self._t0, 2), "down_s": round(
+                time.monotonic() - t, 2), "snapshot": before})
+            self.say(f"server restarted ({time.monotonic() - t:.1f}s down)")
+        finally:
+            self._restarting = False
+
+    def close(self) -> None:
+        self.server.stop()
+        self.op.close()
+        self.inner.close()
+
+
+def run_fleet(scenario: Scenario, workdir: Path, *, keep: bool = True,
+              progress: Callable[[str], None] | None = None,
+              after: Callable[[FleetResult], Any] | None = None) -> Any:
+    """Run a scenario end to end; `after(result)` runs while the server is still up (the
+    invariant checks and the report) and its value is returned."""
+    from ._postgres import throwaway_postgres
+
+    workdir = Path(workdir)
+    if workdir.exists() and any(workdir.iterdir()):
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as stack:
+        db_url = None
+        if scenario.server.db == "postgresql":
+            db_url = scenario.server.url or stack.enter_context(throwaway_postgres())
+        fleet = Fleet(scenario, workdir, db_url=db_url, progress=progress)
+        try:
+            result = fleet.run()
+            return after(result) if after is not None else result
+        finally:
+            fleet.close()

@@ -1,0 +1,190 @@
+"""Invariants checked after every scenario, against the devices' own disks and the server's
+database (read directly: the records themselves, not an API's view of them).
+
+1. working-model:   every device's active slot holds a bundle that verifies and passes its
+                    health check (on that device's hardware). A failure here is a bricked device.
+2. assigned-only:   every device runs a release the server assigned it at some point, and the
+                    device and the server agree on which one.
+3. failures-logged: every step a device recorded (failures included) is in the server's event
+                    log, and no report is still waiting in a device's outbox.
+4. nothing-lost:    every enrolled device, both releases and the rollout are in the database,
+                    and every event that existed before a server restart still exists.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, func, select
+
+from ..agent import StateDir, health_check
+from ..agent._slots import SlotStore
+from ..artifacts import BundleError, file_sha256, read_manifest
+from ._faults import hardware_health_check
+
+__all__ = ["InvariantResult", "check_invariants", "db_size_bytes", "db_snapshot"]
+
+_MAX_LISTED = 20
+
+
+@dataclass
+class InvariantResult:
+    name: str
+    violations: list[str] = field(default_factory=list)
+    count: int = 0  # violations (the list keeps the first few)
+
+    @property
+    def ok(self) -> bool:
+        return self.count == 0
+
+    def add(self, message: str) -> None:
+        self.count += 1
+        if len(self.violations) < _MAX_LISTED:
+            self.violations.append(message)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "ok": self.ok, "count": self.count,
+                "violations": self.violations}
+
+
+def _engine(db_url: str):
+    from ..server._db import make_engine, normalise_url
+
+    return make_engine(normalise_url(db_url))
+
+
+def db_snapshot(db_url: str) -> dict[str, int]:
+    from ..server.devices.models import Device
+    from ..server.events.models import Event
+
+    engine = _engine(db_url)
+    try:
+        with engine.connect() as conn:
+            max_id = conn.execute(select(func.max(Event.id))).scalar() or 0
+            return {"events": conn.execute(select(func.count(Event.id))).scalar() or 0,
+                    "max_event_id": max_id,
+                    "devices": conn.execute(select(func.count(Device.id))).scalar() or 0}
+    finally:
+        engine.dispose()
+
+
+def db_size_bytes(db_url: str) -> int:
+    if db_url.startswith("sqlite"):
+        path = Path(db_url.split("///", 1)[1])
+        return sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists())
+    from sqlalchemy import text
+
+    engine = _engine(db_url)
+    try:
+        with engine.connect() as conn:
+            return int(conn.execute(text("SELECT pg_database_size(current_database())"))
+                       .scalar())
+    finally:
+        engine.dispose()
+
+
+def _slot_check(state_dir: Path, check, checked: dict, key_extra: str) -> str | None:
+    """None if the active slot holds a working model, else why not."""
+    slots = SlotStore(StateDir(state_dir).slots_dir)
+    active = slots.active()
+    if active is None:
+        return "no active slot"
+    path = slots.path(active)
+    try:
+        manifest = read_manifest(path)
+        for rel, entry in manifest.files.items():  # the slot adds only slot.json
+            if file_sha256(path / rel)[0] != entry.sha256:
+                return f"active slot {active}: {rel} does not match its sha256"
+    except (BundleError, OSError) as exc:
+        return f"active slot {active} does not verify: {exc}"
+    key = (manifest.name, manifest.version, key_extra)
+    if checked is not None and key in checked:
+        return checked[key]
+    try:
+        report = check(path)
+        verdict = None if report.passed else f"health check fails: {report.reason}"
+    except Exception as exc:  # HealthCheckFailed, UpdateRejected, onnxruntime errors
+        verdict = f"health check fails: {exc}"
+    if checked is not None:
+        checked[key] = verdict
+    return verdict
+
+
+def check_invariants(result) -> list[InvariantResult]:
+    from ..server.devices.models import Device
+    from ..server.events.models import Event
+    from ..server.releases.models import Release
+    from ..server.rollouts.models import Rollout
+
+    working = InvariantResult("working-model")
+    assigned = InvariantResult("assigned-only")
+    logged = InvariantResult("failures-logged")
+    lost = InvariantResult("nothing-lost")
+    sample = result.scenario.invariant_health == "sample"
+    checked: dict | None = {} if sample else None
+
+    engine = _engine(result.db_url)
+    try:
+        with engine.connect() as conn:
+            servers = {row.id: row for row in conn.execute(
+                select(Device.id, Device.release_id, Device.state))}
+            events_by_device: dict[str, Counter] = {}
+            assigned_by_device: dict[str, set] = {}
+            for dev_id, kind, state, rel in conn.execute(
+                    select(Event.device_id, Event.kind, Event.state, Event.release_id)
+                    .where(Event.device_id.is_not(None))):
+                events_by_device.setdefault(dev_id, Counter())[(kind, state)] += 1
+                if kind in ("assigned", "rollback-assigned"):
+                    assigned_by_device.setdefault(dev_id, set()).add(rel)
+            releases = {r for (r,) in conn.execute(select(Release.id))}
+            rollouts = {r for (r,) in conn.execute(select(Rollout.id))}
+            for snap in (r["snapshot"] for r in result.restarts):
+                still = conn.execute(select(func.count(Event.id)).where(
+                    Event.id <= snap["max_event_id"])).scalar() or 0
+                if still < snap["events"]:
+                    lost.add(f"{snap['events'] - still} events recorded before a server "
+                             "restart are gone")
+    finally:
+        engine.dispose()
+
+    for rid in result.release_ids.values():
+        if rid not in releases:
+            lost.add(f"release {rid} is missing")
+    if result.rollout_id and result.rollout_id not in rollouts:
+        lost.add(f"rollout {result.rollout_id} is missing")
+
+    devices = [(d.name, d.state_dir, d.device_id, d.hardware) for d in result.devices]
+    devices += [(p.name, p.state_dir, p.device_id, None) for p in result.proc_devices]
+    for name, state_dir, device_id, hw in devices:
+        check = (hardware_health_check(hw) if hw is not None else None) or health_check
+        why = _slot_check(state_dir, check, checked, hw.name if hw is not None else "")
+        if why is not None:
+            working.add(f"{name}: {why}")
+        server = servers.get(device_id)
+        if server is None:
+            lost.add(f"{name}: device {device_id} is not in the server's database")
+            continue
+        rec = StateDir(state_dir).load_record()
+        local = rec.installed.release_id if rec.installed else None
+        if local != server.release_id:
+            assigned.add(f"{name}: runs {local}, the server thinks {server.release_id}")
+        if local is not None and local not in assigned_by_device.get(device_id, set()):
+            assigned.add(f"{name}: runs {local}, which it was never assigned")
+        slots = SlotStore(StateDir(state_dir).slots_dir)
+        active = slots.active()
+        meta = slots.meta(active) if active else None
+        if rec.installed is not None and (meta or {}).get("release_id") != local:
+            assigned.add(f"{name}: the active slot holds {(meta or {}).get('release_id')}, "
+                         f"the agent committed {local}")
+        if rec.outbox:
+            logged.add(f"{name}: {len(rec.outbox)} reports never reached the server")
+        server_events = events_by_device.get(device_id, Counter())
+        local_events = Counter((h["event"], h["state"]) for h in rec.history)
+        for key, n in local_events.items():
+            if server_events[key] < n:
+                logged.add(f"{name}: {n - server_events[key]} x {key[0]} in {key[1]} "
+                           "missing from the event log")
+    return [working, assigned, logged, lost]

@@ -1,0 +1,178 @@
+"""The scenario file: what fleet to simulate, what to break, and what must hold afterwards.
+
+Invariant: a scenario is fully described by its YAML (plus the seed): the same file gives the
+same devices, profiles and fault assignments, so a failing rehearsal can be replayed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = [
+    "Expectations",
+    "FaultsSpec",
+    "HardwareProfile",
+    "NetworkProfile",
+    "ReleaseSpec",
+    "RolloutSpec",
+    "Scenario",
+    "ServerSpec",
+    "load_scenario",
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerSpec(_Strict):
+    db: Literal["sqlite", "postgresql"] = "sqlite"
+    # PostgreSQL: this SQLAlchemy URL, else a throwaway cluster started for the run.
+    url: str | None = None
+    rollout_tick_s: float = Field(default=0.5, gt=0)
+
+
+class ReleaseSpec(_Strict):
+    """A release to publish: an existing bundle directory, or a tiny synthetic ONNX model."""
+
+    version: str
+    name: str = "sim-model"
+    bundle: Path | None = None
+    broken: bool = False  # synthetic only: outputs disagree with the golden set
+    max_latency_ms: float = Field(default=1000.0, gt=0)  # synthetic only: health-check limit
+
+
+class RolloutSpec(_Strict):
+    stages: str = "canary:2%,pilot:20%,broad:100%"
+    min_soak_s: float = Field(default=0.0, ge=0)
+    # Gates as the server's API takes them (edgewise.server.rollouts.engine.Gates). Latency and
+    # memory ratios are measured per process, which many simulated devices share: off here.
+    gates: dict[str, float | None] = Field(default_factory=lambda: {
+        "max_latency_ratio": None, "max_memory_ratio": None})
+
+
+class NetworkProfile(_Strict):
+    name: str
+    weight: float = Field(default=1.0, gt=0)
+    latency_ms: float = Field(default=0.0, ge=0)
+    jitter_ms: float = Field(default=0.0, ge=0)
+    bandwidth_kbps: float | None = Field(default=None, gt=0)
+    loss: float = Field(default=0.0, ge=0, lt=1)  # chance a request fails to connect
+    disconnect_every_s: float = Field(default=0.0, ge=0)  # 0: never goes offline
+    disconnect_for_s: float = Field(default=0.0, ge=0)
+
+
+class HardwareProfile(_Strict):
+    name: str
+    weight: float = Field(default=1.0, gt=0)
+    latency_factor: float = Field(default=1.0, gt=0)  # scales measured inference latency
+    extra_latency_ms: float = Field(default=0.0, ge=0)
+    unsupported_versions: list[str] = Field(default_factory=list)  # fail the health check
+
+
+class PowerCutSpec(_Strict):
+    fraction: float = Field(default=0.0, ge=0, le=1)
+    count: int | None = Field(default=None, ge=0)
+    states: list[str] | Literal["all"] = "all"  # cycled over the chosen devices
+    when: list[Literal["before", "after"]] = Field(default_factory=lambda: ["before", "after"])
+
+
+class CountedFault(_Strict):
+    fraction: float = Field(default=0.0, ge=0, le=1)
+    count: int | None = Field(default=None, ge=0)
+    times: int = Field(default=1, ge=1)  # how many attempts it breaks before clearing
+
+
+class CorruptSpec(CountedFault):
+    mode: Literal["corrupt", "truncate"] = "corrupt"
+
+
+class ClockSkewSpec(_Strict):
+    fraction: float = Field(default=0.0, ge=0, le=1)
+    count: int | None = Field(default=None, ge=0)
+    skew_s: float = 3600.0
+
+
+class ProcessKillSpec(_Strict):
+    """Real agent processes SIGKILLed by EDGEWISE_FAULT (fidelity check of the in-process
+    power cuts); each runs in addition to the in-process devices."""
+
+    states: list[str] = Field(default_factory=lambda: ["installing:before",
+                                                       "health-checking:after"])
+
+
+class ServerRestartSpec(_Strict):
+    at_s: float = Field(ge=0)  # seconds after the rollout was created
+    down_s: float = Field(default=1.0, ge=0)
+    hard: bool = False  # SIGKILL the server instead of a clean shutdown
+
+
+class FaultsSpec(_Strict):
+    power_cut: PowerCutSpec = Field(default_factory=PowerCutSpec)
+    disk_full: CountedFault = Field(default_factory=CountedFault)
+    corrupt_download: CorruptSpec = Field(default_factory=CorruptSpec)
+    clock_skew: ClockSkewSpec = Field(default_factory=ClockSkewSpec)
+    process_kill: ProcessKillSpec | None = None
+    server_restarts: list[ServerRestartSpec] = Field(default_factory=list)
+
+
+class Expectations(_Strict):
+    rollout: Literal["completed", "aborted", "paused", "rolled-back"] | None = "completed"
+    final_stage: str | None = None
+    min_on_candidate: float | None = Field(default=None, ge=0, le=1)  # fraction of devices
+    max_on_candidate: float | None = Field(default=None, ge=0, le=1)
+    max_bricked: int = 0
+    max_lost_records: int = 0
+    max_wall_s: float | None = None
+    invariants: bool = True
+
+
+class Scenario(_Strict):
+    name: str
+    description: str = ""
+    seed: int = 0
+    devices: int = Field(ge=1)
+    workers: int = Field(default=8, ge=1, le=256)  # threads driving the in-process agents
+    poll_interval_s: float = Field(default=1.0, gt=0)
+    timeout_s: float = Field(default=300.0, gt=0)
+    sample_s: float = Field(default=1.0, gt=0)
+    timezones: list[str] = Field(default_factory=lambda: ["UTC"])
+    # Maintenance window for the whole fleet (the group's), e.g. {days: daily, start: "02:00",
+    # duration_min: 60}; None: install at once.
+    window: dict | None = None
+    server: ServerSpec = Field(default_factory=ServerSpec)
+    baseline: ReleaseSpec = Field(default_factory=lambda: ReleaseSpec(version="1.0.0"))
+    candidate: ReleaseSpec = Field(default_factory=lambda: ReleaseSpec(version="2.0.0"))
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec)
+    network: list[NetworkProfile] = Field(default_factory=lambda: [NetworkProfile(name="lan")])
+    hardware: list[HardwareProfile] = Field(
+        default_factory=lambda: [HardwareProfile(name="generic")])
+    faults: FaultsSpec = Field(default_factory=FaultsSpec)
+    # Health-check every device's active slot afterwards ("all"), or verify every slot's
+    # hashes and health-check one device per release and hardware ("sample": for big fleets).
+    invariant_health: Literal["all", "sample"] = "all"
+    expect: Expectations = Field(default_factory=Expectations)
+
+    @model_validator(mode="after")
+    def _check(self) -> Scenario:
+        if self.baseline.version == self.candidate.version and \
+                self.baseline.name == self.candidate.name:
+            raise ValueError("baseline and candidate must be different releases")
+        return self
+
+
+def load_scenario(path: Path | str) -> Scenario:
+    path = Path(path)
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a scenario is a YAML mapping")
+    scenario = Scenario.model_validate(data)
+    # Bundle paths are relative to the scenario file.
+    for spec in (scenario.baseline, scenario.candidate):
+        if spec.bundle is not None and not spec.bundle.is_absolute():
+            spec.bundle = (path.parent / spec.bundle).resolve()
+    return scenario
