@@ -49,10 +49,11 @@ def tls_mosquitto(workdir: Path) -> Iterator[Broker]:
                 with socket.create_connection(("127.0.0.1", port), timeout=1) as sock, \
                         ctx.wrap_socket(sock, server_hostname="127.0.0.1"):
                     break
-            except OSError:
+            except OSError as exc:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(
-                        f"mosquitto did not start: {(workdir / 'mosquitto.log').read_text()}")
+                        f"mosquitto did not start: {(workdir / 'mosquitto.log').read_text()}"
+                    ) from exc
                 time.sleep(0.1)
         yield Broker(url=f"mqtts://127.0.0.1:{port}", ca=certs.ca_cert, port=port)
     finally:

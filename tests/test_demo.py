@@ -27,6 +27,10 @@ def test_demo_ships_v1_everywhere_and_every_device_rolls_back_v2(tmp_path: Path)
         assert outcomes == [("fashion-mnist@1.0.0", "committed"),
                             ("fashion-mnist@2.0.0", "rolled-back")]
         assert "golden set" in device["history"][1]["reason"]
+        # v2 arrived as a delta against v1: a small fraction of the full bytes.
+        v2_download = device["history"][1]["download"]
+        assert v2_download["delta_files"] >= 1
+        assert v2_download["sent_bytes"] < 0.2 * v2_download["full_bytes"]
     v1 = validate_bundle(tmp_path / "fashion-mnist-1.0.0")
     assert v1.metrics["test_accuracy"] > 0.8
     assert "v1 installed on 3/3 devices; broken v2 rolled back on 3/3" in result.stderr

@@ -64,6 +64,9 @@ def test_good_release_rolls_out_stage_by_stage(live_server, fleet, tmp_path: Pat
         final = wait_for(lambda: (r := c.request("GET", f"/api/v1/rollouts/{rollout['id']}")
                                   .json())["status"] == "completed" and r, "completion")
         assert final["progress"]["committed"] == 4
+        # Every device reported what it downloaded (tiny files: no deltas, full bytes).
+        assert final["transfer"]["bytes_full"] > 0
+        assert final["transfer"]["bytes_sent"] == final["transfer"]["bytes_full"]
         assert all(d["release_id"] == v2["id"] for d in c.devices())
         kinds = [e["kind"] for e in c.events(limit=1000) if e.get("rollout_id") == rollout["id"]
                  and e["kind"].startswith("rollout-")]
@@ -134,6 +137,9 @@ def test_window_defers_installation_until_it_opens(live_server, enroll_agent,
         status = wait_for(lambda: (s := agent_status(state))["state"] == "awaiting-window" and s,
                           "awaiting-window")
         assert status["release"] is None  # downloaded and verified, but not installed
+        with live_server.client() as c:  # the server sees the waiting device too
+            wait_for(lambda: next(d for d in c.devices() if d["id"] == device_id(state))[
+                "state"] == "awaiting-window", "server sees awaiting-window")
         upcoming = status["upcoming"]
         assert upcoming["release"] == "tiny@1.0.0" and upcoming["timezone"] == "Asia/Tokyo"
         assert upcoming["may_defer_until"] is not None

@@ -20,9 +20,9 @@ from ._machine import (
     next_state,
     resume_state,
 )
+from ._runtime import HealthReport, OnnxModel, Prediction, health_check, preprocess_image
 from ._store import StateDir
 from ._userinput import defer_update, submit_feedback
-from ._runtime import HealthReport, OnnxModel, Prediction, health_check, preprocess_image
 
 __all__ = [
     "REST_STATES",

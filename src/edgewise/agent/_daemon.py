@@ -18,8 +18,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from ..artifacts import MANIFEST_NAME, BundleError, parse_manifest, validate_bundle
-from ..trust import HttpxFetcher, TransportError, TrustedClient, VerificationError
+from ..artifacts import (
+    MANIFEST_NAME,
+    BundleError,
+    file_sha256,
+    parse_manifest,
+    read_manifest,
+    validate_bundle,
+)
+from ..artifacts.delta import DeltaError, apply_delta
+from ..trust import DELTAS_ROLE, HttpxFetcher, TransportError, TrustedClient, VerificationError
 from ..windows import in_window
 from ._client import ServerClient
 from ._errors import AgentConfigError, AgentTransportError, HealthCheckFailed, UpdateRejected
@@ -196,6 +204,8 @@ class Agent:
         rec.history.append(entry)
         detail = ({"health": rec.last_health}
                   if rec.last_health and event in ("healthy", "unhealthy", "rolled-back") else {})
+        if event == "downloaded" and rec.last_download:
+            detail = {"download": rec.last_download}
         rec.outbox.append({**{k: entry[k] for k in ("state", "event", "message", "release_id",
                                                     "target_release_id")}, "detail": detail})
 
@@ -248,6 +258,7 @@ class Agent:
         rec.target_seen_at = now_iso()
         rec.last_error = ""
         rec.last_health = {}
+        rec.last_download = {}
         return Event.UPDATE_AVAILABLE
 
     def _download_dir(self, rec: AgentRecord) -> Path:
@@ -264,20 +275,65 @@ class Agent:
             metadata_dir=self.paths.tuf_dir,
             trusted_root=self.paths.trusted_root(),
             base_url=self.identity.server_url,
-            fetcher=HttpxFetcher(self.client.http),
+            fetcher=HttpxFetcher(self.client.http, partial_dir=self.paths.root / "partial"),
         )
         manifest_target = rec.target.manifest_target
         if not manifest_target.endswith("/" + MANIFEST_NAME):
             return self._fail(rec, UpdateRejected(f"{manifest_target} is not a bundle manifest"))
         prefix = manifest_target[: -len(MANIFEST_NAME)]
+        stats = {"full_bytes": 0, "sent_bytes": 0, "delta_files": 0, "delta_fallbacks": 0}
         try:
             trusted.download(manifest_target, dest / MANIFEST_NAME)
             manifest = parse_manifest((dest / MANIFEST_NAME).read_bytes())
-            for rel in manifest.files:
-                trusted.download(prefix + rel, dest / rel)
+            base = self._installed_files()
+            for rel, entry in manifest.files.items():
+                stats["full_bytes"] += entry.size
+                stats["sent_bytes"] += self._fetch_file(trusted, prefix + rel, dest / rel,
+                                                        entry.sha256, base.get(rel), stats)
         except (VerificationError, TransportError, BundleError, OSError) as exc:
             return self._fail(rec, exc)
+        rec.last_download = stats
         return Event.DOWNLOADED
+
+    def _installed_files(self) -> dict[str, tuple[str, Path]]:
+        """rel path -> (sha256, path) of the committed release's files: delta bases."""
+        slot = self.record.installed_slot
+        if slot is None:
+            return {}
+        try:
+            manifest = read_manifest(self.slots.path(slot))
+        except (BundleError, OSError):
+            return {}
+        return {rel: (e.sha256, self.slots.path(slot) / rel) for rel, e in manifest.files.items()}
+
+    def _fetch_file(self, trusted: TrustedClient, target: str, dest: Path, sha256: str,
+                    base: tuple[str, Path] | None, stats: dict[str, int]) -> int:
+        """Fetch one file, by delta when we hold a base and the server signed a delta for it;
+        the result is checked against the full target's signed hash either way. Returns the
+        bytes that crossed the network."""
+        info = trusted.target_info(target)  # the offline-signed length and hash
+        if dest.exists() and file_sha256(dest) == (info.hashes.get("sha256"), info.length):
+            return 0  # already here (resumed after a power cut)
+        if base is not None and base[0] != sha256 and base[1].is_file():
+            patch = dest.with_name(f".{dest.name}.delta")
+            try:
+                delta = trusted.download(f"{DELTAS_ROLE}/{sha256}.{base[0]}", patch)
+                apply_delta(base[1], patch, dest, expected_sha256=info.hashes["sha256"])
+                if file_sha256(dest) != (info.hashes["sha256"], info.length):
+                    raise VerificationError(f"{target}: delta result differs from the target")
+                stats["delta_files"] += 1
+                return delta.length
+            except (VerificationError, TransportError, DeltaError, OSError, KeyError) as exc:
+                # No delta for this base, or a bad one: the full file is always there.
+                if not isinstance(exc, VerificationError) or "not a signed target" not in str(exc):
+                    stats["delta_fallbacks"] += 1
+                    log.warning("delta for %s unusable, downloading the full file: %s",
+                                target, exc)
+                dest.unlink(missing_ok=True)
+            finally:
+                patch.unlink(missing_ok=True)
+        trusted.download(target, dest)
+        return info.length
 
     def _verify(self, rec: AgentRecord) -> Event:
         assert rec.target is not None

@@ -86,6 +86,7 @@ class AgentRecord:
     target_seen_at: str | None = None  # when the current target was first offered
     last_error: str = ""
     last_health: dict[str, Any] = field(default_factory=dict)
+    last_download: dict[str, int] = field(default_factory=dict)  # bytes: full vs sent
     history: list[dict[str, Any]] = field(default_factory=list)
     outbox: list[dict[str, Any]] = field(default_factory=list)  # reports not yet delivered
 

@@ -6,13 +6,13 @@ from ._agent import agent_app
 from ._ops import (
     assign,
     audit_app,
-    tokens_app,
     bundle_app,
     devices_app,
     events,
     keys_app,
     publish,
     releases_app,
+    tokens_app,
 )
 from ._server import certs_app, server_app
 

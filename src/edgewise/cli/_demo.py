@@ -100,9 +100,17 @@ def run_demo(*, workdir: str | None, n_devices: int) -> None:
             agent.stop()
         server.stop()
 
+    v2_downloads = [h["download"] for d in summary for h in d["history"]
+                    if h["release"].endswith("@2.0.0") and h.get("download")]
     ok_v1 = sum(1 for d in summary if d["release"] == f"{NAME}@1.0.0")
     ok_v2 = sum(1 for d in summary if d["state"] == "rolled-back")
     _print_table(summary)
+    if v2_downloads:
+        sent = sum(d["sent_bytes"] for d in v2_downloads)
+        full = sum(d["full_bytes"] for d in v2_downloads)
+        console.print(f"v2 reached {len(v2_downloads)} devices as delta updates: "
+                      f"{sent / 1e6:.2f} MB sent instead of {full / 1e6:.2f} MB "
+                      f"({sent / max(full, 1):.1%})")
     console.print(f"v1 installed on {ok_v1}/{n_devices} devices; broken v2 rolled back on "
                   f"{ok_v2}/{n_devices}; {time.monotonic() - started:.0f} s in all")
     print_json({"devices": summary})
@@ -235,6 +243,11 @@ def _summary(client, versions: dict[str, str]) -> list[dict[str, Any]]:
                                 "outcome": None, "reason": ""})
             entry = history[-1]
             entry["states"].append(e["state"])
+            if e["kind"] == "downloaded" and e["detail"].get("download"):
+                stats = e["detail"]["download"]
+                entry["download"] = {"sent_bytes": stats["sent_bytes"],
+                                     "full_bytes": stats["full_bytes"],
+                                     "delta_files": stats["delta_files"]}
             if e["state"] in ("committed", "rolled-back", "failed"):
                 entry["outcome"] = e["state"]
             if e["kind"] == "unhealthy" and e["message"]:

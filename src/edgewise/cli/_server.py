@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-
 from pathlib import Path
 from typing import Annotated
 
@@ -46,9 +45,8 @@ def run(
     import uvicorn
 
     from ..server.app import ServerConfig, create_app, resolve_admin_token
-    from ..trust import TrustError
-
     from ..server.notify.mqtt import MqttConfig
+    from ..trust import TrustError
 
     setup_logging(verbose, json_lines=log_json)
     if (tls_cert is None) != (tls_key is None):

@@ -18,6 +18,9 @@ from ._auth import WEAK_TOKENS, hash_token, new_token
 from ._db import Base, make_engine, make_sessionmaker
 from ._deps import ServerContext
 from ._errors import DomainError
+from .audit import models as _audit_models  # noqa: F401
+from .audit.routes import AuditMiddleware
+from .audit.routes import router as audit_router
 from .dashboard.routes import router as dashboard_router
 from .devices import models as _device_models  # noqa: F401  (register tables)
 from .devices.routes import router as devices_router
@@ -27,21 +30,18 @@ from .feedback import models as _feedback_models  # noqa: F401
 from .feedback.routes import router as feedback_router
 from .groups import models as _group_models  # noqa: F401
 from .groups.routes import router as groups_router
-from .releases import models as _release_models  # noqa: F401
-from .releases.routes import router as releases_router
-from .repository.routes import router as repository_router
-from .rollouts import models as _rollout_models  # noqa: F401
-from .rollouts import service as rollouts
-from .rollouts.routes import router as rollouts_router
-from .audit import models as _audit_models  # noqa: F401
-from .audit.routes import AuditMiddleware
-from .audit.routes import router as audit_router
 from .monitoring.metrics import Metrics
 from .monitoring.metrics import router as metrics_router
 from .notify import models as _notify_models  # noqa: F401
 from .notify import service as notify
 from .notify.mqtt import MqttConfig, MqttPublisher
 from .notify.routes import router as notify_router
+from .releases import models as _release_models  # noqa: F401
+from .releases.routes import router as releases_router
+from .repository.routes import router as repository_router
+from .rollouts import models as _rollout_models  # noqa: F401
+from .rollouts import service as rollouts
+from .rollouts.routes import router as rollouts_router
 from .tokens import models as _token_models  # noqa: F401
 from .tokens.routes import router as tokens_router
 

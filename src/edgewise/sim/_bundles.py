@@ -17,7 +17,6 @@ _PRE = Preprocessing(input_size=(4, 4), channels=1, mean=(0.5,), std=(0.25,))
 
 
 def _tiny_onnx(weights: np.ndarray) -> bytes:
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     graph = helper.make_graph(

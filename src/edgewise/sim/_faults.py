@@ -19,8 +19,8 @@ from ..agent._slots import SlotStore
 from ..artifacts import read_manifest
 from ._scenario import HardwareProfile
 
-__all__ = ["DiskFull", "PowerCut", "PowerCutPlan", "disk_full_slots", "hardware_health_check", "power_cut_hook",
-           "skewed_clock"]
+__all__ = ["DiskFull", "PowerCut", "PowerCutPlan", "disk_full_slots", "hardware_health_check",
+           "power_cut_hook", "skewed_clock"]
 
 
 class PowerCut(BaseException):  # noqa: N818 - not an error the agent may catch

@@ -8,6 +8,7 @@ against the device's trusted root. Anything else raises `VerificationError` or
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -24,23 +25,49 @@ __all__ = ["HttpxFetcher", "TrustedClient"]
 
 
 class HttpxFetcher(FetcherInterface):
-    """The network seam: an httpx client (timeouts, auth headers, TLS settings) for ngclient."""
+    """The network seam: an httpx client (timeouts, auth headers, TLS settings) for ngclient.
 
-    def __init__(self, client: httpx.Client, *, headers: Mapping[str, str] | None = None) -> None:
+    With `partial_dir`, target downloads are resumable: bytes received before a dropped
+    connection (or a power cut) are kept under a name derived from the URL, and the next
+    attempt asks only for the rest (HTTP Range). Resumed or not, python-tuf verifies the
+    whole file against its signed length and hash, so a stale or poisoned partial file can
+    only cost a retry: a verification failure discards it.
+    """
+
+    def __init__(self, client: httpx.Client, *, headers: Mapping[str, str] | None = None,
+                 partial_dir: Path | None = None) -> None:
         self._client = client
         self._headers = dict(headers or {})
+        self._partial_dir = Path(partial_dir) if partial_dir else None
+
+    def _partial_path(self, url: str) -> Path | None:
+        if self._partial_dir is None or "/tuf/targets/" not in url:
+            return None  # metadata is small and must never be stitched together
+        self._partial_dir.mkdir(parents=True, exist_ok=True)
+        return self._partial_dir / hashlib.sha256(url.encode()).hexdigest()
 
     def _fetch(self, url: str) -> Iterator[bytes]:
+        partial = self._partial_path(url)
+        have = partial.stat().st_size if partial is not None and partial.exists() else 0
+        headers = dict(self._headers)
+        if have:
+            headers["Range"] = f"bytes={have}-"
         try:
-            request = self._client.build_request("GET", url, headers=self._headers)
+            request = self._client.build_request("GET", url, headers=headers)
             response = self._client.send(request, stream=True)
         except httpx.HTTPError as exc:
             raise tuf_exc.DownloadError(f"{url}: {exc}") from exc
-        if response.status_code != 200:
+        if have and response.status_code == 416:  # we already hold it all (or garbage)
+            response.close()
+            partial.unlink(missing_ok=True)
+            return self._fetch(url)
+        if response.status_code not in (200, 206) or (response.status_code == 206 and not have):
             response.close()
             raise tuf_exc.DownloadHTTPError(f"{url}: HTTP {response.status_code}",
                                             response.status_code)
-        return self._chunks(response)
+        if partial is None:
+            return self._chunks(response)
+        return self._resumable(response, partial, resume=response.status_code == 206)
 
     @staticmethod
     def _chunks(response: httpx.Response) -> Iterator[bytes]:
@@ -48,6 +75,24 @@ class HttpxFetcher(FetcherInterface):
             yield from response.iter_bytes(1 << 16)
         except httpx.HTTPError as exc:
             raise tuf_exc.DownloadError(str(exc)) from exc
+        finally:
+            response.close()
+
+    @staticmethod
+    def _resumable(response: httpx.Response, partial: Path, *, resume: bool) -> Iterator[bytes]:
+        try:
+            with open(partial, "ab" if resume else "wb") as keep:
+                if resume:
+                    with open(partial, "rb") as old:
+                        while chunk := old.read(1 << 16):
+                            yield chunk
+                for chunk in response.iter_bytes():  # as received: keep every byte we got
+                    keep.write(chunk)
+                    keep.flush()
+                    yield chunk
+            partial.unlink(missing_ok=True)  # complete: python-tuf verifies what it got
+        except httpx.HTTPError as exc:
+            raise tuf_exc.DownloadError(f"connection dropped, will resume: {exc}") from exc
         finally:
             response.close()
 

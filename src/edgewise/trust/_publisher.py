@@ -11,11 +11,17 @@ from pathlib import Path
 
 from securesystemslib.signer import Signer
 from tuf.api.exceptions import UnsignedMetadataError
-from tuf.api.metadata import Metadata, Root, TargetFile, Targets
+from tuf.api.metadata import DelegatedRole, Delegations, Metadata, Root, TargetFile, Targets
 
 from ._errors import KeyFileError, VerificationError
 
-__all__ = ["TARGETS_EXPIRY", "sign_targets", "target_file"]
+__all__ = ["DELTAS_ROLE", "TARGETS_EXPIRY", "sign_targets", "target_file"]
+
+# Delta patches are made by the server after publishing, so they are signed by a role the
+# server holds: `deltas`, delegated by the offline targets role to the online key for
+# `deltas/*` only. A device still checks every reconstructed file against the hash the
+# offline key signed, so a forged delta can waste bandwidth but never install anything.
+DELTAS_ROLE = "deltas"
 
 TARGETS_EXPIRY = timedelta(days=365)
 
@@ -51,7 +57,10 @@ def sign_targets(
             raise VerificationError(f"the server's targets metadata is malformed: {exc}") from exc
         targets = md.signed
         targets.version += 1
+    _delegate_deltas(targets, root)
     for path, info in add.items():
+        if path.startswith(f"{DELTAS_ROLE}/"):
+            raise VerificationError(f"{path}: the {DELTAS_ROLE}/ namespace is the server's")
         old = targets.targets.get(path)
         if old is not None and (old.hashes != info.hashes or old.length != info.length):
             raise VerificationError(f"target {path} already exists with other content")
@@ -60,3 +69,15 @@ def sign_targets(
     out = Metadata(targets)
     out.sign(signer)
     return out.to_bytes()
+
+
+def _delegate_deltas(targets: Targets, root: Metadata[Root]) -> None:
+    online_ids = root.signed.roles["snapshot"].keyids
+    keys = {kid: root.signed.keys[kid] for kid in online_ids}
+    role = DelegatedRole(name=DELTAS_ROLE, keyids=list(online_ids), threshold=1,
+                         terminating=True, paths=[f"{DELTAS_ROLE}/*"])
+    if targets.delegations is None or targets.delegations.roles is None:
+        targets.delegations = Delegations(keys=keys, roles={DELTAS_ROLE: role})
+    else:
+        targets.delegations.keys.update(keys)
+        targets.delegations.roles[DELTAS_ROLE] = role

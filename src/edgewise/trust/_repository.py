@@ -26,7 +26,8 @@ from ._errors import KeyFileError, VerificationError
 
 __all__ = ["ServerRepository"]
 
-_METADATA_NAME = re.compile(r"^(?:(\d+)\.)?(root|targets|snapshot|timestamp)\.json$")
+_METADATA_NAME = re.compile(r"^(?:(\d+)\.)?(root|targets|snapshot|timestamp|deltas)\.json$")
+DELTAS = "deltas"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -112,10 +113,50 @@ class ServerRepository:
             return (self.metadata_dir / f"{version}.targets.json").read_bytes()
 
     def target(self, path: str) -> TargetFile | None:
+        if path.startswith(f"{DELTAS}/"):
+            deltas = self._current_deltas()
+            return deltas.signed.targets.get(path) if deltas else None
         current = self.current_targets()
         if current is None:
             return None
         return Metadata[Targets].from_bytes(current).signed.targets.get(path)
+
+    def _snapshot(self) -> Metadata[Snapshot] | None:
+        ts = self._timestamp()
+        if ts is None:
+            return None
+        return Metadata[Snapshot].from_bytes(
+            (self.metadata_dir / f"{ts.signed.snapshot_meta.version}.snapshot.json").read_bytes())
+
+    def _current_deltas(self) -> Metadata[Targets] | None:
+        snap = self._snapshot()
+        meta = snap.signed.meta.get(f"{DELTAS}.json") if snap else None
+        if meta is None:
+            return None
+        return Metadata[Targets].from_bytes(
+            (self.metadata_dir / f"{meta.version}.{DELTAS}.json").read_bytes())
+
+    def publish_deltas(self, add: dict[str, TargetFile], *, now: datetime | None = None) -> int:
+        """Sign delta targets with the online key (the delegated `deltas` role)."""
+        now = now or datetime.now(UTC)
+        with self._lock:
+            for path, info in add.items():
+                if not path.startswith(f"{DELTAS}/"):
+                    raise VerificationError(f"{path}: delta targets live under {DELTAS}/")
+                if self.object_path(info.hashes.get("sha256", "")) is None:
+                    raise VerificationError(f"{path}: delta bytes were not stored")
+            current = self._current_deltas()
+            deltas = current.signed if current else Targets(version=0, expires=now)
+            deltas.version += 1
+            deltas.targets.update(add)
+            deltas.expires = now.replace(microsecond=0) + self._snapshot_expiry
+            md = Metadata(deltas)
+            md.sign(self._signer)
+            _atomic_write(self.metadata_dir / f"{deltas.version}.{DELTAS}.json", md.to_bytes())
+            snap = self._snapshot()
+            self._sign_snapshot_and_timestamp(snap.signed.meta["targets.json"].version, now,
+                                              deltas_version=deltas.version)
+            return deltas.version
 
     def object_path(self, sha256: str) -> Path | None:
         if not _SHA256.match(sha256):
@@ -178,15 +219,32 @@ class ServerRepository:
                 if obj.stat().st_size != info.length:
                     raise VerificationError(f"target {path}: length differs from the upload")
             _atomic_write(self.metadata_dir / f"{md.signed.version}.targets.json", signed_targets)
-            self._sign_snapshot_and_timestamp(md.signed.version, now)
+            deltas = self._current_deltas()
+            deltas_version = deltas.signed.version if deltas else None
+            delegations = md.signed.delegations
+            if deltas is None and delegations is not None and delegations.roles and \
+                    DELTAS in delegations.roles:
+                # The delegation needs its (empty) metadata before any client walks it.
+                empty = Targets(version=1, expires=now.replace(microsecond=0)
+                                + self._snapshot_expiry)
+                empty_md = Metadata(empty)
+                empty_md.sign(self._signer)
+                _atomic_write(self.metadata_dir / f"1.{DELTAS}.json", empty_md.to_bytes())
+                deltas_version = 1
+            self._sign_snapshot_and_timestamp(md.signed.version, now,
+                                              deltas_version=deltas_version)
             return md.signed
 
-    def _sign_snapshot_and_timestamp(self, targets_version: int, now: datetime) -> None:
+    def _sign_snapshot_and_timestamp(self, targets_version: int, now: datetime, *,
+                                     deltas_version: int | None = None) -> None:
         now = now.replace(microsecond=0)
         ts = self._timestamp()
         snap_version = ts.signed.snapshot_meta.version + 1 if ts else 1
+        meta = {"targets.json": MetaFile(targets_version)}
+        if deltas_version is not None:
+            meta[f"{DELTAS}.json"] = MetaFile(deltas_version)
         snapshot = Snapshot(version=snap_version, expires=now + self._snapshot_expiry,
-                            meta={"targets.json": MetaFile(targets_version)})
+                            meta=meta)
         snap_md = Metadata(snapshot)
         snap_md.sign(self._signer)
         _atomic_write(self.metadata_dir / f"{snap_version}.snapshot.json", snap_md.to_bytes())
@@ -210,5 +268,7 @@ class ServerRepository:
             if (ts.signed.expires - now > self._timestamp_expiry / 2
                     and snap.expires - now > self._snapshot_expiry / 2):
                 return False
-            self._sign_snapshot_and_timestamp(snap.meta["targets.json"].version, now)
+            deltas = snap.meta.get(f"{DELTAS}.json")
+            self._sign_snapshot_and_timestamp(snap.meta["targets.json"].version, now,
+                                              deltas_version=deltas.version if deltas else None)
             return True

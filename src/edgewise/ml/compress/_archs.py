@@ -176,6 +176,10 @@ def _prune_backbone(model: nn.Module, keep: float) -> dict[str, Any]:
 
 
 def _apply_widths(model: nn.Module, config: dict[str, Any]) -> nn.Module:
+    if isinstance(model.backbone, EfficientNetLite):
+        # The ImageNet classifier is not part of the exported graph: leave it out of the
+        # parameter count and of saved weights.
+        model.backbone._fc = None
     widths = config.get("pruned")
     if widths:
         if isinstance(model.backbone, EfficientNetLite):

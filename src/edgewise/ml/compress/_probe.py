@@ -14,6 +14,16 @@ import sys
 
 
 def _peak_mb() -> float:
+    # VmHWM is this address space's high-water mark. ru_maxrss is not usable here: Linux
+    # carries it across exec, so a child forked from a big parent (torch loaded) would report
+    # the parent's peak.
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 

@@ -124,14 +124,17 @@ def plot_pareto(report: CompressReport, path: Path) -> None:
                if cost(c) is not None]
         ok = [p for p, c in zip(pts, report.candidates, strict=False) if not c.refused]
         front = set(pareto_front(ok))
-        for (name, x, y), c in zip(pts, report.candidates, strict=False):
+        for i, ((name, x, y), c) in enumerate(zip(pts, report.candidates, strict=False)):
             colour = "tab:red" if c.refused else ("tab:green" if name in front else "tab:blue")
             ax.scatter([x], [y], c=colour, marker="x" if c.refused else "o", s=50, zorder=3)
-            ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+            # staggered offsets: candidates often sit on top of each other
+            ax.annotate(name, (x, y), textcoords="offset points",
+                        xytext=(5, 4 + 9 * (i % 3) * (-1) ** i), fontsize=8)
         fx = sorted((x, y) for n, x, y in ok if n in front)
         if len(fx) > 1:
             ax.plot(*zip(*fx, strict=True), c="tab:green", lw=1, ls="--", zorder=2)
-        ax.set_xlabel(label)
+        ax.set_xscale("log")  # candidates span orders of magnitude
+        ax.set_xlabel(label + ", log scale")
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
     fig.suptitle(f"{report.source['name']} {report.source['version']}: green = Pareto front, "

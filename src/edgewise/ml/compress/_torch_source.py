@@ -88,7 +88,11 @@ def _explicit(bundle_dir: Path, manifest: BundleManifest, spec: dict[str, Any]) 
                                  "not list that file")
     module = build_arch(spec["arch"], dict(spec.get("config", {})))
     try:
-        module.load_state_dict(load_file(str(bundle_dir / rel)), strict=True)
+        state = load_file(str(bundle_dir / rel))
+        # A backbone's own ImageNet classifier may be saved with it; the classifier never
+        # uses it (see _archs._apply_widths).
+        state = {k: v for k, v in state.items() if not k.startswith("backbone._fc.")}
+        module.load_state_dict(state, strict=True)
     except Exception as exc:  # safetensors and torch raise several types for a bad file
         raise NotApplicableError(f"{rel}: does not load into {spec['arch']}: {exc}") from exc
     return TorchModel(module, spec["arch"], dict(spec.get("config", {})), f"bundle {rel}")
@@ -113,7 +117,7 @@ def _onnx_head(model_path: Path) -> tuple[np.ndarray, np.ndarray]:
 def _rebuilt_quick(bundle_dir: Path, manifest: BundleManifest) -> TorchModel:
     import torch
 
-    from ..backbones import load_weights, pretrained_weights_path
+    from ..backbones import create_backbone, pretrained_weights_path
     from ._archs import build_arch
 
     prov = manifest.provenance
@@ -130,7 +134,10 @@ def _rebuilt_quick(bundle_dir: Path, manifest: BundleManifest) -> TorchModel:
               "num_classes": int(w.shape[0]), "input_mean": float(pre.mean[0]),
               "input_std": float(pre.std[0])}
     module = build_arch("feature-head", config)
-    load_weights(module.backbone, weights)
+    # Strict load into a complete backbone, then everything but its ImageNet classifier.
+    full = create_backbone(prov["backbone"], weights_path=weights).state_dict()
+    module.backbone.load_state_dict(
+        {k: v for k, v in full.items() if not k.startswith("_fc.")}, strict=True)
     with torch.no_grad():
         module.head.weight.copy_(torch.from_numpy(np.array(w)))
         module.head.bias.copy_(torch.from_numpy(np.array(b)))

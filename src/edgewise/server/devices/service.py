@@ -9,9 +9,9 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from ...windows import parse_window, zone
 from .._auth import hash_token, new_token
 from .._db import utcnow
-from ...windows import parse_window, zone
 from .._errors import Conflict, InvalidInput, NotFound, Unauthorized
 from ..events import service as events
 from ..releases.models import Release
@@ -20,7 +20,8 @@ from .models import Device, EnrollmentToken, InstallResult
 FINAL_STATES = {"committed", "rolled-back", "failed"}
 
 AGENT_STATES = {
-    "idle", "checking", "downloading", "verifying", "installing", "activating",
+    "idle", "checking", "downloading", "verifying", "awaiting-window", "installing",
+    "activating",
     "health-checking", "committed", "rolling-back", "rolled-back", "failed",
 }
 
@@ -91,9 +92,16 @@ def assign(session: Session, *, release_id: str, device_ids: list[str] | None) -
     return devices
 
 
+LAST_SEEN_RESOLUTION = timedelta(seconds=30)
+
+
 def assignment(session: Session, *, device: Device) -> Release | None:
-    device.last_seen_at = utcnow()
-    session.commit()
+    now = utcnow()
+    # A check-in is a read; record "last seen" at a coarse resolution so polling fleets do
+    # not turn every check-in into a database write.
+    if device.last_seen_at is None or now - device.last_seen_at > LAST_SEEN_RESOLUTION:
+        device.last_seen_at = now
+        session.commit()
     if device.assigned_release_id is None:
         return None
     return session.get(Release, device.assigned_release_id)

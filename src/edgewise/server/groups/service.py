@@ -7,9 +7,9 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from ...windows import parse_window
 from .._errors import Conflict, InvalidInput, NotFound
 from ..devices.models import Device
-from ...windows import parse_window
 from .models import Group, GroupMember
 
 

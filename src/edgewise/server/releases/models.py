@@ -20,4 +20,6 @@ class Release(Base):
     targets_version: Mapped[int] = mapped_column(Integer)
     size_bytes: Mapped[int] = mapped_column(Integer)
     manifest: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # Delta patches made at publish time: [{base_release_id, file, delta_bytes, full_bytes}]
+    deltas: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)

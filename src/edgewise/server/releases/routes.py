@@ -22,12 +22,13 @@ class ReleaseOut(BaseModel):
     size_bytes: int
     created_at: datetime
     manifest: dict[str, Any]
+    deltas: list[dict[str, Any]]
 
     @classmethod
     def of(cls, r: Release) -> ReleaseOut:
         return cls(id=r.id, name=r.name, version=r.version, manifest_target=r.manifest_target,
                    targets_version=r.targets_version, size_bytes=r.size_bytes,
-                   created_at=r.created_at, manifest=r.manifest)
+                   created_at=r.created_at, manifest=r.manifest, deltas=r.deltas or [])
 
 
 @router.post("/releases", response_model=ReleaseOut, status_code=201,

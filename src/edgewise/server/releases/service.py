@@ -6,18 +6,23 @@ targets signed by the operator, with matching sha256 and size.
 
 from __future__ import annotations
 
+import logging
 import secrets
-from typing import BinaryIO
+import tempfile
+from pathlib import Path
+from typing import Any, BinaryIO
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
-from tuf.api.metadata import Metadata, Targets
+from tuf.api.metadata import Metadata, TargetFile, Targets
 
 from ...artifacts import MANIFEST_NAME, BundleError, parse_manifest
-from ...trust import ServerRepository, VerificationError
+from ...trust import DELTAS_ROLE, ServerRepository, VerificationError
 from .._errors import Conflict, InvalidInput, NotFound
 from ..events import service as events
 from .models import Release
+
+log = logging.getLogger("edgewise.server.releases")
 
 
 def list_releases(session: Session) -> list[Release]:
@@ -101,4 +106,70 @@ def publish(
     events.record(session, kind="published", release_id=release.id,
                   message=f"published {manifest.release_name} (targets v{published.version})")
     session.commit()
+    release.deltas = make_deltas(session, repo=repo, release=release)
+    session.commit()
     return release
+
+
+MIN_DELTA_FILE_BYTES = 64 << 10  # below this a delta is not worth a second round trip
+
+
+def delta_target_path(result_sha256: str, base_sha256: str) -> str:
+    return f"{DELTAS_ROLE}/{result_sha256}.{base_sha256}"
+
+
+def make_deltas(session: Session, *, repo: ServerRepository, release: Release
+                ) -> list[dict[str, Any]]:
+    """Delta patches to `release` from every release devices actually run (their reports),
+    published as targets of the online `deltas` role. Best effort: a failure here only means
+    devices download full files."""
+    from ...artifacts.delta import DeltaError, encode_delta
+    from ..devices.models import Device
+
+    bases = session.scalars(select(Device.release_id).where(
+        Device.release_id.is_not(None), Device.release_id != release.id).distinct()).all()
+    made: list[dict[str, Any]] = []
+    add: dict[str, TargetFile] = {}
+    for base_id in bases:
+        base = session.get(Release, base_id)
+        if base is None:
+            continue
+        base_files = base.manifest.get("files", {})
+        for rel, entry in release.manifest["files"].items():
+            old = base_files.get(rel)
+            if old is None or old["sha256"] == entry["sha256"] or \
+                    entry["size"] < MIN_DELTA_FILE_BYTES:
+                continue
+            path = delta_target_path(entry["sha256"], old["sha256"])
+            if path in add:
+                continue
+            old_obj, new_obj = repo.object_path(old["sha256"]), repo.object_path(entry["sha256"])
+            if old_obj is None or new_obj is None:
+                continue
+            with tempfile.TemporaryDirectory(dir=repo.dir) as tmp:
+                patch = Path(tmp) / "patch"
+                try:
+                    info = encode_delta(old_obj, new_obj, patch)
+                except (DeltaError, OSError) as exc:
+                    log.warning("no delta %s -> %s for %s: %s", base.id, release.id, rel, exc)
+                    continue
+                if info.patch_size >= 0.9 * entry["size"]:
+                    continue  # not worth it: devices take the full file
+                with open(patch, "rb") as f:
+                    sha, size = repo.store_object(f, max_bytes=entry["size"])
+            add[path] = TargetFile(length=size, hashes={"sha256": sha}, path=path,
+                                   unrecognized_fields={"custom": {
+                                       "base_sha256": old["sha256"],
+                                       "result_sha256": entry["sha256"],
+                                       "result_length": entry["size"],
+                                       "file": rel, "base_release_id": base.id,
+                                       "release_id": release.id}})
+            made.append({"base_release_id": base.id, "file": rel, "delta_bytes": size,
+                         "full_bytes": entry["size"]})
+    if add:
+        repo.publish_deltas(add)
+        events.record(session, kind="deltas-published", release_id=release.id,
+                      message=", ".join(f"{m['file']} from {m['base_release_id']}: "
+                                        f"{m['delta_bytes']}/{m['full_bytes']} bytes"
+                                        for m in made))
+    return made

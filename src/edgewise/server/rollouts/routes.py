@@ -49,6 +49,7 @@ class RolloutOut(BaseModel):
     created_at: datetime
     reason: str
     progress: dict[str, int]
+    transfer: dict[str, int]
 
 
 def rollout_out(session, r: Rollout) -> RolloutOut:
@@ -56,7 +57,8 @@ def rollout_out(session, r: Rollout) -> RolloutOut:
                       stage_index=r.stage_index, stage=r.stages[r.stage_index]["name"],
                       stages=r.stages, stage_started_at=r.stage_started_at,
                       created_at=r.created_at, reason=r.reason,
-                      progress=service.progress(session, r))
+                      progress=service.progress(session, r),
+                      transfer=service.transfer(session, r))
 
 
 @router.post("/rollouts", response_model=RolloutOut, status_code=201)

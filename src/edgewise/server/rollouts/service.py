@@ -8,9 +8,9 @@ release it ran before (a new assignment of the old artifact, never a silent down
 from __future__ import annotations
 
 import hashlib
-import statistics
 import logging
 import secrets
+import statistics
 from dataclasses import asdict
 from datetime import datetime
 from typing import Any
@@ -164,6 +164,24 @@ def progress(session: Session, rollout: Rollout) -> dict[str, Any]:
         outcome = _outcome(session, row, rollout.release_id, known).outcome
         counts[outcome or "in-progress"] += 1
     return counts
+
+
+def transfer(session: Session, rollout: Rollout) -> dict[str, int]:
+    """Bytes the rollout's devices downloaded vs the full size of what they installed, as the
+    agents reported them (delta updates make the first smaller)."""
+    from ..events.models import Event
+
+    device_ids = select(RolloutDevice.device_id).where(RolloutDevice.rollout_id == rollout.id)
+    totals = {"bytes_sent": 0, "bytes_full": 0, "delta_files": 0, "delta_fallbacks": 0}
+    for detail in session.scalars(select(Event.detail).where(
+            Event.kind == "downloaded", Event.release_id == rollout.release_id,
+            Event.device_id.in_(device_ids))):
+        stats = (detail or {}).get("download") or {}
+        totals["bytes_sent"] += int(stats.get("sent_bytes", 0))
+        totals["bytes_full"] += int(stats.get("full_bytes", 0))
+        totals["delta_files"] += int(stats.get("delta_files", 0))
+        totals["delta_fallbacks"] += int(stats.get("delta_fallbacks", 0))
+    return totals
 
 
 def tick(session: Session, rollout: Rollout, *, now: datetime | None = None) -> Action | None:

@@ -1,0 +1,153 @@
+"""Delta updates wired into the update path: made at publish from what devices run, signed
+by the online `deltas` role, applied by the agent and checked against the offline-signed
+hash; a bad delta falls back to the full file; downloads resume after a dropped connection."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from tuf.api import exceptions as tuf_exc
+
+from edgewise.agent import agent_status
+from edgewise.artifacts import Preprocessing, write_bundle
+from edgewise.trust import HttpxFetcher, client_tls
+from tests.test_e2e_update import run_once
+
+PRE = Preprocessing(input_size=(64, 64), channels=1, mean=(0.5,), std=(0.25,))
+
+
+def weighty_bundle(out: Path, version: str, *, tweak: float = 0.0) -> Path:
+    """A 4096x3 linear model (48 KiB of weights plus a 256 KiB unused-looking tensor) whose
+    later versions nudge a few weights, like a short fine-tune."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(4096, 3)).astype(np.float32)
+    emb = rng.normal(size=(256, 256)).astype(np.float32)
+    if tweak:
+        w[:64] += tweak
+        emb[:8] += tweak
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["input"], ["flat"], axis=1),
+         helper.make_node("MatMul", ["flat", "W"], ["logits0"]),
+         helper.make_node("ReduceMean", ["E"], ["e"], keepdims=0),
+         helper.make_node("Mul", ["logits0", "zero"], ["logits1"]),
+         helper.make_node("Add", ["logits1", "logits0"], ["logits"])],
+        "weighty",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 64, 64])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(emb, "E"),
+         numpy_helper.from_array(np.zeros((1,), np.float32), "zero")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    inputs = rng.normal(size=(4, 1, 64, 64)).astype(np.float32)
+    outputs = inputs.reshape(4, -1) @ w
+    write_bundle(out, name="weighty", version=version, labels=("a", "b", "c"),
+                 preprocessing=PRE, model=model.SerializeToString(), golden_inputs=inputs,
+                 golden_outputs=outputs, atol=1e-2, max_latency_ms=1000)
+    return out
+
+
+def download_stats(state: Path, version: str) -> dict:
+    history = agent_status(state)["history"]
+    assert history[-1]["state"] == "committed"
+    # The agent reported it; the server's event log has the same figures.
+    return next(e for e in reversed(json.loads((state / "state.json").read_text())["history"])
+                if e["event"] == "downloaded")
+
+
+@pytest.mark.slow
+def test_second_release_arrives_as_a_delta_and_bad_deltas_fall_back(
+        live_server, enroll_agent, tmp_path: Path) -> None:
+    a = enroll_agent("a")
+    live_server.publish(weighty_bundle(tmp_path / "v1", "1.0.0"))
+    assert run_once(a, tmp_path) == 0
+    v2 = live_server.publish(weighty_bundle(tmp_path / "v2", "2.0.0", tweak=0.01))
+    made = {m["file"]: m for m in v2["deltas"]}
+    assert made["model.onnx"]["delta_bytes"] < made["model.onnx"]["full_bytes"] / 2
+
+    assert run_once(a, tmp_path) == 0
+    status = agent_status(a)
+    assert (status["state"], status["release"]) == ("committed", "weighty@2.0.0")
+    with live_server.client() as c:
+        device_id = json.loads((a / "identity.json").read_text())["device_id"]
+        downloaded = [e for e in c.events(device_id=device_id) if e["kind"] == "downloaded"]
+    stats = downloaded[-1]["detail"]["download"]
+    assert stats["delta_files"] == len(made) and stats["delta_fallbacks"] == 0
+    assert stats["sent_bytes"] < stats["full_bytes"] / 2
+
+    # A device without the base takes full files.
+    b = enroll_agent("b")
+    with live_server.client() as c:
+        c.assign(v2["id"])
+    assert run_once(b, tmp_path) == 0
+    with live_server.client() as c:
+        device_id = json.loads((b / "identity.json").read_text())["device_id"]
+        stats_b = [e for e in c.events(device_id=device_id)
+                   if e["kind"] == "downloaded"][-1]["detail"]["download"]
+    assert stats_b["delta_files"] == 0 and stats_b["sent_bytes"] == stats_b["full_bytes"]
+
+    # v3's delta is corrupted on the server's disk: refused, the full file is used instead.
+    v3 = live_server.publish(weighty_bundle(tmp_path / "v3", "3.0.0", tweak=0.02))
+    with live_server.client() as c:
+        releases = {r["id"]: r for r in c.releases()}
+    delta_meta = json.loads(max((live_server.data_dir / "tuf" / "metadata").glob(
+        "*.deltas.json"), key=lambda p: int(p.name.split(".")[0])).read_text())
+    v3_sha = releases[v3["id"]]["manifest"]["files"]["model.onnx"]["sha256"]
+    for path, info in delta_meta["signed"]["targets"].items():
+        if path.startswith(f"deltas/{v3_sha}."):
+            obj = live_server.data_dir / "tuf" / "objects" / info["hashes"]["sha256"]
+            data = bytearray(obj.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            obj.write_bytes(bytes(data))
+    assert run_once(a, tmp_path) == 0
+    assert agent_status(a)["release"] == "weighty@3.0.0"
+    with live_server.client() as c:
+        device_id = json.loads((a / "identity.json").read_text())["device_id"]
+        stats = [e for e in c.events(device_id=device_id)
+                 if e["kind"] == "downloaded"][-1]["detail"]["download"]
+    assert stats["delta_fallbacks"] == 1  # model.onnx: corrupted delta refused
+    assert stats["delta_files"] == len(v3["deltas"]) - 1
+
+
+def test_server_honours_range_requests(live_server, tmp_path: Path) -> None:
+    release = live_server.publish(weighty_bundle(tmp_path / "v1", "1.0.0"), assign=False)
+    sha = release["manifest"]["files"]["model.onnx"]["sha256"]
+    url = f"{live_server.url}/tuf/targets/weighty/1.0.0/{sha}.model.onnx"
+    with httpx.Client(verify=client_tls(live_server.ca)) as http:
+        full = http.get(url)
+        part = http.get(url, headers={"Range": "bytes=1000-"})
+    assert part.status_code == 206 and part.content == full.content[1000:]
+
+
+def test_fetcher_resumes_after_a_dropped_connection(tmp_path: Path) -> None:
+    body = bytes(range(256)) * 4096  # 1 MiB
+    seen_ranges: list[str | None] = []
+
+    class Dropping(httpx.SyncByteStream):
+        def __iter__(self):
+            yield body[:300_000]
+            raise httpx.ReadError("connection reset by peer")
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen_ranges.append(request.headers.get("Range"))
+        if len(seen_ranges) == 1:
+            return httpx.Response(200, stream=Dropping())
+        start = int(request.headers["Range"].removeprefix("bytes=").rstrip("-"))
+        return httpx.Response(206, content=body[start:])
+
+    fetcher = HttpxFetcher(httpx.Client(transport=httpx.MockTransport(handler)),
+                           partial_dir=tmp_path / "partial")
+    url = "https://server/tuf/targets/m/1/abc.model.onnx"
+    with pytest.raises(tuf_exc.DownloadError, match="resume"):
+        b"".join(fetcher.fetch(url))
+    assert b"".join(fetcher.fetch(url)) == body
+    assert seen_ranges == [None, "bytes=300000-"]
+    assert not list((tmp_path / "partial").iterdir())  # nothing left once complete
