@@ -148,3 +148,29 @@ def test_malformed_manifest(bundle: Path, raw: bytes) -> None:
 def test_no_manifest(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match="not an Edgewise bundle"):
         validate_bundle(tmp_path)
+
+
+@pytest.mark.parametrize(("name", "content", "message"), [
+    ("run.sh", b"#!/bin/sh\nrm -rf /\n", "not allowed in a bundle"),
+    ("lib.so", b"\x7fELF....", "not allowed in a bundle"),
+    ("weights.safetensors", b"\x00" * 16, "not a safetensors file"),
+    ("weights.safetensors", (5).to_bytes(8, "little") + b"[1,2]", "not an object"),
+    ("llm.gguf", b"GGML-but-not-GGUF", "not a GGUF file"),
+    ("extra.onnx", b"PK\x03\x04 zip", "not an ONNX model"),
+])
+def test_only_known_model_and_data_formats(bundle: Path, name: str, content: bytes,
+                                           message: str) -> None:
+    (bundle / name).write_bytes(content)
+    _relist(bundle, name)
+    with pytest.raises(BundleError, match=message):
+        validate_bundle(bundle)
+
+
+def test_valid_safetensors_and_gguf_extras_are_accepted(bundle: Path) -> None:
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+    (bundle / "weights.safetensors").write_bytes(
+        len(header).to_bytes(8, "little") + header + b"\x00" * 8)
+    (bundle / "llm.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 16)
+    for name in ("weights.safetensors", "llm.gguf"):
+        _relist(bundle, name)
+    validate_bundle(bundle)

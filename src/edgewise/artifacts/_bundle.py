@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import zipfile
 from collections.abc import Mapping
@@ -24,7 +25,9 @@ from ._manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     BundleManifest,
+    DetectorSpec,
     FileEntry,
+    GeneratorSpec,
     GoldenSpec,
     Preprocessing,
     check_relative_path,
@@ -47,6 +50,11 @@ GOLDEN_NAME = "golden.npz"
 _CHUNK = 1 << 20
 # Extensions of formats that are, or usually wrap, Python pickles: never accepted on a device.
 _PICKLE_SUFFIXES = {".pkl", ".pickle", ".pt", ".pth", ".ckpt", ".joblib", ".bin"}
+# Everything a bundle may carry: model weights only as ONNX, safetensors or GGUF (each checked
+# by its header), plus data and documents that no loader executes.
+_MODEL_SUFFIXES = {".onnx", ".safetensors", ".gguf"}
+_DATA_SUFFIXES = {".data", ".npz", ".json", ".md", ".txt", ".png", ".jpg", ".jpeg", ".csv",
+                  ".yaml", ".yml"}
 
 
 @dataclass(frozen=True)
@@ -83,14 +91,43 @@ def _check_file_kind(rel: str, path: Path, manifest: BundleManifest) -> None:
     suffix = Path(rel).suffix.lower()
     if suffix in _PICKLE_SUFFIXES:
         raise BundleError(f"{rel}: {suffix} files may hold pickles and are not allowed in a bundle")
+    if suffix not in _MODEL_SUFFIXES | _DATA_SUFFIXES:
+        raise BundleError(f"{rel}: {suffix or 'extension-less'} files are not allowed in a bundle "
+                          "(models: .onnx, .safetensors, .gguf; data: "
+                          f"{', '.join(sorted(_DATA_SUFFIXES))})")
     with open(path, "rb") as f:
         head = f.read(8)
     if _looks_like_pickle(head):
         raise BundleError(f"{rel}: file is a Python pickle; pickles are not allowed in a bundle")
     if head.startswith(b"PK") and _zip_holds_pickle(path):
         raise BundleError(f"{rel}: archive contains a pickle (torch checkpoint?); not allowed")
-    if rel == manifest.model:
+    onnx_files = {manifest.model}
+    for spec in (manifest.detector, manifest.generator):
+        if spec is not None:
+            onnx_files.add(spec.model)
+    if rel in onnx_files or suffix == ".onnx":
         _check_onnx(rel, path, head)
+    elif suffix == ".safetensors":
+        _check_safetensors(rel, path)
+    elif suffix == ".gguf" and not head.startswith(b"GGUF"):
+        raise BundleError(f"{rel}: not a GGUF file (bad magic)")
+
+
+def _check_safetensors(rel: str, path: Path) -> None:
+    # 8-byte little-endian header length, then a JSON object of that length.
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
+        if not 2 <= n <= min(size - 8, 100 << 20):
+            raise BundleError(f"{rel}: not a safetensors file (bad header length)")
+        header = f.read(n)
+    try:
+        parsed = json.loads(header)
+    except ValueError as exc:
+        raise BundleError(f"{rel}: not a safetensors file (header is not JSON)") from exc
+    if not isinstance(parsed, dict):
+        raise BundleError(f"{rel}: not a safetensors file (header is not an object)")
 
 
 def _check_onnx(rel: str, path: Path, head: bytes) -> None:
@@ -199,6 +236,9 @@ def write_bundle(
     extra_files: Mapping[str, Path | bytes] | None = None,
     metrics: Mapping[str, Any] | None = None,
     provenance: Mapping[str, Any] | None = None,
+    kind: str = "image-classifier",
+    detector: DetectorSpec | None = None,
+    generator: GeneratorSpec | None = None,
 ) -> BundleManifest:
     """Write a complete, self-validated bundle directory and return its manifest."""
     out_dir = Path(out_dir)
@@ -230,6 +270,9 @@ def write_bundle(
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         metrics=dict(metrics or {}),
         provenance=dict(provenance or {}),
+        kind=kind,
+        detector=detector,
+        generator=generator,
     )
     (out_dir / MANIFEST_NAME).write_text(manifest.to_json())
     validate_bundle(out_dir)

@@ -19,7 +19,9 @@ __all__ = [
     "FORMAT_VERSION",
     "MANIFEST_NAME",
     "BundleManifest",
+    "DetectorSpec",
     "FileEntry",
+    "GeneratorSpec",
     "GoldenSpec",
     "Preprocessing",
     "check_relative_path",
@@ -102,11 +104,57 @@ class GoldenSpec(_Strict):
         return check_relative_path(v)
 
 
+class DetectorSpec(_Strict):
+    """An anomaly / drift score the device computes next to each prediction.
+
+    `model` maps a preprocessed input to one score per image (output `output`, higher = less
+    like the training data); an image is anomalous when its score exceeds `threshold`, which
+    was calibrated on validation data to `target_fpr`. `histogram_edges` are the score bins
+    the device aggregates into (the only thing about its inputs it ever reports).
+    """
+
+    model: str
+    output: str = "score"
+    method: str
+    threshold: float
+    target_fpr: float = Field(gt=0, lt=1)
+    histogram_edges: tuple[float, ...]
+
+    @field_validator("model")
+    @classmethod
+    def _safe_path(cls, v: str) -> str:
+        return check_relative_path(v)
+
+    @field_validator("histogram_edges")
+    @classmethod
+    def _sorted(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if len(v) < 2 or any(b <= a for a, b in zip(v, v[1:], strict=False)):
+            raise ValueError("histogram_edges must hold at least two increasing values")
+        return v
+
+
+class GeneratorSpec(_Strict):
+    """A decoder that turns latent vectors (and, if conditional, a class) into images in [0, 1]:
+    inputs `z` [N, latent_dim] and, when `conditional`, `label` one-hot [N, len(labels)];
+    output `image` [N, C, H, W]."""
+
+    model: str
+    latent_dim: int = Field(ge=1)
+    conditional: bool
+
+    @field_validator("model")
+    @classmethod
+    def _safe_path(cls, v: str) -> str:
+        return check_relative_path(v)
+
+
 class BundleManifest(_Strict):
     format_version: int
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
     version: str = Field(pattern=r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}$")
-    kind: Literal["image-classifier"] = "image-classifier"
+    # "generator": `model` computes the anomaly score (the health check runs it); the decoder
+    # is named by `generator`.
+    kind: Literal["image-classifier", "generator"] = "image-classifier"
     model: str = "model.onnx"
     labels: tuple[str, ...]
     preprocessing: Preprocessing
@@ -115,6 +163,10 @@ class BundleManifest(_Strict):
     created_at: str | None = None
     metrics: dict[str, Any] = Field(default_factory=dict)
     provenance: dict[str, Any] = Field(default_factory=dict)
+    # Optional sections: absent from manifests that do not use them, so bundles written before
+    # they existed (and agents that predate them) are unaffected.
+    detector: DetectorSpec | None = None
+    generator: GeneratorSpec | None = None
 
     @field_validator("format_version")
     @classmethod
@@ -138,7 +190,16 @@ class BundleManifest(_Strict):
         check_relative_path(self.model)
         if not self.model.endswith(".onnx"):
             raise ValueError(f"model file {self.model!r} must be an .onnx file")
-        for role, path in (("model", self.model), ("golden set", self.golden.file)):
+        roles = [("model", self.model), ("golden set", self.golden.file)]
+        if self.detector is not None:
+            roles.append(("detector model", self.detector.model))
+        if self.generator is not None:
+            roles.append(("generator model", self.generator.model))
+        if self.kind == "generator" and self.generator is None:
+            raise ValueError("a generator bundle needs a generator section")
+        for role, path in roles:
+            if not path.endswith(".onnx") and role != "golden set":
+                raise ValueError(f"{role} file {path!r} must be an .onnx file")
             if path not in self.files:
                 raise ValueError(f"{role} file {path!r} is not listed in files")
         if not self.labels:
@@ -150,7 +211,11 @@ class BundleManifest(_Strict):
         return f"{self.name}@{self.version}"
 
     def to_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
+        data = self.model_dump(mode="json")
+        for optional in ("detector", "generator"):
+            if data[optional] is None:
+                del data[optional]
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
 def parse_manifest(data: bytes | str) -> BundleManifest:

@@ -178,3 +178,13 @@ def feedback(
                                    predicted=wrong, correct=correct))
     except (AgentError, ValueError) as exc:
         fail(str(exc))
+
+
+@agent_app.command("tuf-client", context_settings={"allow_extra_args": True,
+                                                   "ignore_unknown_options": True})
+def tuf_client(ctx: typer.Context) -> None:
+    """The agent's TUF client behind the tuf-conformance client protocol (init, refresh,
+    download with --metadata-dir/--metadata-url/--target-name/--target-base-url/--target-dir)."""
+    from ..agent._tuf_client import main
+
+    raise typer.Exit(main(list(ctx.args)))

@@ -28,6 +28,7 @@ def run(
     admin_token: Annotated[str | None, typer.Option(envvar="EDGEWISE_ADMIN_TOKEN",
                                                     help="default: DATA/admin.token")] = None,
     rollout_tick_s: Annotated[float, typer.Option(help="rollout engine period")] = 2.0,
+    max_upload_gb: Annotated[float, typer.Option(help="largest artifact file accepted")] = 16.0,
     mqtt_url: Annotated[str | None, typer.Option(envvar="EDGEWISE_MQTT_URL",
                                                  help="mqtts://HOST:PORT of the broker")] = None,
     mqtt_ca: Annotated[Path | None, typer.Option(help="CA certificate of the broker")] = None,
@@ -63,7 +64,8 @@ def run(
         token = resolve_admin_token(data, admin_token)
         app = create_app(ServerConfig(data_dir=data, root_path=root, online_key_path=online_key,
                                       admin_token=token, db_url=db,
-                                      rollout_tick_s=rollout_tick_s, mqtt=mqtt))
+                                      rollout_tick_s=rollout_tick_s, mqtt=mqtt,
+                                      max_upload_bytes=int(max_upload_gb * 2**30)))
     except (ValueError, TrustError) as exc:
         fail(str(exc))
     if admin_token is None:
