@@ -40,13 +40,21 @@ def _api_errors():
 
 
 @keys_app.command("init")
-def keys_init(out_dir: Annotated[Path, typer.Option("--out", help="directory for the keys")]
-              = Path("keys")) -> None:
-    """Make root + targets keys (offline, operator), the online key (server) and root.json."""
+def keys_init(
+    out_dir: Annotated[Path, typer.Option("--out", help="directory for the keys")]
+    = Path("keys"),
+    root_keys: Annotated[int, typer.Option(help="number of root keys")] = 1,
+    root_threshold: Annotated[int, typer.Option(help="root keys needed to sign")] = 1,
+    targets_keys: Annotated[int, typer.Option(help="number of targets keys")] = 1,
+    targets_threshold: Annotated[int, typer.Option(help="targets keys needed to sign")] = 1,
+) -> None:
+    """Make root + targets keys (offline, operator; k-of-n), the online key (server) and
+    root.json."""
     from ..trust import KeyFileError, init_keys
 
     try:
-        paths = init_keys(out_dir)
+        paths = init_keys(out_dir, root_keys=root_keys, root_threshold=root_threshold,
+                          targets_keys=targets_keys, targets_threshold=targets_threshold)
     except KeyFileError as exc:
         fail(str(exc))
     console.print(f"[green]keys written to {out_dir}[/]\n"
@@ -66,11 +74,12 @@ def publish(
 ) -> None:
     """Validate a bundle, sign its targets with the offline key here, upload it."""
     from ..server.client import publish_bundle
+    from ..trust import role_key_files
 
     try:
         with _client(server, token) as client:
             release = publish_bundle(client, bundle, root_path=keys / "root.json",
-                                     targets_key_path=keys / "targets.pem")
+                                     targets_key_path=role_key_files(keys, "targets"))
             if assign_all:
                 client.assign(release["id"])
     except _api_errors() as exc:
@@ -246,3 +255,40 @@ def audit_verify(server: ServerOpt, token: TokenOpt) -> None:
                 "head": entries[-1]["hash"] if entries else None})
     if not ok:
         fail(f"audit log chain broken at entry {bad}: {reason}")
+
+
+@keys_app.command("rotate")
+def keys_rotate(
+    role: Annotated[str, typer.Option(help="root | targets | online")],
+    keys: Annotated[Path, typer.Option(help="directory with root.json and the keys")]
+    = Path("keys"),
+    count: Annotated[int, typer.Option("--keys-count", help="new keys")] = 1,
+    threshold: Annotated[int, typer.Option(help="new keys needed to sign")] = 1,
+    server: Annotated[str | None, typer.Option(envvar="EDGEWISE_SERVER",
+                                               help="also publish the new root there")] = None,
+    token: Annotated[str | None, typer.Option(envvar="EDGEWISE_TOKEN")] = None,
+) -> None:
+    """Replace a role's keys: a new root version signed by the current root keys. With
+    --server, publish it (and, for targets, re-sign the current targets with the new keys).
+    After rotating the online key, restart the server with the new online.pem."""
+    from ..trust import KeyFileError, load_signer, role_key_files, rotate_keys, sign_targets
+
+    try:
+        old, new = rotate_keys(keys, role=role, keys=count, threshold=threshold)
+    except KeyFileError as exc:
+        fail(str(exc))
+    console.print(f"root v{new.signed.version}: new {role} key(s) in {keys}; retired keys in "
+                  f"{keys / 'retired'}")
+    if server:
+        try:
+            with _client(server, token or "") as client:
+                client.upload_root(new.to_bytes())
+                if role in ("targets", "online"):  # online: re-delegate deltas to the new key
+                    signers = [load_signer(p) for p in role_key_files(keys, "targets")]
+                    resigned = sign_targets(root=new, signer=signers,
+                                            current=client.current_targets(), add={},
+                                            current_root=old)
+                    client.upload_targets(resigned)
+        except (*_api_errors(), KeyFileError) as exc:
+            fail(f"{exc} (the new root is saved in {keys}; retry with --server)")
+        console.print(f"published root v{new.signed.version} to {server}")

@@ -76,6 +76,12 @@ class OperatorClient:
         return self.request("POST", "/api/v1/assignments",
                             json={"release_id": release_id, "device_ids": device_ids}).json()
 
+    def upload_root(self, root: bytes) -> int:
+        return self.request("POST", "/api/v1/tuf/root", content=root).json()["version"]
+
+    def upload_targets(self, targets: bytes) -> int:
+        return self.request("POST", "/api/v1/tuf/targets", content=targets).json()["version"]
+
     def current_targets(self) -> bytes | None:
         r = self.request("GET", "/api/v1/tuf/targets-metadata")
         return None if r.status_code == 204 else r.content
@@ -86,14 +92,16 @@ def publish_bundle(
     bundle_dir: Path,
     *,
     root_path: Path,
-    targets_key_path: Path,
+    targets_key_path: Path | list[Path],
     retries: int = 3,
 ) -> dict[str, Any]:
-    """Validate, sign (operator side) and upload a bundle; return the server's release."""
+    """Validate, sign (operator side, with every given targets key: at least the threshold)
+    and upload a bundle; return the server's release."""
     bundle_dir = Path(bundle_dir)
     manifest = validate_bundle(bundle_dir)
     root = load_root(root_path)
-    signer = load_signer(targets_key_path)
+    paths = targets_key_path if isinstance(targets_key_path, list) else [targets_key_path]
+    signer = [load_signer(p) for p in paths]
     prefix = f"{manifest.name}/{manifest.version}/"
     rels = [MANIFEST_NAME, *manifest.files]
     add = {prefix + rel: target_file(prefix + rel, bundle_dir / rel) for rel in rels}

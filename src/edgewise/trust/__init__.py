@@ -3,7 +3,7 @@
 from ._certs import CertPaths, client_tls, init_certs, issue_certificate
 from ._client import HttpxFetcher, TrustedClient
 from ._errors import KeyFileError, TransportError, TrustError, VerificationError
-from ._keys import KeyPaths, init_keys, load_root, load_signer
+from ._keys import KeyPaths, init_keys, load_root, load_signer, role_key_files, rotate_keys
 from ._publisher import DELTAS_ROLE, sign_targets, target_file
 from ._repository import ServerRepository
 
@@ -24,6 +24,8 @@ __all__ = [
     "init_keys",
     "load_root",
     "load_signer",
+    "role_key_files",
+    "rotate_keys",
     "sign_targets",
     "target_file",
 ]

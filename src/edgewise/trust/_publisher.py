@@ -33,21 +33,31 @@ def target_file(target_path: str, local_path: Path) -> TargetFile:
 def sign_targets(
     *,
     root: Metadata[Root],
-    signer: Signer,
+    signer: Signer | list[Signer],
     current: bytes | None,
     add: dict[str, TargetFile],
     now: datetime | None = None,
+    current_root: Metadata[Root] | None = None,
 ) -> bytes:
-    """Return signed targets metadata: `current` (verified) plus `add`, version + 1."""
+    """Return signed targets metadata: `current` (verified) plus `add`, version + 1, signed by
+    every given signer (at least the targets threshold of `root`). `current_root` verifies
+    `current` when it was signed under an earlier root (after a targets key rotation)."""
     now = now or datetime.now(UTC)
-    if signer.public_key.keyid not in root.signed.roles[Targets.type].keyids:
+    signers = signer if isinstance(signer, list) else [signer]
+    role = root.signed.roles[Targets.type]
+    usable = [s for s in signers if s.public_key.keyid in role.keyids]
+    if not usable:
         raise KeyFileError("this key is not a targets key of the trusted root")
+    if len({s.public_key.keyid for s in usable}) < role.threshold:
+        raise KeyFileError(f"signing targets needs {role.threshold} of the "
+                           f"{len(role.keyids)} targets keys; {len(usable)} given")
     if current is None:
         targets = Targets(version=1, expires=now)
     else:
         try:
             md = Metadata[Targets].from_bytes(current)
-            root.signed.verify_delegate(Targets.type, md.signed_bytes, md.signatures)
+            (current_root or root).signed.verify_delegate(Targets.type, md.signed_bytes,
+                                                          md.signatures)
         except UnsignedMetadataError as exc:
             raise VerificationError(
                 "the server's current targets metadata is not signed by our targets key; "
@@ -67,7 +77,8 @@ def sign_targets(
         targets.targets[path] = info
     targets.expires = now.replace(microsecond=0) + TARGETS_EXPIRY
     out = Metadata(targets)
-    out.sign(signer)
+    for s in usable:
+        out.sign(s, append=True)
     return out.to_bytes()
 
 

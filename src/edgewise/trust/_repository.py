@@ -76,6 +76,46 @@ class ServerRepository:
         name = self.metadata_dir / f"{root_md.signed.version}.root.json"
         if not name.exists():
             _atomic_write(name, root_md.to_bytes())
+        self._resign_if_online_key_changed()
+
+    def _resign_if_online_key_changed(self) -> None:
+        """After an online-key rotation the server restarts with the new key: snapshot and
+        timestamp signed by the retired key would be refused by devices, so sign them anew."""
+        ts = self._timestamp()
+        if ts is None:
+            return
+        try:
+            self.root.signed.verify_delegate(Timestamp.type, ts.signed_bytes, ts.signatures)
+        except UnsignedMetadataError:
+            snap = self._snapshot()
+            deltas = snap.signed.meta.get(f"{DELTAS}.json") if snap else None
+            self._sign_snapshot_and_timestamp(snap.signed.meta["targets.json"].version,
+                                              datetime.now(UTC),
+                                              deltas_version=deltas.version if deltas else None)
+
+    def add_root(self, new_root: bytes) -> Root:
+        """Accept the next root version: signed by a threshold of the current root keys and
+        of its own. Every version stays on disk, because devices walk the chain."""
+        try:
+            md = Metadata[Root].from_bytes(new_root)
+        except Exception as exc:
+            raise VerificationError(f"root metadata is malformed: {exc}") from exc
+        if not isinstance(md.signed, Root):
+            raise VerificationError(f"expected root metadata, got {md.signed.type}")
+        with self._lock:
+            if md.signed.version != self.root.signed.version + 1:
+                raise VerificationError(f"root version {md.signed.version} does not follow "
+                                        f"{self.root.signed.version}")
+            for signer_root, who in ((self.root, "current"), (md, "new")):
+                try:
+                    signer_root.signed.verify_delegate(Root.type, md.signed_bytes,
+                                                       md.signatures)
+                except UnsignedMetadataError as exc:
+                    raise VerificationError(
+                        f"new root is not signed by a threshold of the {who} root keys") from exc
+            _atomic_write(self.metadata_dir / f"{md.signed.version}.root.json", new_root)
+            self.root = md
+            return md.signed
 
     # ---- reading -------------------------------------------------------------------------
 

@@ -3,10 +3,13 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from fastapi import APIRouter, File, Response, UploadFile
+from fastapi import APIRouter, File, Request, Response, UploadFile
 from pydantic import BaseModel
+from tuf.api.metadata import Metadata, Targets
 
-from .._deps import ContextDep, PublisherDep, RepoDep, SessionDep, ViewerDep
+from ...trust import VerificationError
+from .._deps import AdminDep, ContextDep, PublisherDep, RepoDep, SessionDep, ViewerDep
+from .._errors import InvalidInput
 from . import service
 from .models import Release
 
@@ -65,3 +68,32 @@ def current_targets_metadata(repo: RepoDep) -> Response:
     if current is None:
         return Response(status_code=204)
     return Response(content=current, media_type="application/json")
+
+
+@router.post("/tuf/root", dependencies=[AdminDep], status_code=201)
+async def rotate_root(request: Request, repo: RepoDep) -> dict[str, int]:
+    """Publish the next root version (key rotation), signed offline by old and new keys."""
+    try:
+        root = repo.add_root(await request.body())
+    except VerificationError as exc:
+        raise InvalidInput(str(exc)) from None
+    return {"version": root.version}
+
+
+@router.post("/tuf/targets", dependencies=[PublisherDep], status_code=201)
+async def resign_targets(request: Request, repo: RepoDep) -> dict[str, int]:
+    """Publish re-signed targets metadata with no new release (after a targets-key rotation)."""
+    current = repo.current_targets()
+    body = await request.body()
+    try:
+        new = Metadata[Targets].from_bytes(body).signed
+        old = Metadata[Targets].from_bytes(current).signed if current else None
+    except Exception as exc:
+        raise InvalidInput(f"targets metadata is malformed: {exc}") from None
+    if old is not None and new.targets != old.targets:
+        raise InvalidInput("re-signing must not change the targets; publish a release instead")
+    try:
+        published = repo.publish(body)
+    except VerificationError as exc:
+        raise InvalidInput(str(exc)) from None
+    return {"version": published.version}
