@@ -118,7 +118,10 @@ def parse_recipe_entry(entry: str) -> tuple[str, dict[str, Any]]:
 def _candidate_name(recipe: str, options: dict[str, Any]) -> str:
     if not options:
         return recipe
-    return recipe + "-" + "-".join(f"{k}-{v}" for k, v in sorted(options.items()))
+    import json
+
+    return recipe + "-" + "-".join(f"{k}-{json.dumps(v).strip(chr(34))}"
+                                   for k, v in sorted(options.items()))
 
 
 def _load_avg() -> list[float]:

@@ -7,7 +7,9 @@ train (prune, distill) also return the torch weights and the config that rebuild
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import math
 import time
 from collections.abc import Callable
@@ -230,11 +232,13 @@ def _quantize_static(ctx: CompressContext, pre: Path, out: Path, *, activation: 
     reduce_range = ctx.cpu.is_x86 and not ctx.cpu.int8_dot and act == QuantType.QUInt8
     excluded = _depthwise_convs(pre) if exclude_depthwise else []
     try:
-        quantize_static(str(pre), str(out), _Reader(ctx.input_name, calib),
-                        quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                        activation_type=act, weight_type=QuantType.QInt8,
-                        reduce_range=reduce_range, nodes_to_exclude=excluded,
-                        calibrate_method=calib_method)
+        # The calibrators print() progress; stdout must stay clean for --json output.
+        with contextlib.redirect_stdout(io.StringIO()):
+            quantize_static(str(pre), str(out), _Reader(ctx.input_name, calib),
+                            quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                            activation_type=act, weight_type=QuantType.QInt8,
+                            reduce_range=reduce_range, nodes_to_exclude=excluded,
+                            calibrate_method=calib_method)
     except Exception as exc:
         raise CompressError(f"static quantization failed: {exc}") from exc
     _compact(out)
