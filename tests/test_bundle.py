@@ -174,3 +174,15 @@ def test_valid_safetensors_and_gguf_extras_are_accepted(bundle: Path) -> None:
     for name in ("weights.safetensors", "llm.gguf"):
         _relist(bundle, name)
     validate_bundle(bundle)
+
+
+def test_safetensors_whose_header_length_looks_like_a_pickle_opcode(bundle: Path) -> None:
+    # A 640-byte header is b"\x80\x02..." on disk: the PROTO opcode of a pickle, by accident.
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                         "__metadata__": {"pad": "x" * 500}}).encode()
+    header += b" " * (640 - len(header))
+    assert len(header).to_bytes(8, "little")[:2] == b"\x80\x02"
+    (bundle / "weights.safetensors").write_bytes(
+        len(header).to_bytes(8, "little") + header + b"\x00" * 8)
+    _relist(bundle, "weights.safetensors")
+    validate_bundle(bundle)

@@ -97,7 +97,8 @@ def _check_file_kind(rel: str, path: Path, manifest: BundleManifest) -> None:
                           f"{', '.join(sorted(_DATA_SUFFIXES))})")
     with open(path, "rb") as f:
         head = f.read(8)
-    if _looks_like_pickle(head):
+    # A safetensors header length of 0x0280.. starts like a pickle; its header is parsed below.
+    if suffix != ".safetensors" and _looks_like_pickle(head):
         raise BundleError(f"{rel}: file is a Python pickle; pickles are not allowed in a bundle")
     if head.startswith(b"PK") and _zip_holds_pickle(path):
         raise BundleError(f"{rel}: archive contains a pickle (torch checkpoint?); not allowed")
