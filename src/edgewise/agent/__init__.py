@@ -1,6 +1,7 @@
 """The Edgewise device agent: verify, install into A/B slots, health-check, commit or roll
 back, serve inference locally. Needs no torch."""
 
+from ._anomaly import DriftLog, generate_images, image_grid_png, learn_normal
 from ._daemon import Agent, AgentConfig, FaultPoint
 from ._errors import (
     AgentConfigError,
@@ -33,6 +34,7 @@ __all__ = [
     "AgentConfigError",
     "AgentError",
     "AgentTransportError",
+    "DriftLog",
     "Event",
     "FaultPoint",
     "HealthCheckFailed",
@@ -48,6 +50,9 @@ __all__ = [
     "agent_status",
     "defer_update",
     "enroll",
+    "generate_images",
+    "image_grid_png",
+    "learn_normal",
     "health_check",
     "next_state",
     "preprocess_image",

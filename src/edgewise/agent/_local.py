@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..trust import client_tls, load_root
+from ._anomaly import DriftLog, local_threshold
 from ._client import enroll_device
 from ._errors import AgentConfigError, NoModelError
 from ._runtime import OnnxModel, Prediction
@@ -77,6 +78,7 @@ def agent_status(state_dir: Path) -> dict[str, Any]:
         "last_health": rec.last_health,
         "pending_reports": len(rec.outbox),
         "history": rec.history[-20:],
+        "drift": DriftLog(state_dir).summary(),
     }
 
 
@@ -116,6 +118,7 @@ class LocalModel:
     """The active slot's model, reloaded when the active slot changes."""
 
     def __init__(self, state_dir: Path) -> None:
+        self.state_dir = Path(state_dir)
         self.slots = SlotStore(StateDir(state_dir).slots_dir)
         self._loaded: tuple[str, OnnxModel] | None = None
         self._lock = threading.Lock()
@@ -132,7 +135,29 @@ class LocalModel:
     def predict(self, image: bytes, *, top_k: int = 3) -> tuple[Prediction, dict[str, Any]]:
         model = self.model()
         meta = self.slots.meta(self.slots.active() or "a") or {}
-        return model.predict(image, top_k=top_k), meta
+        prediction = model.predict(image, top_k=top_k)
+        spec = model.manifest.detector
+        if prediction.anomaly is not None and spec is not None:
+            release = model.manifest.release_name
+            local = local_threshold(self.state_dir, release)
+            if local is not None:  # `learn-normal` fitted this device's own threshold
+                prediction = _with_threshold(prediction, local, model.manifest.kind)
+            # aggregates only: the image and its individual score stay here
+            DriftLog(self.state_dir).record(prediction.anomaly["score"], spec, release,
+                                            threshold=local)
+        return prediction, meta
+
+
+def _with_threshold(prediction: Prediction, threshold: float, kind: str) -> Prediction:
+    from dataclasses import replace
+
+    bad = prediction.anomaly["score"] > threshold
+    anomaly = {**prediction.anomaly, "threshold": threshold, "anomalous": bad,
+               "calibration": "device"}
+    if kind != "image-classifier":
+        return replace(prediction, label="anomalous" if bad else "normal", index=int(bad),
+                       anomaly=anomaly)
+    return replace(prediction, anomaly=anomaly)
 
 
 class _Handler(BaseHTTPRequestHandler):

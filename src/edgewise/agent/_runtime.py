@@ -49,10 +49,15 @@ class Prediction:
     index: int
     score: float
     top: list[tuple[str, float]]
+    # {"score", "threshold", "anomalous"} when the bundle has a detector, else None
+    anomaly: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"label": self.label, "index": self.index, "score": self.score,
-                "top": [{"label": lbl, "score": s} for lbl, s in self.top]}
+        out = {"label": self.label, "index": self.index, "score": self.score,
+               "top": [{"label": lbl, "score": s} for lbl, s in self.top]}
+        if self.anomaly is not None:
+            out["anomaly"] = self.anomaly
+        return out
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -81,18 +86,47 @@ class OnnxModel:
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise HealthCheckFailed(f"onnxruntime cannot load the model: {exc}") from exc
         self.input_name = self.session.get_inputs()[0].name
+        self._detector = None
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         return np.asarray(self.session.run(None, {self.input_name: batch})[0])
 
+    def anomaly(self, batch: np.ndarray) -> dict[str, Any] | None:
+        """The bundle's anomaly score of one preprocessed input, or None without a detector."""
+        spec = self.manifest.detector
+        if spec is None:
+            return None
+        if self._detector is None:
+            if spec.model == self.manifest.model:
+                self._detector = self.session
+            else:
+                import onnxruntime as ort
+
+                self._detector = ort.InferenceSession(str(self.dir / spec.model),
+                                                      providers=["CPUExecutionProvider"])
+        name = self._detector.get_inputs()[0].name
+        score = float(np.asarray(self._detector.run([spec.output], {name: batch})[0]).ravel()[0])
+        return {"score": score, "threshold": spec.threshold,
+                "anomalous": bool(score > spec.threshold)}
+
     def predict(self, image: bytes, *, top_k: int = 3) -> Prediction:
-        logits = self.run(preprocess_image(image, self.manifest.preprocessing))[0]
+        x = preprocess_image(image, self.manifest.preprocessing)
+        anomaly = self.anomaly(x)
+        if self.manifest.kind != "image-classifier":
+            # a detector-only bundle: the "prediction" is normal / anomalous
+            if anomaly is None:
+                raise ValueError(f"a {self.manifest.kind} bundle without a detector cannot "
+                                 "classify images")
+            label = "anomalous" if anomaly["anomalous"] else "normal"
+            return Prediction(label=label, index=int(anomaly["anomalous"]),
+                              score=anomaly["score"], top=[], anomaly=anomaly)
+        logits = self.run(x)[0]
         probs = _softmax(logits.astype(np.float64))
         order = np.argsort(-probs)[:top_k]
         labels = self.manifest.labels
         return Prediction(label=labels[order[0]], index=int(order[0]),
                           score=float(probs[order[0]]),
-                          top=[(labels[i], float(probs[i])) for i in order])
+                          top=[(labels[i], float(probs[i])) for i in order], anomaly=anomaly)
 
 
 @dataclass(frozen=True)

@@ -188,3 +188,50 @@ def tuf_client(ctx: typer.Context) -> None:
     from ..agent._tuf_client import main
 
     raise typer.Exit(main(list(ctx.args)))
+
+
+@agent_app.command("generate")
+def generate(
+    state: StateOpt,
+    class_name: Annotated[str | None, typer.Option("--class", help="class to generate "
+                                                   "(class-conditional bundles)")] = None,
+    n: Annotated[int, typer.Option("-n", min=1, max=1024, help="number of images")] = 16,
+    out: Annotated[Path, typer.Option("--out", help="PNG grid to write")] = Path("grid.png"),
+    seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
+) -> None:
+    """Sample images from the active generator bundle on this CPU and write a PNG grid."""
+    from ..agent import AgentError, LocalModel, generate_images, image_grid_png
+
+    try:
+        model = LocalModel(state).model()
+        images, ms = generate_images(model.dir, model.manifest, label=class_name, n=n,
+                                     seed=seed)
+        image_grid_png(images, out)
+    except AgentError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"cannot write {out}: {exc}")
+    console.print(f"{n} image(s) in {ms:.1f} ms ({ms / n:.2f} ms/image, 1 thread) -> {out}")
+    print_json({"out": str(out), "n": n, "class": class_name, "latency_ms": round(ms, 2),
+                "ms_per_image": round(ms / n, 3), "release": model.manifest.release_name})
+
+
+@agent_app.command("learn-normal")
+def learn_normal(
+    images: Annotated[Path, typer.Argument(help="folder of this device's normal images")],
+    state: StateOpt,
+    target_fpr: Annotated[float, typer.Option(help="share of normal images to flag")] = 0.05,
+    time_budget: Annotated[float, typer.Option("--time-budget-s", help="stop scoring after "
+                                               "this many seconds")] = 60.0,
+) -> None:
+    """Fit the active detector's threshold to this device's own images (kept across updates
+    of the same release; images and scores never leave the device)."""
+    from ..agent import AgentError, LocalModel
+    from ..agent import learn_normal as do_learn
+
+    try:
+        model = LocalModel(state).model()
+        print_json(do_learn(state, model, images, target_fpr=target_fpr,
+                            time_budget_s=time_budget))
+    except AgentError as exc:
+        fail(str(exc))

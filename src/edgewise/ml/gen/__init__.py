@@ -1,0 +1,28 @@
+"""Generative models (beta-VAE, class-conditional VAE) for anomaly detection and synthesis.
+
+Invariant: like the rest of `edgewise.ml`, bundles leave only through `write_bundle`; the
+device runs the exported graphs with onnxruntime and never needs torch.
+"""
+
+from ._augment import class_folder_name, synthesize
+from ._model import SCORE_METHODS, ConvVAE, DecoderGraph, ScoreGraph
+from ._ood import OOD_KINDS, auroc, make_ood, threshold_for_fpr
+from ._train import GenConfig, GenResult, image_grid, ort_scores, train_generative
+
+__all__ = [
+    "OOD_KINDS",
+    "SCORE_METHODS",
+    "ConvVAE",
+    "DecoderGraph",
+    "GenConfig",
+    "GenResult",
+    "ScoreGraph",
+    "auroc",
+    "class_folder_name",
+    "image_grid",
+    "make_ood",
+    "ort_scores",
+    "synthesize",
+    "threshold_for_fpr",
+    "train_generative",
+]
