@@ -1,0 +1,288 @@
+"""`edgewise train` end to end on a tiny real image folder: data errors, strategy choice,
+augmentation, resume, ONNX/torch agreement, the bundle, MLflow, and the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from edgewise.artifacts import validate_bundle
+from edgewise.ml import DatasetError, MLError
+from edgewise.ml.augment import AUGMENT_PRESETS, AugmentConfig, augment_batch
+from edgewise.ml.data import (
+    class_balance_warnings,
+    load_dataset,
+    load_image_folder,
+    stratified_split,
+)
+from edgewise.ml.evaluate import evaluate_bundle
+from edgewise.ml.strategies import choose_strategy
+from edgewise.ml.train import TrainConfig, parse_duration, train
+
+CLASSES = ("bars", "columns", "dots")
+
+
+def _pattern(cls: int, rng: np.random.Generator, size: int = 16) -> np.ndarray:
+    img = rng.integers(0, 60, (size, size)).astype(np.uint8)
+    k = int(rng.integers(0, 4))
+    if cls == 0:
+        img[k::4, :] = 230
+    elif cls == 1:
+        img[:, k::4] = 230
+    else:
+        img[k::4, k::4] = 250
+    return img
+
+
+def make_folder(root: Path, per_class: int = 24, *, seed: int = 0,
+                counts: dict[str, int] | None = None) -> Path:
+    rng = np.random.default_rng(seed)
+    for cls, name in enumerate(CLASSES):
+        d = root / name
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range((counts or {}).get(name, per_class)):
+            Image.fromarray(_pattern(cls, rng)).save(d / f"{i:03d}.png")
+    return root
+
+
+FAST = {"strategy": "from-scratch", "backbone": "small-cnn", "batch_size": 16,
+        "augment": "light", "track": False, "bf16": False, "threads": 1}
+
+
+# ---- data --------------------------------------------------------------------------------
+
+def test_image_folder_loads_classes_in_order(tmp_path: Path) -> None:
+    ds = load_image_folder(make_folder(tmp_path / "d", per_class=5))
+    assert ds.class_names == CLASSES
+    assert ds.images.shape == (15, 16, 16) and ds.channels == 1
+    assert np.bincount(ds.labels).tolist() == [5, 5, 5]
+
+
+def test_corrupt_image_is_named(tmp_path: Path) -> None:
+    root = make_folder(tmp_path / "d", per_class=3)
+    (root / "dots" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    with pytest.raises(DatasetError, match=r"bad\.png: corrupt"):
+        load_image_folder(root)
+
+
+def test_empty_class_is_an_error(tmp_path: Path) -> None:
+    root = make_folder(tmp_path / "d", per_class=3)
+    (root / "empty").mkdir()
+    with pytest.raises(DatasetError, match="empty class"):
+        load_dataset(str(root))
+
+
+def test_mismatched_idx_label_file(tmp_path: Path) -> None:
+    def idx(path: Path, magic: int, shape: tuple[int, ...]) -> None:
+        header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in shape)
+        path.write_bytes(header + bytes(int(np.prod(shape))))
+
+    for prefix in ("train", "t10k"):
+        idx(tmp_path / f"{prefix}-images-idx3-ubyte", 0x803, (5, 28, 28))
+        idx(tmp_path / f"{prefix}-labels-idx1-ubyte", 0x801, (4,))
+    with pytest.raises(DatasetError, match="5 images but 4 labels"):
+        load_dataset(str(tmp_path))
+
+
+def test_imbalance_warning_and_stratified_split(tmp_path: Path) -> None:
+    root = make_folder(tmp_path / "d", counts={"bars": 30, "columns": 30, "dots": 6})
+    ds = load_image_folder(root)
+    warnings = class_balance_warnings(ds)
+    assert any("'dots' (6)" in w for w in warnings)
+    train_idx, val_idx = stratified_split(ds.labels, 0.2, seed=0)
+    assert not set(train_idx) & set(val_idx)
+    assert np.bincount(ds.labels[val_idx]).tolist() == [6, 6, 1]
+
+
+def test_unknown_dataset_is_clear() -> None:
+    with pytest.raises(DatasetError, match="no such directory"):
+        load_dataset("/nonexistent/data")
+
+
+# ---- strategy ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("per_class", "channels", "size", "strategy", "case"), [
+    (50, 3, (224, 224), "feature-extract", 1),
+    (5000, 3, (224, 224), "fine-tune", 2),
+    (100, 1, (28, 28), "fine-tune", 3),
+    (6000, 1, (28, 28), "from-scratch", 4),  # Fashion-MNIST: large and different
+])
+def test_auto_applies_the_four_cases(per_class, channels, size, strategy, case) -> None:
+    choice = choose_strategy(images_per_class=per_class, channels=channels, image_size=size)
+    assert (choice.strategy, choice.case) == (strategy, case)
+    assert f"case {case}" in choice.reason and str(per_class) in choice.reason
+
+
+def test_explicit_strategy_wins_and_unknown_fails() -> None:
+    assert choose_strategy(images_per_class=6000, channels=1, image_size=(28, 28),
+                           requested="feature-extract").strategy == "feature-extract"
+    with pytest.raises(ValueError, match="unknown strategy"):
+        choose_strategy(images_per_class=1, channels=1, image_size=(8, 8), requested="magic")
+
+
+# ---- augmentation --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("preset", sorted(AUGMENT_PRESETS))
+def test_augment_keeps_shape_and_range(preset: str) -> None:
+    x = torch.rand(8, 3, 20, 20)
+    y = augment_batch(x, AugmentConfig.preset(preset), torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert float(y.min()) >= 0.0 and float(y.max()) <= 1.0
+    if preset == "none":
+        assert y is x
+    else:
+        assert not torch.equal(y, x)
+
+
+def test_augment_is_reproducible_and_crop_shifts() -> None:
+    x = torch.zeros(4, 1, 8, 8)
+    x[:, :, 3:5, 3:5] = 1.0
+    cfg = AugmentConfig(crop_pad_px=2)
+    a = augment_batch(x, cfg, torch.Generator().manual_seed(1))
+    b = augment_batch(x, cfg, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    assert torch.allclose(a.sum(dim=(1, 2, 3)), torch.full((4,), 4.0))  # shifted, not lost
+
+
+def test_parse_duration() -> None:
+    assert parse_duration("15m") == 900 and parse_duration("90") == 90
+    assert parse_duration("1h30m") == 5400
+    with pytest.raises(ValueError):
+        parse_duration("soon")
+
+
+# ---- training runs -------------------------------------------------------------------------
+
+def test_train_writes_a_bundle_that_eval_scores(tmp_path: Path) -> None:
+    data = make_folder(tmp_path / "data", per_class=30)
+    result = train(TrainConfig(data=str(data), out_dir=str(tmp_path / "out"), epochs=4,
+                               tta_flip=True, **FAST))
+    manifest = validate_bundle(tmp_path / "out" / "bundle")
+    for name in ("model.onnx", "golden.npz", "MODEL_CARD.md", "learning_curves.png",
+                 "confusion_matrix.png", "train_config.json"):
+        assert name in manifest.files
+    assert manifest.labels == CLASSES
+    assert manifest.provenance["strategy"] == "from-scratch"
+    assert manifest.metrics["onnx_torch_max_diff"] < 1e-3
+    config = json.loads((tmp_path / "out" / "run" / "config.json").read_text())
+    assert config["backbone"] == "small-cnn" and config["resolution"] == 16
+    # Scored again by `edgewise eval`'s code path, on the held-out split it was tested on.
+    scored = evaluate_bundle(tmp_path / "out", str(data))
+    assert scored["images"] == 90 and 0.0 <= scored["accuracy"] <= 1.0
+    assert result.metrics["test_accuracy"] > 0.6  # three trivially separable patterns
+    assert not (tmp_path / "out" / "run" / "checkpoints" / "last.pt").exists()
+    assert (tmp_path / "out" / "run" / "checkpoints" / "best.pt").exists()
+
+
+def test_resume_continues_exactly_where_it_paused(tmp_path: Path) -> None:
+    data = str(make_folder(tmp_path / "data", per_class=20))
+    common = {"data": data, "epochs": 3, "ema": True, **FAST}
+    straight = train(TrainConfig(out_dir=str(tmp_path / "a"), **common))
+    paused = train(TrainConfig(out_dir=str(tmp_path / "b"), stop_after_epochs=1, **common))
+    assert paused.paused and len(paused.history) == 1
+    assert (tmp_path / "b" / "run" / "checkpoints" / "last.pt").exists()
+    with pytest.raises(MLError, match="--resume"):
+        train(TrainConfig(out_dir=str(tmp_path / "b"), **common))
+    resumed = train(TrainConfig(out_dir=str(tmp_path / "b"), resume=True, **common))
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    for key in ("train_loss", "val_accuracy"):
+        assert resumed.history[-1][key] == pytest.approx(straight.history[-1][key], abs=1e-6)
+    with pytest.raises(MLError, match="nothing to resume"):
+        train(TrainConfig(out_dir=str(tmp_path / "c"), resume=True, **common))
+
+
+def test_onnx_and_torch_agree_with_flip_averaging_in_the_graph(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    from edgewise.ml.backbones import create_backbone
+    from edgewise.ml.model import ImageClassifier
+    from edgewise.ml.quick import export_onnx
+
+    torch.manual_seed(0)
+    bb = create_backbone("fast-cnn", pretrained=False)
+    model = ImageClassifier(bb, bb.spec, 10, input_channels=1, input_mean=(0.3,),
+                            input_std=(0.35,), input_size=(28, 28), resolution=28,
+                            tta_flip=True).eval()
+    x = torch.randn(5, 1, 28, 28)
+    export_onnx(model, x[:2], tmp_path / "m.onnx")
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input": x.numpy()})[0]
+    with torch.inference_mode():
+        expected = model(x).numpy()
+        plain = model.head(model.features(x)).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    assert not np.allclose(plain, expected, atol=1e-4)  # the mirror really is in the graph
+
+
+def test_mlflow_run_holds_metrics_and_artifacts(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    data = str(make_folder(tmp_path / "data", per_class=12))
+    result = train(TrainConfig(data=data, out_dir=str(tmp_path / "out"), epochs=2,
+                               **{**FAST, "track": True}))
+    client = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'run' / 'mlflow.db'}")
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert "test_accuracy" in run.data.metrics
+    assert [m.step for m in client.get_metric_history(result.run_id, "val_accuracy")] == [1, 2]
+    assert run.data.params["chosen_strategy"] == "from-scratch"
+    paths = {a.path for a in client.list_artifacts(result.run_id, "bundle")}
+    assert "bundle/model.onnx" in paths and "bundle/MODEL_CARD.md" in paths
+
+
+def test_cli_train_then_eval(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from edgewise.cli import app
+
+    data = tmp_path / "data"  # with train/ and test/: train and eval score the same split
+    make_folder(data / "train", per_class=12)
+    make_folder(data / "test", per_class=6, seed=1)
+    data = str(data)
+    out = tmp_path / "out"
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", "--data", data, "--out", str(out), "--time-budget",
+                                 "30s", "--strategy", "from-scratch", "--backbone", "small-cnn",
+                                 "--batch-size", "16", "--no-tracking"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["wall_s"] <= 30
+    validate_bundle(out / "bundle")
+    scored = runner.invoke(app, ["eval", str(out / "bundle"), "--data", data])
+    assert scored.exit_code == 0, scored.output
+    line = json.loads(scored.stdout.strip().splitlines()[-1])
+    assert line["accuracy"] == pytest.approx(summary["test_accuracy"], abs=1e-4)
+    bad = runner.invoke(app, ["train", "--data", str(tmp_path / "nope"), "--out",
+                              str(tmp_path / "o2")])
+    assert bad.exit_code == 1 and "no such directory" in bad.output
+
+
+def test_from_scratch_backbone_rebuilds_for_rgb_but_pretrained_does_not() -> None:
+    from edgewise.ml import BackboneError
+    from edgewise.ml.backbones import create_backbone
+
+    bb = create_backbone("fast-cnn", pretrained=False, in_channels=3)
+    assert bb.spec.in_channels == 3 and len(bb.spec.mean) == 3
+    assert bb(torch.rand(2, 3, 28, 28)).shape == (2, 256)
+    with pytest.raises(BackboneError, match="in_channels"):
+        create_backbone("efficientnet-lite0", in_channels=1)
+
+
+def test_fine_tune_trains_last_blocks_on_cached_activations(tmp_path: Path) -> None:
+    data = str(make_folder(tmp_path / "data", per_class=10))
+    messages: list[str] = []
+    result = train(TrainConfig(data=data, out_dir=str(tmp_path / "out"), strategy="fine-tune",
+                               trainable_blocks=2, resolution=32, epochs=2, batch_size=8,
+                               augment="none", track=False, threads=1),
+                   notify=messages.append)
+    assert any("cached frozen activations" in m for m in messages)
+    manifest = validate_bundle(tmp_path / "out" / "bundle")
+    assert manifest.provenance["backbone"] == "efficientnet-lite0"
+    assert manifest.provenance["backbone_weights_sha256"]
+    assert manifest.metrics["onnx_torch_max_diff"] < 1e-2
+    assert len(result.history) == 2
