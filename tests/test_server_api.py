@@ -149,3 +149,21 @@ def test_publish_refuses_uploads_that_do_not_match(api: TestClient, keys, tiny_b
                  files=[("targets", ("t.json", b"{nope")), *files])
     assert r.status_code == 422
     assert api.get("/api/v1/releases", headers=admin(api)).json() == []
+
+
+def test_a_failure_the_device_will_retry_is_not_an_outcome(api: TestClient, keys,
+                                                           tiny_bundle) -> None:
+    from edgewise.server.devices.models import InstallResult
+
+    release = publish_bundle(_operator(api), tiny_bundle("1.0.0"), root_path=keys.root_json,
+                             targets_key_path=keys.targets_key)
+    device_id, creds = enroll(api)
+    body = {"state": "failed", "event": "error", "target_release_id": release["id"],
+            "message": "connection reset", "detail": {"attempt": 1, "will_retry": True}}
+    assert api.post("/api/v1/device/reports", headers=creds, json=body).status_code == 204
+    with api.app.state.ctx.sessions() as session:
+        assert session.get(InstallResult, (device_id, release["id"])).outcome == "retrying"
+    body["detail"] = {"attempt": 3, "will_retry": False}
+    assert api.post("/api/v1/device/reports", headers=creds, json=body).status_code == 204
+    with api.app.state.ctx.sessions() as session:
+        assert session.get(InstallResult, (device_id, release["id"])).outcome == "failed"

@@ -177,7 +177,15 @@ class Agent:
         rec.state = nxt
         rec.entries[nxt] = rec.entries.get(nxt, 0) + 1
         message = rec.last_error if event in (Event.ERROR, Event.UNHEALTHY) else ""
-        self._remember(nxt, event.value, message, target_id=target.release_id if target else None)
+        extra = None
+        if nxt is State.FAILED and target is not None:
+            # Tell the server whether this failure is final: a dropped connection is retried
+            # at the next check, and a rollout should wait for it, not count it as failed.
+            attempt = rec.attempts.get(target.release_id, 0) + 1
+            limit = self.config.max_attempts_per_release
+            extra = {"attempt": attempt, "max_attempts": limit, "will_retry": attempt < limit}
+        self._remember(nxt, event.value, message, target_id=target.release_id if target else None,
+                       extra=extra)
         if nxt in REST_STATES:
             if nxt is State.FAILED and target is not None:
                 rec.attempts[target.release_id] = rec.attempts.get(target.release_id, 0) + 1
@@ -192,7 +200,7 @@ class Agent:
         self._flush_reports()
 
     def _remember(self, state: State, event: str, message: str,
-                  target_id: str | None = None) -> None:
+                  target_id: str | None = None, extra: dict | None = None) -> None:
         rec = self.record
         if target_id is None and rec.target is not None:
             target_id = rec.target.release_id
@@ -206,6 +214,8 @@ class Agent:
                   if rec.last_health and event in ("healthy", "unhealthy", "rolled-back") else {})
         if event == "downloaded" and rec.last_download:
             detail = {"download": rec.last_download}
+        if extra:
+            detail = {**detail, **extra}
         rec.outbox.append({**{k: entry[k] for k in ("state", "event", "message", "release_id",
                                                     "target_release_id")}, "detail": detail})
 

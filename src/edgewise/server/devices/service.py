@@ -136,7 +136,8 @@ def report(
         if result is None:
             result = InstallResult(device_id=device.id, release_id=target_release_id)
             session.add(result)
-        result.outcome = state
+        # A failure the device will retry (e.g. a dropped download) is not an outcome yet.
+        result.outcome = "retrying" if state == "failed" and detail.get("will_retry") else state
         result.finished_at = utcnow()
         if detail.get("health"):
             result.health = detail["health"]

@@ -126,7 +126,8 @@ def _outcome(session: Session, row: RolloutDevice, release_id: str,
         result = known.results.get((row.device_id, release_id))
     else:
         result = session.get(InstallResult, (row.device_id, release_id))
-    if result is None or row.assigned_at is None or result.finished_at < row.assigned_at:
+    if result is None or row.assigned_at is None or result.finished_at < row.assigned_at \
+            or result.outcome == "retrying":
         return DeviceOutcome(device_id=row.device_id, outcome=None)
     health = result.health or {}
     if not row.previous_release_id:
