@@ -151,6 +151,8 @@ class Agent:
     def run_cycle(self, *, max_steps: int = 64) -> State:
         """Check once; if there is an update, carry it through to a rest state."""
         flush_feedback(self.paths, self.client)
+        if self.record.outbox:  # reports a dropped connection held back: retry every cycle
+            self._flush_reports()
         for _ in range(max_steps):
             before, _event, after = self.step()
             if after in REST_STATES or after == before:
