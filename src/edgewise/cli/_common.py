@@ -3,6 +3,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, NoReturn
 
 import typer
@@ -20,6 +22,32 @@ def fail(message: str, code: int = 1) -> NoReturn:
 def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, default=str) + "\n")
     sys.stdout.flush()
+
+
+@contextmanager
+def stage_progress() -> Iterator[tuple[Callable[[str, float, float], None], Console]]:
+    """Rich progress bars (one per stage, with ETA) for library `progress(stage, done, total)`
+    callbacks; yields the callback and the console to print notes above the bars."""
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (TextColumn("{task.description:<24}"), BarColumn(), TaskProgressColumn(),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console) as progress:
+        tasks: dict[str, Any] = {}
+
+        def report(stage: str, done: float, total: float) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(stage, total=total)
+            progress.update(tasks[stage], completed=done, total=total)
+
+        yield report, progress.console
 
 
 class JsonLines(logging.Formatter):

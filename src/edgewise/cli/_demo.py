@@ -16,10 +16,9 @@ from typing import Any
 
 import typer
 from rich.live import Live
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ._common import console, out, print_json
+from ._common import console, out, print_json, stage_progress
 
 NAME = "fashion-mnist"
 WAIT_S = 240.0
@@ -125,22 +124,13 @@ def _build(out_dir: Path):
 
     from ..ml.train import TrainConfig, train
 
-    columns = (TextColumn("{task.description:<28}"), BarColumn(), TaskProgressColumn(),
-               TimeRemainingColumn())
     work = out_dir.parent / f"{out_dir.name}.run"  # checkpoints, config: not part of the bundle
     config = TrainConfig(data="fashion-mnist", out_dir=str(work), name=NAME, version="1.0.0",
                          strategy="feature-extract", resolution=64, train_per_class=800,
                          test_per_class=300,
                          val_fraction=0.2, track=False)
-    with Progress(*columns, console=console) as progress:
-        tasks: dict[str, Any] = {}
-
-        def report(stage: str, done: float, total: float) -> None:
-            if stage not in tasks:
-                tasks[stage] = progress.add_task(stage, total=total)
-            progress.update(tasks[stage], completed=done, total=total)
-
-        result = train(config, progress=report, notify=progress.console.print)
+    with stage_progress() as (report, out_console):
+        result = train(config, progress=report, notify=out_console.print)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     shutil.copytree(result.bundle_dir, out_dir)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from ._common import console, fail, print_json
+from ._common import console, fail, print_json, stage_progress
 
 gen_app = typer.Typer(help="Generative models: train VAEs for anomaly detection and sampling.",
                       no_args_is_help=True)
@@ -40,7 +40,6 @@ def train(
 ) -> None:
     """Train a VAE on this CPU; write a bundle with the anomaly-score graph, its calibrated
     threshold, the decoder and a golden set."""
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
     from ..ml import MLError
     from ..ml.gen import GenConfig, train_generative
@@ -58,18 +57,9 @@ def train(
                     epochs=epochs, latent_dim=latent_dim, beta=beta, target_fpr=target_fpr,
                     train_limit=train_limit, name=name, version=version,
                     tracking_uri=tracking_uri, track=not no_tracking, seed=seed)
-    columns = (TextColumn("{task.description:<14}"), BarColumn(), TaskProgressColumn(),
-               TimeElapsedColumn())
     try:
-        with Progress(*columns, console=console) as progress:
-            tasks: dict[str, Any] = {}
-
-            def report(stage: str, done: float, total: float) -> None:
-                if stage not in tasks:
-                    tasks[stage] = progress.add_task(stage, total=total)
-                progress.update(tasks[stage], completed=done, total=total)
-
-            result = train_generative(cfg, progress=report, notify=progress.console.print)
+        with stage_progress() as (report, out_console):
+            result = train_generative(cfg, progress=report, notify=out_console.print)
     except (MLError, ValueError) as exc:
         fail(str(exc))
     m = result.metrics

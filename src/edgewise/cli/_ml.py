@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from ._common import console, fail, out, print_json
+from ._common import console, fail, out, print_json, stage_progress
 
 
 def register(app: typer.Typer) -> None:
@@ -48,14 +48,6 @@ def train(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Train an image classifier on this CPU and write a bundle (ONNX, golden set, card)."""
-    from rich.progress import (
-        BarColumn,
-        Progress,
-        TaskProgressColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
 
     from ..ml import MLError
     from ..ml.train import TrainConfig, parse_duration
@@ -72,18 +64,9 @@ def train(
         lr=lr, augment=augment, trainable_blocks=trainable_blocks,
         train_per_class=train_per_class, tracking_uri=tracking_uri, track=not no_tracking,
         resume=resume, stop_after_epochs=stop_after_epochs, seed=seed)
-    columns = (TextColumn("{task.description:<24}"), BarColumn(), TaskProgressColumn(),
-               TimeElapsedColumn(), TimeRemainingColumn())
     try:
-        with Progress(*columns, console=console) as progress:
-            tasks: dict[str, Any] = {}
-
-            def report(stage: str, done: float, total: float) -> None:
-                if stage not in tasks:
-                    tasks[stage] = progress.add_task(stage, total=total)
-                progress.update(tasks[stage], completed=done, total=total)
-
-            result = run_training(config, progress=report, notify=progress.console.print)
+        with stage_progress() as (report, out_console):
+            result = run_training(config, progress=report, notify=out_console.print)
     except (MLError, ValueError) as exc:
         fail(str(exc))
     except KeyboardInterrupt:
