@@ -357,3 +357,53 @@ def test_cli_compress_one_recipe(cnn_bundle: Path, tmp_path: Path) -> None:
     validate_bundle(out / "int8-static-fallback-false")
     bad = runner.invoke(_app.app, ["compress", str(cnn_bundle), "-r", "int4-magic"])
     assert bad.exit_code != 0 and "unknown recipe" in bad.output
+
+
+@pytest.mark.slow
+def test_fit_for_a_group_profile_publishes_the_variant_its_hardware_installs(
+        cnn_bundle: Path, compressed, live_server, tmp_path: Path) -> None:
+    """The profile stored for a group picks the candidate; the candidate becomes the release's
+    build for the group's hardware; a device of that hardware installs and health-checks it."""
+    from typer.testing import CliRunner
+
+    from edgewise.agent import agent_status, enroll
+    from edgewise.cli import _app
+    from tests.test_e2e_update import run_once
+
+    out, report = compressed
+    fp32 = next(c for c in report.candidates if c.name == BASELINE)
+    budget_mb = 0.6 * fp32.size_bytes / 1e6  # fp16 (or smaller) fits, fp32 does not
+    smaller = [c for c in report.candidates if not c.refused and c.size_bytes < budget_mb * 1e6]
+    assert smaller, [(c.name, c.size_bytes, c.refused) for c in report.candidates]
+    release = live_server.publish(cnn_bundle, assign=False)
+    with live_server.client() as c:
+        c.request("POST", "/api/v1/groups", json={"name": "small", "kind": "dynamic",
+                                                  "selector": ["small"]})
+    env = {"EDGEWISE_SERVER": live_server.url, "EDGEWISE_TOKEN": live_server.admin_token,
+           "EDGEWISE_CA": str(live_server.ca)}
+    runner = CliRunner()
+    result = runner.invoke(_app.app, ["groups", "profile", "small", "--max-size-mb",
+                                      str(budget_mb), "--hardware", "cortex-a53"], env=env)
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(_app.app, [
+        "fit", str(cnn_bundle), "--report", str(out / "report.json"), "--group", "small",
+        "--variant-of", release["id"], "--keys", str(live_server.keys.root_json.parent),
+        "--json"], env=env)
+    assert result.exit_code == 0, result.output
+    decision = json.loads(result.stdout)
+    assert decision["chosen"] != BASELINE and decision["hardware"] == ["cortex-a53"]
+    assert decision["profile"]["max_size_mb"] == pytest.approx(budget_mb)
+    version = decision["variant"]["version"]
+    assert version.startswith("1.0.0+")
+
+    with live_server.client() as c:
+        token = c.create_enrollment_token()
+        state = tmp_path / "agent-a53"
+        enroll(state, server_url=live_server.url, token=token,
+               root_path=live_server.keys.root_json, name="a53", hardware="cortex-a53",
+               ca_path=live_server.ca)
+        c.assign(release["id"])
+    assert run_once(state, tmp_path) == 0
+    status = agent_status(state)
+    assert status["state"] == "committed", status
+    assert status["release"] == f"fmnist-cnn@{version}"

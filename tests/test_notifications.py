@@ -161,3 +161,50 @@ def test_metrics_expose_fleet_and_bytes(live_server, enroll_agent, tmp_path: Pat
                   if line.startswith("edgewise_target_bytes_served_total"))
     assert float(served.split()[-1]) >= release["size_bytes"] - 10_000
     assert 'edgewise_device_reports_total{event="healthy"} 1.0' in text
+
+
+def test_publisher_never_blocks_and_queues_operator_events_across_an_outage(
+        tmp_path: Path) -> None:
+    import ssl
+
+    import paho.mqtt.client as mqtt
+
+    from edgewise.server.notify.mqtt import MqttConfig, MqttPublisher
+    from edgewise.sim._broker import BrokerProcess
+
+    broker = BrokerProcess(tmp_path / "broker").start()
+    received: list[str] = []
+    # An observer with a persistent session: the broker keeps what arrives while it is away.
+    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="observer",
+                      clean_session=False)
+    sub.tls_set_context(ssl.create_default_context(cafile=str(broker.ca)))
+    sub.on_message = lambda c, u, m: received.append(m.topic)
+    subscribed = threading.Event()
+    sub.on_subscribe = lambda *a: subscribed.set()
+    sub.on_connect = lambda c, *a: c.subscribe("edgewise/events/#", qos=1)
+    sub.reconnect_delay_set(min_delay=1, max_delay=2)
+    sub.connect("127.0.0.1", broker.port)
+    sub.loop_start()
+    publisher = MqttPublisher(MqttConfig(url=broker.url, ca_path=broker.ca))
+    try:
+        assert subscribed.wait(10)
+        wait_for(lambda: publisher.connected, "publisher connected")
+        broker.stop()
+        wait_for(lambda: not publisher.connected, "publisher disconnected")
+        t0 = time.monotonic()
+        # A wake-up is dropped at once (the agent re-checks when it reconnects); an operator
+        # event is queued for the reconnect; neither blocks the notifier.
+        assert publisher.publish("edgewise/devices/d1/wake", {"x": 1}, queue=False) is False
+        assert publisher.publish("edgewise/events/rollout-paused", {"n": 1}) is True
+        assert time.monotonic() - t0 < 0.5
+        assert publisher.dropped == 1
+        assert received == []
+
+        broker.start()
+        wait_for(lambda: received, "queued event after the reconnect", 60)
+        assert received == ["edgewise/events/rollout-paused"]
+    finally:
+        sub.loop_stop()
+        sub.disconnect()
+        publisher.close()
+        broker.stop()

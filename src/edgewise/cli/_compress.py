@@ -108,37 +108,98 @@ def fit(
     max_latency_ms: float = typer.Option(None, "--max-latency-ms", help="latency budget, ms"),
     min_accuracy: float = typer.Option(None, "--min-accuracy",
                                        help="minimum test accuracy (0.85 or 85)"),
-    threads: int = typer.Option(1, help="threads the device gives the model"),
-    stat: str = typer.Option("p95", help="latency statistic the budget bounds: p50 or p95"),
-    slowdown: float = typer.Option(1.0, help="device latency / this machine's latency"),
+    threads: int = typer.Option(None, help="threads the device gives the model [default: 1]"),
+    stat: str = typer.Option(None, help="latency statistic the budget bounds: p50 or p95 "
+                             "[default: p95]"),
+    slowdown: float = typer.Option(None, help="device latency / this machine's latency "
+                                   "[default: 1.0]"),
     max_size_mb: float = typer.Option(None, help="model file size budget, MB"),
     report_path: Path = typer.Option(None, "--report", help="compression report (default: "
                                      "BUNDLE-compressed/report.json)"),
     json_out: bool = typer.Option(False, "--json", help="print the decision as JSON"),
+    group: str = typer.Option(None, help="take the device profile stored for this group on "
+                              "the server (options given here override its fields)"),
+    variant_of: str = typer.Option(None, "--variant-of", help="publish the chosen candidate "
+                                   "as this release's variant for the group's hardware"),
+    server: str = typer.Option(None, envvar="EDGEWISE_SERVER", help="update server URL"),
+    token: str = typer.Option(None, envvar="EDGEWISE_TOKEN", help="operator API token"),
+    keys: Path = typer.Option(Path("keys"), help="directory with root.json and targets keys "
+                              "(for --variant-of)"),
 ) -> None:
     """Pick the best measured candidate of BUNDLE for a device profile, and say why."""
     from edgewise.ml.compress import CompressError, DeviceProfile, fit_bundle, load_report
 
-    if stat not in ("p50", "p95"):
+    given = {"max_ram_mb": max_ram, "max_latency_ms": max_latency_ms,
+             "min_accuracy": min_accuracy, "max_size_mb": max_size_mb, "threads": threads,
+             "latency_stat": stat, "slowdown": slowdown}
+    fields: dict = {"threads": 1, "latency_stat": "p95", "slowdown": 1.0}
+    hardware: list[str] = []
+    if (group or variant_of) and not (server and token):
+        fail("--group and --variant-of need --server and --token (or EDGEWISE_SERVER/TOKEN)")
+    if variant_of and not group:
+        fail("--variant-of needs --group: the variant goes to that group's hardware")
+    if group:
+        stored = _server_call(server, token, lambda c: c.request(
+            "GET", f"/api/v1/groups/{group}/profile").json())
+        hardware = stored.pop("hardware", [])
+        stored.pop("group", None)
+        fields.update(stored)
+    fields.update({k: v for k, v in given.items() if v is not None})
+    if fields["latency_stat"] not in ("p50", "p95"):
         fail("--stat must be p50 or p95")
-    if min_accuracy is not None and min_accuracy > 1:
-        min_accuracy /= 100.0
-    profile = DeviceProfile(max_ram_mb=max_ram, max_latency_ms=max_latency_ms,
-                            min_accuracy=min_accuracy, threads=threads, latency_stat=stat,
-                            slowdown=slowdown, max_size_mb=max_size_mb)
+    if fields.get("min_accuracy") is not None and fields["min_accuracy"] > 1:
+        fields["min_accuracy"] /= 100.0
+    profile = DeviceProfile(**fields)
     try:
         report = load_report(report_path or bundle.with_name(bundle.name + "-compressed"))
         decision = fit_bundle(report, profile)
     except CompressError as exc:
         fail(str(exc))
+    published = None
+    if variant_of:
+        published = _publish_choice(decision, variant_of, hardware, server, token, keys)
     if json_out:
         print_json({"chosen": decision.chosen.name, "bundle": decision.chosen.bundle,
                     "fitting": decision.fitting, "explanation": decision.explanation,
-                    "profile": profile.as_dict()})
+                    "profile": profile.as_dict(), "group": group, "hardware": hardware,
+                    "variant": published})
         return
     out.print(f"[bold]{decision.chosen.name}[/] -> {decision.chosen.bundle}")
     for line in decision.explanation:
         out.print(f"  {line}")
+    if published:
+        out.print(f"published as the variant of {variant_of} for {', '.join(hardware)}: "
+                  f"{published['version']}")
+
+
+def _server_call(server: str, token: str, call):
+    from ._ops import _api_errors, _client
+
+    try:
+        with _client(server, token) as client:
+            return call(client)
+    except _api_errors() as exc:
+        fail(str(exc))
+
+
+def _publish_choice(decision, release_id: str, hardware: list[str], server: str, token: str,
+                    keys: Path) -> dict | None:
+    """The chosen candidate becomes the release's build for the group's hardware (nothing to
+    publish when the release's own build is the one that fits)."""
+    from edgewise.ml.compress import BASELINE
+    from edgewise.server.client import publish_variant
+    from edgewise.trust import role_key_files
+
+    if not hardware:
+        fail("the group's profile names no hardware ids (edgewise groups profile GROUP "
+             "--hardware ...)")
+    if decision.chosen.name == BASELINE or not decision.chosen.bundle:
+        console.print("the release's own build fits this profile: no variant needed")
+        return None
+    release = _server_call(server, token, lambda c: publish_variant(
+        c, release_id, Path(decision.chosen.bundle), hardware=hardware,
+        root_path=keys / "root.json", targets_key_path=role_key_files(keys, "targets")))
+    return next(v for v in release["variants"] if v["hardware"] == hardware[0])
 
 
 @llm_app.command("size")

@@ -134,6 +134,34 @@ def devices_token(server: ServerOpt, token: TokenOpt,
         fail(str(exc))
 
 
+@releases_app.command("variant")
+def releases_variant(
+    release_id: str,
+    bundle: Annotated[Path, typer.Argument(help="the variant's bundle directory (same model "
+                                                "name and labels, its own version)")],
+    server: ServerOpt,
+    token: TokenOpt,
+    hardware: Annotated[list[str], typer.Option("--hardware", help="hardware id whose devices "
+                                                "install this build (repeat)")],
+    keys: Annotated[Path, typer.Option(help="directory with root.json and targets.pem")]
+    = Path("keys"),
+) -> None:
+    """Publish another build of a release (e.g. an int8 candidate) for some hardware."""
+    from ..server.client import publish_variant
+    from ..trust import role_key_files
+
+    try:
+        with _client(server, token) as client:
+            release = publish_variant(client, release_id, bundle, hardware=hardware,
+                                      root_path=keys / "root.json",
+                                      targets_key_path=role_key_files(keys, "targets"))
+    except _api_errors() as exc:
+        fail(str(exc))
+    for v in release["variants"]:
+        console.print(f"{release['id']}: {v['hardware']} -> {v['version']} "
+                      f"({v['size_bytes']} bytes)")
+
+
 @releases_app.command("list")
 def releases_list(server: ServerOpt, token: TokenOpt, as_json: JsonOpt = False) -> None:
     try:

@@ -47,6 +47,47 @@ def groups_create(
     console.print(f"group {group['name']} ({group['kind']}): {len(group['devices'])} devices")
 
 
+@groups_app.command("profile")
+def groups_profile(
+    name: str, server: ServerOpt, token: TokenOpt,
+    max_ram: Annotated[float | None, typer.Option("--max-ram", help="peak RSS budget, MB")]
+    = None,
+    max_latency_ms: Annotated[float | None, typer.Option(help="latency budget, ms")] = None,
+    min_accuracy: Annotated[float | None, typer.Option(help="0.85 or 85")] = None,
+    threads: Annotated[int, typer.Option(help="threads the device gives the model")] = 1,
+    stat: Annotated[str, typer.Option(help="latency statistic: p50 or p95")] = "p95",
+    slowdown: Annotated[float, typer.Option(help="device latency / this machine's")] = 1.0,
+    max_size_mb: Annotated[float | None, typer.Option(help="model file budget, MB")] = None,
+    hardware: Annotated[list[str] | None, typer.Option(
+        "--hardware", help="hardware id of the group's devices (repeat)")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show the group's device profile, or store one (any option given) for `edgewise fit
+    --group` and per-hardware release variants."""
+    setting = any(v is not None for v in (max_ram, max_latency_ms, min_accuracy, max_size_mb,
+                                          hardware))
+    if min_accuracy is not None and min_accuracy > 1:
+        min_accuracy /= 100.0
+    try:
+        with _client(server, token) as client:
+            if setting:
+                profile = client.request("PUT", f"/api/v1/groups/{name}/profile", json={
+                    "max_ram_mb": max_ram, "max_latency_ms": max_latency_ms,
+                    "min_accuracy": min_accuracy, "threads": threads, "latency_stat": stat,
+                    "slowdown": slowdown, "max_size_mb": max_size_mb,
+                    "hardware": hardware or []}).json()
+            else:
+                profile = client.request("GET", f"/api/v1/groups/{name}/profile").json()
+    except _api_errors() as exc:
+        fail(str(exc))
+    if as_json:
+        print_json(profile)
+        return
+    shown = ", ".join(f"{k}={v}" for k, v in profile.items() if k != "group" and v not in
+                      (None, []))
+    console.print(f"group {name} profile: {shown}")
+
+
 @groups_app.command("list")
 def groups_list(server: ServerOpt, token: TokenOpt, as_json: JsonOpt = False) -> None:
     try:

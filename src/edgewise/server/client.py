@@ -17,7 +17,7 @@ import httpx
 from ..artifacts import MANIFEST_NAME, validate_bundle
 from ..trust import client_tls, load_root, load_signer, sign_targets, target_file
 
-__all__ = ["OperatorClient", "ServerApiError", "publish_bundle"]
+__all__ = ["OperatorClient", "ServerApiError", "publish_bundle", "publish_variant"]
 
 
 class ServerApiError(Exception):
@@ -97,6 +97,30 @@ def publish_bundle(
 ) -> dict[str, Any]:
     """Validate, sign (operator side, with every given targets key: at least the threshold)
     and upload a bundle; return the server's release."""
+    return _sign_and_upload(client, "/api/v1/releases", bundle_dir, root_path=root_path,
+                            targets_key_path=targets_key_path, retries=retries)
+
+
+def publish_variant(
+    client: OperatorClient,
+    release_id: str,
+    bundle_dir: Path,
+    *,
+    hardware: list[str],
+    root_path: Path,
+    targets_key_path: Path | list[Path],
+    retries: int = 3,
+) -> dict[str, Any]:
+    """Sign and upload another build of `release_id` that devices of `hardware` install
+    instead of the release's own bundle; return the release with its variants."""
+    return _sign_and_upload(client, f"/api/v1/releases/{release_id}/variants", bundle_dir,
+                            root_path=root_path, targets_key_path=targets_key_path,
+                            retries=retries, form={"hardware": list(hardware)})
+
+
+def _sign_and_upload(client: OperatorClient, url: str, bundle_dir: Path, *, root_path: Path,
+                     targets_key_path: Path | list[Path], retries: int,
+                     form: dict[str, Any] | None = None) -> dict[str, Any]:
     bundle_dir = Path(bundle_dir)
     manifest = validate_bundle(bundle_dir)
     root = load_root(root_path)
@@ -113,7 +137,7 @@ def publish_bundle(
                                 "application/octet-stream")) for rel in rels]
             try:
                 return client.request(
-                    "POST", "/api/v1/releases",
+                    "POST", url, data=form,
                     files=[("targets", ("targets.json", signed, "application/json")), *files],
                 ).json()
             except ServerApiError as exc:

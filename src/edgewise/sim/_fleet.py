@@ -6,6 +6,10 @@ the simulator only schedules `run_cycle()` calls, supplies the agent's seams (tr
 backend, health check, clock, fault hook) and restarts an Agent after a power cut by building
 a fresh one on the same state directory, as a device does when it boots.
 
+With `push: true` a real Mosquitto broker runs beside the server and every device subscribes
+with the agent's own MQTT client (`MqttWakeup`); a wake-up moves that device's next cycle to
+now, as it ends the real agent's sleep.
+
 Phases: server up -> releases published -> devices enrolled -> baseline release installed by
 the agents themselves -> faults armed -> staged rollout of the candidate -> settle -> invariants.
 """
@@ -32,7 +36,9 @@ import httpx
 
 from ..agent import REST_STATES, WAITING_STATES, Agent, AgentConfig, State, StateDir
 from ..agent._store import Identity
+from ..agent._wakeup import MqttWakeup, WakeupConfig
 from ..trust import KeyPaths, init_keys
+from ._broker import BrokerProcess
 from ._bundles import synthetic_bundle
 from ._faults import (
     DiskFull,
@@ -79,6 +85,9 @@ class SimDevice:
     last_end: float = 0.0
     last_changed: bool = True
     busy: bool = False
+    due: float = 0.0  # when its next cycle is scheduled (heap entries with another are stale)
+    woken: bool = False  # a wake-up arrived while a cycle was running
+    wakeup: MqttWakeup | None = None
 
     def record(self):
         return self.agent.record if self.agent is not None else StateDir(
@@ -113,10 +122,22 @@ class FleetResult:
     timings: dict[str, float]
     server_rss_mb_max: float
     restarts: list[dict[str, Any]]
+    broker_outages: list[dict[str, Any]]
+    push: dict[str, Any] | None
     load_avg: dict[str, list[float]]
     timed_out: bool
     server: ServerProcess
     admin_token: str
+
+
+class _Wake:
+    """What `MqttWakeup` sets on a message (a threading.Event in the real agent)."""
+
+    def __init__(self, fleet: Fleet, dev: SimDevice) -> None:
+        self._fleet, self._dev = fleet, dev
+
+    def set(self) -> None:
+        self._fleet.wake(self._dev)
 
 
 def _pick(rng: random.Random, items: list, weights: list[float]):
@@ -142,6 +163,8 @@ class Fleet:
         self.timeline: list[dict[str, Any]] = []
         self.timings: dict[str, float] = {}
         self.restarts: list[dict[str, Any]] = []
+        self.broker: BrokerProcess | None = None
+        self.broker_outages: list[dict[str, Any]] = []
         self.rollout_id: str | None = None
         self.rollout: dict[str, Any] = {}
         self.rss_max_mb = 0.0
@@ -155,10 +178,14 @@ class Fleet:
     def _start_server(self) -> None:
         self.admin_token = secrets.token_urlsafe(24)
         self.keys: KeyPaths = init_keys(self.workdir / "keys")
+        if self.sc.push:
+            self.broker = BrokerProcess(self.workdir / "broker").start()
         self.server = ServerProcess(
             data_dir=self.workdir / "server", root_path=self.keys.root_json,
             online_key_path=self.keys.online_key, admin_token=self.admin_token,
             db_url=self.db_url, rollout_tick_s=self.sc.server.rollout_tick_s,
+            mqtt_url=self.broker.url if self.broker else None,
+            mqtt_ca=self.broker.ca if self.broker else None,
             log_path=self.workdir / "server.log").start(timeout_s=60)
         self.db_url = self.db_url or f"sqlite:///{(self.workdir / 'server' / 'edgewise.db')}"
         self.op = httpx.Client(base_url=self.server.url, timeout=120,
@@ -225,6 +252,8 @@ class Fleet:
             self.devices = list(pool.map(enroll, plans))
         for dev in self.devices:
             dev.config = self._agent_config(dev)
+        if self.broker is not None:
+            self._subscribe_all()
         if sc.faults.process_kill is not None:
             for j, fault in enumerate(sc.faults.process_kill.states):
                 name = f"proc-{j:02d}"
@@ -244,6 +273,18 @@ class Fleet:
             clock=skewed_clock(lambda d=dev: d.skew_s),
             fault_hook=power_cut_hook(lambda d=dev: d.power_cut),
         )
+
+    def _subscribe_all(self, timeout_s: float = 60.0) -> None:
+        """Every device's own MQTT client (the agent's), connected before the run starts."""
+        config = WakeupConfig(url=self.broker.url, ca_path=self.broker.ca)
+        for dev in self.devices:
+            dev.wakeup = MqttWakeup(config, device_id=dev.device_id, wake=_Wake(self, dev))
+            dev.wakeup.start()
+        deadline = time.monotonic() + timeout_s
+        for dev in self.devices:
+            if not dev.wakeup.connected.wait(max(0.0, deadline - time.monotonic())):
+                raise RuntimeError(f"{dev.name}: MQTT client did not connect to "
+                                   f"{self.broker.url}")
 
     def _arm_faults(self) -> None:
         """Choose the faulty devices (disjoint sets, seeded) and arm their faults."""
@@ -283,21 +324,37 @@ class Fleet:
 
     def _schedule(self, dev: SimDevice, delay_s: float) -> None:
         with self._cond:
-            heapq.heappush(self._heap, (time.monotonic() + delay_s, dev.index))
-            self._cond.notify()
+            self._push(dev, time.monotonic() + delay_s)
+
+    def _push(self, dev: SimDevice, due: float) -> None:  # holding self._cond
+        dev.due = due
+        heapq.heappush(self._heap, (due, dev.index))
+        self._cond.notify()
+
+    def wake(self, dev: SimDevice) -> None:
+        """An MQTT wake-up: cycle now (after the running cycle, if one is running)."""
+        with self._cond:
+            if dev.busy:
+                dev.woken = True
+            elif dev.due > time.monotonic():
+                self._push(dev, time.monotonic())
 
     def _next_due(self) -> SimDevice | None:
         with self._cond:
             while not self._stop.is_set():
                 now = time.monotonic()
                 if self._heap and self._heap[0][0] <= now:
-                    return self.devices[heapq.heappop(self._heap)[1]]
+                    due, index = heapq.heappop(self._heap)
+                    dev = self.devices[index]
+                    if due != dev.due or dev.busy:
+                        continue  # superseded by a wake-up
+                    dev.busy = True
+                    return dev
                 wait = min(self._heap[0][0] - now, 0.2) if self._heap else 0.2
                 self._cond.wait(wait)
         return None
 
     def _cycle(self, dev: SimDevice) -> None:
-        dev.busy = True
         try:
             if dev.agent is None:
                 dev.agent = Agent(dev.config)  # boot: resumes whatever state was saved
@@ -319,7 +376,6 @@ class Fleet:
             dev.last_changed = True
         finally:
             dev.last_end = time.monotonic()
-            dev.busy = False
 
     def _worker(self) -> None:
         while not self._stop.is_set():
@@ -327,9 +383,12 @@ class Fleet:
             if dev is None:
                 return
             self._cycle(dev)
-            if not self._stop.is_set():
-                jitter = self.rng.uniform(0.5, 1.5)
-                self._schedule(dev, self.sc.poll_interval_s * jitter)
+            with self._cond:
+                dev.busy = False
+                delay = 0.0 if dev.woken else self.sc.poll_interval_s * self.rng.uniform(0.5, 1.5)
+                dev.woken = False
+                if not self._stop.is_set():
+                    self._push(dev, time.monotonic() + delay)
 
     # ---- observing -----------------------------------------------------------------------
 
@@ -476,6 +535,9 @@ class Fleet:
             for spec in sorted(sc.faults.server_restarts, key=lambda s: s.at_s):
                 threading.Timer(max(0.0, t_roll + spec.at_s - time.monotonic()),
                                 self._restart_server, args=(spec,)).start()
+            for spec in sorted(sc.faults.broker_outages, key=lambda s: s.at_s):
+                threading.Timer(max(0.0, t_roll + spec.at_s - time.monotonic()),
+                                self._broker_outage, args=(spec,)).start()
             deadline = t_roll + sc.timeout_s
             terminal_at: float | None = None
             while time.monotonic() < deadline:
@@ -487,7 +549,7 @@ class Fleet:
                     self.say(f"rollout {status} at stage {self.rollout.get('stage')} after "
                              f"{terminal_at - t_roll:.1f}s; settling")
                 if terminal_at is not None and not self._restarting and \
-                        self._settled(terminal_at):
+                        not self._broker_down and self._settled(terminal_at):
                     break
             else:
                 timed_out = True
@@ -510,6 +572,7 @@ class Fleet:
             proc_devices=self.procs, release_ids=self.release_ids, rollout_id=self.rollout_id,
             rollout=self.rollout, timeline=self.timeline, stats=self.stats,
             timings=self.timings, server_rss_mb_max=self.rss_max_mb, restarts=self.restarts,
+            broker_outages=self.broker_outages, push=self._push_stats(),
             load_avg={"start": load_start, "end": list(os.getloadavg())},
             timed_out=timed_out, server=self.server, admin_token=self.admin_token)
 
@@ -535,7 +598,40 @@ class Fleet:
         finally:
             self._restarting = False
 
+    _broker_down = False
+
+    def _broker_outage(self, spec) -> None:
+        self._broker_down = True
+        try:
+            t = time.monotonic()
+            connected = sum(1 for d in self.devices if d.wakeup and d.wakeup.connected.is_set())
+            self.broker.stop(hard=spec.hard)
+            time.sleep(spec.down_s)
+            self.broker.start()
+            self.broker_outages.append({"t": round(t - self._t0, 2), "down_s": round(
+                time.monotonic() - t, 2), "hard": spec.hard, "connected_before": connected})
+            self.say(f"broker back after {time.monotonic() - t:.1f}s down")
+        finally:
+            self._broker_down = False
+
+    def _push_stats(self) -> dict[str, Any] | None:
+        if self.broker is None:
+            return None
+        # Agents reconnect with back-off (up to 60 s): give them that long to come back.
+        deadline = time.monotonic() + 65
+        while time.monotonic() < deadline and not all(
+                d.wakeup.connected.is_set() for d in self.devices):
+            time.sleep(0.5)
+        return {"devices": len(self.devices),
+                "connected_at_end": sum(1 for d in self.devices if d.wakeup.connected.is_set()),
+                "wakeups_received": sum(d.wakeup.messages for d in self.devices)}
+
     def close(self) -> None:
+        for dev in self.devices:
+            if dev.wakeup is not None:
+                dev.wakeup.stop()
+        if self.broker is not None:
+            self.broker.stop()
         self.server.stop()
         self.op.close()
         self.inner.close()

@@ -83,9 +83,11 @@ def summarize(result, invariants: list[InvariantResult]) -> dict[str, Any]:
             "clock_skew": sum(1 for d in result.devices if "clock-skew" in d.faults),
             "dropped_requests": result.stats.dropped,
             "server_restarts": result.restarts,
+            "broker_outages": result.broker_outages,
             "process_kills": [{"device": p.name, "fault": p.fault, "exit_codes": p.exit_codes}
                               for p in result.proc_devices],
         },
+        "push": result.push,
         "agent_crashes": sum(len(d.crashes) for d in result.devices),
         "agent_crash_samples": [c for d in result.devices for c in d.crashes][:10],
         "timings_s": {k: round(v, 2) for k, v in result.timings.items()},
@@ -134,6 +136,10 @@ def evaluate(summary: dict[str, Any], expect) -> list[dict[str, Any]]:
         for inv in summary["invariants"]:
             row(f"invariant {inv['name']}", 0, inv["count"], inv["ok"])
     row("agent crashes", 0, summary["agent_crashes"], summary["agent_crashes"] == 0)
+    push = summary.get("push")
+    if push is not None:  # every device's MQTT client is back after any broker outage
+        row("push clients connected", push["devices"], push["connected_at_end"],
+            push["connected_at_end"] == push["devices"])
     return rows
 
 

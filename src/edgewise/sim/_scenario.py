@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = [
+    "BrokerOutageSpec",
     "Expectations",
     "FaultsSpec",
     "HardwareProfile",
@@ -111,6 +112,14 @@ class ServerRestartSpec(_Strict):
     hard: bool = False  # SIGKILL the server instead of a clean shutdown
 
 
+class BrokerOutageSpec(_Strict):
+    """The MQTT broker goes away (needs `push: true`); agents fall back to polling."""
+
+    at_s: float = Field(ge=0)  # seconds after the rollout was created
+    down_s: float = Field(default=5.0, ge=0)
+    hard: bool = False  # SIGKILL the broker instead of a clean shutdown
+
+
 class FaultsSpec(_Strict):
     power_cut: PowerCutSpec = Field(default_factory=PowerCutSpec)
     disk_full: CountedFault = Field(default_factory=CountedFault)
@@ -118,6 +127,7 @@ class FaultsSpec(_Strict):
     clock_skew: ClockSkewSpec = Field(default_factory=ClockSkewSpec)
     process_kill: ProcessKillSpec | None = None
     server_restarts: list[ServerRestartSpec] = Field(default_factory=list)
+    broker_outages: list[BrokerOutageSpec] = Field(default_factory=list)
 
 
 class Expectations(_Strict):
@@ -145,6 +155,10 @@ class Scenario(_Strict):
     # duration_min: 60}; None: install at once.
     window: dict | None = None
     server: ServerSpec = Field(default_factory=ServerSpec)
+    # Push wake-ups: a real Mosquitto broker (TLS) for the run, the server publishing to it and
+    # every simulated device subscribed with the agent's own MQTT client (one connection each:
+    # keep such fleets to hundreds of devices).
+    push: bool = False
     baseline: ReleaseSpec = Field(default_factory=lambda: ReleaseSpec(version="1.0.0"))
     candidate: ReleaseSpec = Field(default_factory=lambda: ReleaseSpec(version="2.0.0"))
     rollout: RolloutSpec = Field(default_factory=RolloutSpec)
@@ -162,6 +176,8 @@ class Scenario(_Strict):
         if self.baseline.version == self.candidate.version and \
                 self.baseline.name == self.candidate.name:
             raise ValueError("baseline and candidate must be different releases")
+        if self.faults.broker_outages and not self.push:
+            raise ValueError("broker_outages need push: true (there is no broker without it)")
         return self
 
 

@@ -15,7 +15,7 @@ MUTATING = {"POST", "PUT", "PATCH", "DELETE"}
 
 
 @router.get("/audit", dependencies=[AdminDep])
-def audit_log(session: SessionDep, after_id: int = Query(default=0, ge=0),
+def audit_log(session: SessionDep, after_id: int = Query(default=0, ge=0, le=2**63 - 1),
               limit: int = Query(default=1000, ge=1, le=10_000)) -> list[dict[str, Any]]:
     return [service.to_json(e) for e in service.list_entries(session, after_id=after_id,
                                                               limit=limit)]

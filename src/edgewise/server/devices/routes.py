@@ -7,6 +7,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
 from .._deps import DeviceDep, Operator, OperatorDep, SessionDep, ViewerDep
+from ..releases import service as releases
 from . import service
 from .models import Device
 
@@ -135,8 +136,9 @@ def my_assignment(device: DeviceDep, session: SessionDep) -> AssignmentOut:
     release = service.assignment(session, device=device)
     if release is None:
         return AssignmentOut(release_id=None, timezone=device.timezone or "UTC")
-    return AssignmentOut(release_id=release.id, name=release.name, version=release.version,
-                         manifest_target=release.manifest_target,
+    build = releases.build_for(session, release=release, hardware=device.hardware)
+    return AssignmentOut(release_id=release.id, name=release.name, version=build.version,
+                         manifest_target=build.manifest_target,
                          window=service.effective_window(session, device=device),
                          timezone=device.timezone or "UTC",
                          rollout_id=service.rollout_of(session, device=device))

@@ -26,3 +26,16 @@ class GroupMember(Base):
                                             primary_key=True)
     device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"),
                                            primary_key=True)
+
+
+class GroupProfile(Base):
+    """What the group's devices can run (edgewise.ml.compress.DeviceProfile's fields) and
+    which hardware ids they are: `edgewise fit --group` picks a candidate for it and can
+    publish that candidate as the release's variant for this hardware."""
+
+    __tablename__ = "group_profiles"
+
+    group_name: Mapped[str] = mapped_column(ForeignKey("groups.name", ondelete="CASCADE"),
+                                            primary_key=True)
+    profile: Mapped[dict[str, Any]] = mapped_column(JSON)
+    hardware: Mapped[list[str]] = mapped_column(JSON, default=list)

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 from ...windows import parse_window
 from .._errors import Conflict, InvalidInput, NotFound
 from ..devices.models import Device
-from .models import Group, GroupMember
+from .models import Group, GroupMember, GroupProfile
 
 
 def create_group(session: Session, *, name: str, kind: str, selector: list[str],
@@ -79,3 +79,21 @@ def is_member(session: Session, *, group: Group, device: Device) -> bool:
 
 def groups_of(session: Session, *, device: Device) -> list[Group]:
     return [g for g in list_groups(session) if is_member(session, group=g, device=device)]
+
+
+def set_profile(session: Session, *, name: str, profile: dict[str, Any],
+                hardware: list[str]) -> GroupProfile:
+    get_group(session, name=name)
+    row = session.get(GroupProfile, name)
+    if row is None:
+        row = GroupProfile(group_name=name, profile=profile, hardware=hardware)
+        session.add(row)
+    else:
+        row.profile, row.hardware = profile, hardware
+    session.commit()
+    return row
+
+
+def get_profile(session: Session, *, name: str) -> GroupProfile | None:
+    get_group(session, name=name)
+    return session.get(GroupProfile, name)

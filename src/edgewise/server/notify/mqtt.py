@@ -22,6 +22,9 @@ __all__ = ["MqttConfig", "MqttPublisher", "device_topic", "event_topic"]
 
 log = logging.getLogger("edgewise.server.mqtt")
 
+MAX_QUEUED = 10_000  # operator events held in memory across a broker outage
+MQTT_ERR_NO_CONN = 4  # paho: not connected, message queued for the reconnect
+
 
 def device_topic(device_id: str) -> str:
     return f"edgewise/devices/{device_id}/wake"
@@ -71,6 +74,8 @@ def make_client(config: MqttConfig, client_id: str):
 class MqttPublisher:
     def __init__(self, config: MqttConfig, *, client_id: str = "edgewise-server") -> None:
         self._client, host, port = make_client(config, client_id)
+        self._client.max_queued_messages_set(MAX_QUEUED)
+        self.dropped = 0
         self._connected = threading.Event()
         self._client.on_connect = lambda *a, **k: self._connected.set()
         self._client.on_disconnect = lambda *a, **k: self._connected.clear()
@@ -81,12 +86,20 @@ class MqttPublisher:
     def connected(self) -> bool:
         return self._connected.is_set()
 
-    def publish(self, topic: str, payload: dict[str, Any], *, retain: bool = False) -> bool:
-        """Queue a message (QoS 1); False if the broker is unreachable right now."""
-        if not self._connected.wait(timeout=2):
+    def publish(self, topic: str, payload: dict[str, Any], *, retain: bool = False,
+                queue: bool = True) -> bool:
+        """Send a message (QoS 1) without ever blocking the caller. While the broker is
+        unreachable, paho keeps a queued message (up to MAX_QUEUED) and sends it after the
+        reconnect; `queue=False` drops it instead (wake-ups: a reconnecting agent checks by
+        itself). True if it went out or was queued."""
+        if not self._connected.is_set() and not queue:
+            self.dropped += 1
             return False
         info = self._client.publish(topic, json.dumps(payload), qos=1, retain=retain)
-        return info.rc == 0
+        if info.rc not in (0, MQTT_ERR_NO_CONN):
+            self.dropped += 1
+            return False
+        return True
 
     def close(self) -> None:
         self._client.loop_stop()

@@ -100,7 +100,7 @@ def process_events(session: Session, *, mqtt: MqttPublisher | None, batch: int =
         elif event.kind in WAKE_EVENTS and event.device_id and mqtt is not None:
             mqtt.publish(device_topic(event.device_id),
                          {"reason": event.kind, "release_id": event.release_id,
-                          "ts": payload["ts"]}, retain=True)
+                          "ts": payload["ts"]}, retain=True, queue=False)
         cursor.last_event_id = event.id
     session.commit()
     return len(rows)

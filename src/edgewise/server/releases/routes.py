@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from fastapi import APIRouter, File, Request, Response, UploadFile
+from fastapi import APIRouter, File, Form, Request, Response, UploadFile
 from pydantic import BaseModel
 from tuf.api.metadata import Metadata, Targets
 
@@ -11,9 +11,21 @@ from ...trust import VerificationError
 from .._deps import AdminDep, ContextDep, PublisherDep, RepoDep, SessionDep, ViewerDep
 from .._errors import InvalidInput
 from . import service
-from .models import Release
+from .models import Release, ReleaseVariant
 
 router = APIRouter(prefix="/api/v1", tags=["releases"])
+
+
+class VariantOut(BaseModel):
+    hardware: str
+    version: str
+    manifest_target: str
+    size_bytes: int
+
+    @classmethod
+    def of(cls, v: ReleaseVariant) -> VariantOut:
+        return cls(hardware=v.hardware, version=v.version, manifest_target=v.manifest_target,
+                   size_bytes=v.size_bytes)
 
 
 class ReleaseOut(BaseModel):
@@ -26,12 +38,16 @@ class ReleaseOut(BaseModel):
     created_at: datetime
     manifest: dict[str, Any]
     deltas: list[dict[str, Any]]
+    variants: list[VariantOut] = []
 
     @classmethod
-    def of(cls, r: Release) -> ReleaseOut:
+    def of(cls, r: Release, session=None) -> ReleaseOut:
+        variants = [VariantOut.of(v) for v in service.variants(session, release_id=r.id)
+                    ] if session is not None else []
         return cls(id=r.id, name=r.name, version=r.version, manifest_target=r.manifest_target,
                    targets_version=r.targets_version, size_bytes=r.size_bytes,
-                   created_at=r.created_at, manifest=r.manifest, deltas=r.deltas or [])
+                   created_at=r.created_at, manifest=r.manifest, deltas=r.deltas or [],
+                   variants=variants)
 
 
 @router.post("/releases", response_model=ReleaseOut, status_code=201,
@@ -52,12 +68,29 @@ async def publish(
 
 @router.get("/releases", response_model=list[ReleaseOut], dependencies=[ViewerDep])
 def list_releases(session: SessionDep) -> list[ReleaseOut]:
-    return [ReleaseOut.of(r) for r in service.list_releases(session)]
+    return [ReleaseOut.of(r, session) for r in service.list_releases(session)]
 
 
 @router.get("/releases/{release_id}", response_model=ReleaseOut, dependencies=[ViewerDep])
 def get_release(release_id: str, session: SessionDep) -> ReleaseOut:
-    return ReleaseOut.of(service.get_release(session, release_id=release_id))
+    return ReleaseOut.of(service.get_release(session, release_id=release_id), session)
+
+
+@router.post("/releases/{release_id}/variants", response_model=ReleaseOut, status_code=201,
+             dependencies=[PublisherDep])
+async def add_variant(
+    release_id: str,
+    ctx: ContextDep,
+    session: SessionDep,
+    hardware: list[str] = Form(description="hardware ids whose devices install this build"),
+    targets: UploadFile = File(description="targets metadata signed with the offline key"),
+    files: list[UploadFile] = File(description="the variant bundle's files, in any order"),
+) -> ReleaseOut:
+    """Another build of a release (e.g. an int8 candidate) for devices of some hardware."""
+    service.add_variant(session, repo=ctx.repo, release_id=release_id, hardware=hardware,
+                        signed_targets=await targets.read(), uploads=[f.file for f in files],
+                        max_upload_bytes=ctx.max_upload_bytes)
+    return ReleaseOut.of(service.get_release(session, release_id=release_id), session)
 
 
 @router.get("/tuf/targets-metadata", dependencies=[PublisherDep],

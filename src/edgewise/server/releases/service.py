@@ -16,11 +16,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from tuf.api.metadata import Metadata, TargetFile, Targets
 
-from ...artifacts import MANIFEST_NAME, BundleError, parse_manifest
+from ...artifacts import MANIFEST_NAME, BundleError, BundleManifest, parse_manifest
 from ...trust import DELTAS_ROLE, ServerRepository, VerificationError
 from .._errors import Conflict, InvalidInput, NotFound
 from ..events import service as events
-from .models import Release
+from .models import Release, ReleaseVariant
 
 log = logging.getLogger("edgewise.server.releases")
 
@@ -36,14 +36,12 @@ def get_release(session: Session, *, release_id: str) -> Release:
     return release
 
 
-def publish(
-    session: Session,
-    *,
-    repo: ServerRepository,
-    signed_targets: bytes,
-    uploads: list[BinaryIO],
-    max_upload_bytes: int,
-) -> Release:
+def _signed_bundle(repo: ServerRepository, signed_targets: bytes,
+                   uploads: list[BinaryIO], max_upload_bytes: int
+                   ) -> tuple[str, BundleManifest, dict[str, TargetFile]]:
+    """Store the uploads and check that the new targets metadata adds exactly one bundle,
+    every file of it uploaded and signed with the manifest's hash and size; return the
+    manifest's target path, the manifest and the added targets."""
     for stream in uploads:
         try:
             repo.store_object(stream, max_bytes=max_upload_bytes)
@@ -84,30 +82,99 @@ def publish(
         info = added[path]
         if info.hashes.get("sha256") != entry.sha256 or info.length != entry.size:
             raise InvalidInput(f"{path}: signed hash/size differ from the manifest")
-    if session.scalars(select(Release).where(Release.name == manifest.name,
-                                             Release.version == manifest.version)).first():
-        raise Conflict(f"release {manifest.release_name} already exists")
+    return manifest_path, manifest, added
 
+
+def _publish_targets(repo: ServerRepository, signed_targets: bytes) -> int:
     try:
-        published = repo.publish(signed_targets)
+        return repo.publish(signed_targets).version
     except VerificationError as exc:
         raise InvalidInput(str(exc)) from exc
 
+
+def publish(
+    session: Session,
+    *,
+    repo: ServerRepository,
+    signed_targets: bytes,
+    uploads: list[BinaryIO],
+    max_upload_bytes: int,
+) -> Release:
+    manifest_path, manifest, added = _signed_bundle(repo, signed_targets, uploads,
+                                                    max_upload_bytes)
+    if session.scalars(select(Release).where(Release.name == manifest.name,
+                                             Release.version == manifest.version)).first():
+        raise Conflict(f"release {manifest.release_name} already exists")
+    version = _publish_targets(repo, signed_targets)
     release = Release(
         id=f"rel-{secrets.token_hex(5)}",
         name=manifest.name,
         version=manifest.version,
         manifest_target=manifest_path,
-        targets_version=published.version,
+        targets_version=version,
         size_bytes=sum(t.length for t in added.values()),
         manifest=manifest.model_dump(mode="json"),
     )
     session.add(release)
     events.record(session, kind="published", release_id=release.id,
-                  message=f"published {manifest.release_name} (targets v{published.version})")
+                  message=f"published {manifest.release_name} (targets v{version})")
     session.commit()
     release.deltas = make_deltas(session, repo=repo, release=release)
     session.commit()
+    return release
+
+
+def add_variant(
+    session: Session,
+    *,
+    repo: ServerRepository,
+    release_id: str,
+    hardware: list[str],
+    signed_targets: bytes,
+    uploads: list[BinaryIO],
+    max_upload_bytes: int,
+) -> list[ReleaseVariant]:
+    """Publish another build of `release_id` (same model name, its own version, e.g.
+    1.2.0+int8-static) that devices of the given hardware install instead."""
+    release = get_release(session, release_id=release_id)
+    hardware = sorted({h.strip() for h in hardware if h.strip()})
+    if not hardware:
+        raise InvalidInput("name at least one hardware id for the variant")
+    taken = [h for h in hardware if session.get(ReleaseVariant, (release.id, h)) is not None]
+    if taken:
+        raise Conflict(f"{release.id} already has a variant for {', '.join(taken)}")
+    manifest_path, manifest, added = _signed_bundle(repo, signed_targets, uploads,
+                                                    max_upload_bytes)
+    if manifest.name != release.name:
+        raise InvalidInput(f"a variant of {release.name}@{release.version} must carry the "
+                           f"model name {release.name!r}, not {manifest.name!r}")
+    if list(manifest.labels) != list(release.manifest.get("labels") or []):
+        raise InvalidInput("a variant must predict the same labels as its release")
+    _publish_targets(repo, signed_targets)
+    size = sum(t.length for t in added.values())
+    rows = [ReleaseVariant(release_id=release.id, hardware=h, version=manifest.version,
+                           manifest_target=manifest_path, size_bytes=size,
+                           manifest=manifest.model_dump(mode="json")) for h in hardware]
+    session.add_all(rows)
+    events.record(session, kind="variant-published", release_id=release.id,
+                  message=f"{manifest.release_name} for hardware {', '.join(hardware)} "
+                  f"({size} bytes, release {release.name}@{release.version})")
+    session.commit()
+    return rows
+
+
+def variants(session: Session, *, release_id: str) -> list[ReleaseVariant]:
+    return list(session.scalars(select(ReleaseVariant).where(
+        ReleaseVariant.release_id == release_id).order_by(ReleaseVariant.hardware)))
+
+
+def build_for(session: Session, *, release: Release, hardware: str | None
+              ) -> Release | ReleaseVariant:
+    """What a device of `hardware` installs for `release`: its variant, else the release."""
+    if hardware:
+        variant = session.get(ReleaseVariant, (release.id, hardware))
+        if variant is not None:
+            return variant
     return release
 
 
