@@ -51,7 +51,8 @@ def weighty_bundle(out: Path, version: str, *, tweak: float = 0.0) -> Path:
     outputs = inputs.reshape(4, -1) @ w
     write_bundle(out, name="weighty", version=version, labels=("a", "b", "c"),
                  preprocessing=PRE, model=model.SerializeToString(), golden_inputs=inputs,
-                 golden_outputs=outputs, atol=1e-2, max_latency_ms=1000)
+                 golden_outputs=outputs, atol=1e-2, max_latency_ms=1000,
+                 extra_files={"MODEL_CARD.md": b"# weighty\n" + b"unchanged text\n" * 4096})
     return out
 
 
@@ -82,6 +83,7 @@ def test_second_release_arrives_as_a_delta_and_bad_deltas_fall_back(
     stats = downloaded[-1]["detail"]["download"]
     assert stats["delta_files"] == len(made) and stats["delta_fallbacks"] == 0
     assert stats["sent_bytes"] < stats["full_bytes"] / 2
+    assert stats["reused_files"] == 1  # the unchanged model card: copied locally, not sent
 
     # A device without the base takes full files.
     b = enroll_agent("b")
@@ -93,6 +95,7 @@ def test_second_release_arrives_as_a_delta_and_bad_deltas_fall_back(
         stats_b = [e for e in c.events(device_id=device_id)
                    if e["kind"] == "downloaded"][-1]["detail"]["download"]
     assert stats_b["delta_files"] == 0 and stats_b["sent_bytes"] == stats_b["full_bytes"]
+    assert stats_b["reused_files"] == 0
 
     # v3's delta is corrupted on the server's disk: refused, the full file is used instead.
     v3 = live_server.publish(weighty_bundle(tmp_path / "v3", "3.0.0", tweak=0.02))

@@ -14,6 +14,7 @@ from PIL import Image
 from edgewise.artifacts import validate_bundle
 from edgewise.ml import DatasetError, MLError
 from edgewise.ml.augment import AUGMENT_PRESETS, AugmentConfig, augment_batch
+from edgewise.ml.compress import load_torch_model
 from edgewise.ml.data import (
     class_balance_warnings,
     load_dataset,
@@ -177,6 +178,11 @@ def test_train_writes_a_bundle_that_eval_scores(tmp_path: Path) -> None:
     assert result.metrics["test_accuracy"] > 0.6  # three trivially separable patterns
     assert not (tmp_path / "out" / "run" / "checkpoints" / "last.pt").exists()
     assert (tmp_path / "out" / "run" / "checkpoints" / "best.pt").exists()
+    # `edgewise compress` can rebuild the model in torch (pruning, distillation): the weights
+    # ship beside the ONNX and reproduce the golden outputs.
+    assert "weights.safetensors" in manifest.files
+    rebuilt = load_torch_model(tmp_path / "out" / "bundle", manifest)
+    assert rebuilt.arch == "image-classifier"
 
 
 def test_resume_continues_exactly_where_it_paused(tmp_path: Path) -> None:
@@ -286,3 +292,4 @@ def test_fine_tune_trains_last_blocks_on_cached_activations(tmp_path: Path) -> N
     assert manifest.provenance["backbone_weights_sha256"]
     assert manifest.metrics["onnx_torch_max_diff"] < 1e-2
     assert len(result.history) == 2
+    assert load_torch_model(tmp_path / "out" / "bundle", manifest).arch == "image-classifier"

@@ -39,6 +39,7 @@ from edgewise.artifacts import BundleManifest, Preprocessing, file_sha256, write
 
 from .augment import AugmentConfig, augment_batch
 from .backbones import create_backbone, get_backbone_spec, pretrained_weights_path
+from .compress._torch_source import TORCH_KEY, WEIGHTS_FILE, weights_bytes
 from .data import (
     FASHION_MNIST_MEAN,
     FASHION_MNIST_STD,
@@ -681,6 +682,19 @@ def _fit_feature_extract(cfg, model: ImageClassifier, inputs: _Inputs, tr_u8, tr
                                    "train_s": round(row["epoch_s"], 1)}
 
 
+def _torch_spec(model: ImageClassifier, cfg: TrainConfig, input_size: tuple[int, int]) -> dict:
+    """How `edgewise compress` rebuilds this model in torch (pruning, distillation): the
+    architecture, its constructor's arguments and the weights file shipped beside the ONNX."""
+    flat = lambda t: [float(v) for v in t.flatten()]  # noqa: E731
+    return {"arch": "image-classifier", "weights": WEIGHTS_FILE, "config": {
+        "backbone": cfg.backbone, "num_classes": model.head.out_features,
+        "input_channels": model.in_channels, "input_mean": flat(model.in_mean),
+        "input_std": flat(model.in_std), "input_size": [int(v) for v in input_size],
+        "resolution": model.resolution, "tta_flip": bool(model.tta_flip),
+        "backbone_in_channels": model.out_channels, "backbone_mean": flat(model.bb_mean),
+        "backbone_std": flat(model.bb_std)}}
+
+
 def _finish(cfg: TrainConfig, choice: StrategyChoice, model: ImageClassifier, pre: Preprocessing,
             full: ImageDataset, test: ImageDataset, inputs: _Inputs, te_u8, te_y, tr_y, va_y,
             history, val_acc: float, extra: dict, weights_file: Path | None,
@@ -775,8 +789,10 @@ def _finish(cfg: TrainConfig, choice: StrategyChoice, model: ImageClassifier, pr
             golden_outputs=golden_outputs, atol=GOLDEN_ATOL,
             max_latency_ms=max(250.0, 10.0 * p95_ms),
             extra_files={"MODEL_CARD.md": card.encode(), "learning_curves.png": curves,
-                         "confusion_matrix.png": conf, "train_config.json": config_bytes},
-            metrics=metrics, provenance=provenance)
+                         "confusion_matrix.png": conf, "train_config.json": config_bytes,
+                         WEIGHTS_FILE: weights_bytes(model)},
+            metrics=metrics,
+            provenance={**provenance, TORCH_KEY: _torch_spec(model, cfg, full.size)})
         progress("write bundle", 1, 1)
     summary = {"metrics": metrics, "strategy": choice.to_dict(), "bundle": str(bundle_dir),
                "history": history, "warnings": warnings,

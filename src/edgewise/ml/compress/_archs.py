@@ -8,6 +8,7 @@ module with fewer channels (tensors sliced, never zero-masked) and the config th
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -207,9 +208,14 @@ def _image_classifier(config: dict[str, Any]) -> nn.Module:
     from ..model import ImageClassifier
 
     name = config["backbone"]
-    spec = get_backbone_spec(name)
+    backbone = create_backbone(name, pretrained=False,
+                               in_channels=config.get("backbone_in_channels"))
+    spec = backbone.spec
+    if "backbone_mean" in config:  # from scratch: the statistics it learned its input with
+        spec = replace(spec, mean=tuple(config["backbone_mean"]),
+                       std=tuple(config["backbone_std"]))
     model = ImageClassifier(
-        create_backbone(name, pretrained=False), spec, config["num_classes"],
+        backbone, spec, config["num_classes"],
         input_channels=config["input_channels"], input_mean=tuple(config["input_mean"]),
         input_std=tuple(config["input_std"]), input_size=tuple(config["input_size"]),
         resolution=config["resolution"], tta_flip=bool(config.get("tta_flip", False)))
