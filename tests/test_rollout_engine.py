@@ -64,9 +64,19 @@ def test_failure_gates(outcomes, kwargs, action) -> None:
     ({"flags": 1}, Gates(max_flag_rate=1.0), Action.ADVANCE),
     ({"rating": 2.0}, Gates(min_rating=3.5), Action.PAUSE),
     ({"rating": 4.5}, Gates(min_rating=3.5), Action.ADVANCE),
+    # Input drift, pooled over the committed devices (2 x 150 inputs here).
+    ({"inputs": 150, "anomalous": 60}, Gates(max_anomalous_share=0.2), Action.PAUSE),
+    ({"inputs": 150, "anomalous": 15}, Gates(max_anomalous_share=0.2), Action.ADVANCE),
+    ({"inputs": 150, "anomalous": 60}, Gates(), Action.ADVANCE),  # gate off
+    ({"inputs": 50, "anomalous": 40}, Gates(max_anomalous_share=0.2), Action.ADVANCE),  # <200
 ])
 def test_health_and_feedback_gates(health, gates, action) -> None:
     assert decide(view([C, C], gates=gates, **health)).action is action
+
+
+def test_drift_pause_says_why() -> None:
+    d = decide(view([C, C], gates=Gates(max_anomalous_share=0.1), inputs=300, anomalous=90))
+    assert d.action is Action.PAUSE and "30.0% of 600 inputs" in d.reason and "drift" in d.reason
 
 
 def test_decisions_explain_themselves() -> None:

@@ -56,7 +56,8 @@ def test_good_release_rolls_out_stage_by_stage(live_server, fleet, tmp_path: Pat
     from tests.conftest import make_tiny_bundle
 
     states, v1 = fleet
-    v2 = live_server.publish(make_tiny_bundle(tmp_path / "v2", version="2.0.0"), assign=False)
+    v2 = live_server.publish(make_tiny_bundle(tmp_path / "v2", version="2.0.0", seed=1),
+                             assign=False)
     with live_server.client() as c:
         rollout = c.request("POST", "/api/v1/rollouts", json={
             "release_id": v2["id"], "group": "lab",
@@ -64,9 +65,11 @@ def test_good_release_rolls_out_stage_by_stage(live_server, fleet, tmp_path: Pat
         final = wait_for(lambda: (r := c.request("GET", f"/api/v1/rollouts/{rollout['id']}")
                                   .json())["status"] == "completed" and r, "completion")
         assert final["progress"]["committed"] == 4
-        # Every device reported what it downloaded (tiny files: no deltas, full bytes).
-        assert final["transfer"]["bytes_full"] > 0
-        assert final["transfer"]["bytes_sent"] == final["transfer"]["bytes_full"]
+        # Every device reported what it downloaded: tiny files (no deltas) sent in full, the
+        # unchanged model card copied from the installed release instead.
+        transfer = final["transfer"]
+        assert 0 < transfer["bytes_sent"] < transfer["bytes_full"]
+        assert transfer["delta_files"] == 0 and transfer["reused_files"] == 4
         assert all(d["release_id"] == v2["id"] for d in c.devices())
         kinds = [e["kind"] for e in c.events(limit=1000) if e.get("rollout_id") == rollout["id"]
                  and e["kind"].startswith("rollout-")]

@@ -7,7 +7,9 @@ than the hour is ever written to the drift file.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import threading
 import time
 from datetime import UTC, datetime
@@ -17,19 +19,21 @@ from typing import Any
 import numpy as np
 
 from ..artifacts import BundleManifest, DetectorSpec
-from ._errors import AgentConfigError, NoModelError
+from ._errors import AgentConfigError, AgentTransportError, NoModelError
 from ._store import atomic_write_json
 
-__all__ = ["DRIFT_FILE", "LOCAL_DETECTOR_FILE", "DriftLog", "generate_images", "image_grid_png",
-           "learn_normal", "local_threshold"]
+__all__ = ["DRIFT_FILE", "LOCAL_DETECTOR_FILE", "DriftLog", "flush_drift", "generate_images",
+           "image_grid_png", "learn_normal", "local_threshold"]
 
 DRIFT_FILE = "drift.json"
+DRIFT_SENT_FILE = "drift-sent.json"  # what was last reported, and when
 # Beside the slots, not inside one: an update replaces slots but keeps this file.
 LOCAL_DETECTOR_FILE = "detector-local.json"
 MIN_LEARN_IMAGES = 50
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
 _KEEP_HOURS = 48
 _lock = threading.Lock()
+log = logging.getLogger("edgewise.agent.drift")
 
 
 class DriftLog:
@@ -82,6 +86,37 @@ class DriftLog:
                 "histogram_edges": data["edges"], "histogram": hist,
                 "per_hour": {k: {"n": v["n"], "share_anomalous": round(v["anomalous"] / v["n"], 4)}
                              for k, v in sorted(hours.items())}}
+
+
+def flush_drift(state_dir: Path, client, installed, *, min_interval_s: float,
+                now: float | None = None) -> bool:
+    """Report the drift aggregates of the installed release to the server when they changed,
+    at most every `min_interval_s`; a dropped connection is retried on a later cycle. Only
+    `DriftLog.summary()` leaves the device."""
+    summary = DriftLog(state_dir).summary()
+    if summary is None or installed is None or summary["release"] != installed.label:
+        return False
+    body = {"release_id": installed.release_id, "inputs": summary["inputs"],
+            "anomalous": summary["anomalous"], "expected_share": summary["expected_share"],
+            "histogram_edges": summary["histogram_edges"], "histogram": summary["histogram"],
+            "per_hour": summary["per_hour"]}
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    sent_path = Path(state_dir) / DRIFT_SENT_FILE
+    try:
+        sent = json.loads(sent_path.read_text())
+    except (OSError, ValueError):
+        sent = {}
+    now = time.time() if now is None else now
+    if sent.get("digest") == digest or now - float(sent.get("at", 0)) < min_interval_s:
+        return False
+    try:
+        client.drift(body)
+    except AgentTransportError as exc:
+        if exc.status_code is None or exc.status_code >= 500:
+            return False  # offline: the next cycle tries again
+        log.warning("server refused the drift report, not resending it: %s", exc)
+    atomic_write_json(sent_path, {"digest": digest, "at": now})
+    return True
 
 
 def generate_images(bundle_dir: Path, manifest: BundleManifest, *, label: str | None, n: int,

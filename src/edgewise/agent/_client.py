@@ -73,5 +73,8 @@ class ServerClient:
     def feedback(self, item: dict[str, Any]) -> None:
         self._request("POST", "/api/v1/device/feedback", json=item)
 
+    def drift(self, summary: dict[str, Any]) -> None:
+        self._request("POST", "/api/v1/device/drift", json=summary)
+
     def report(self, report: dict[str, Any]) -> None:
         self._request("POST", "/api/v1/device/reports", json=report)

@@ -29,6 +29,7 @@ from ..artifacts import (
 from ..artifacts.delta import DeltaError, apply_delta
 from ..trust import DELTAS_ROLE, HttpxFetcher, TransportError, TrustedClient, VerificationError
 from ..windows import in_window
+from ._anomaly import flush_drift
 from ._client import ServerClient
 from ._errors import AgentConfigError, AgentTransportError, HealthCheckFailed, UpdateRejected
 from ._machine import (
@@ -79,6 +80,7 @@ class AgentConfig:
     max_attempts_per_release: int = 3
     request_timeout_s: float = 15.0
     fault: FaultPoint | None = None
+    drift_report_interval_s: float = 300.0  # input-drift aggregates go up at most this often
     # Seams for the fleet simulator (edgewise.sim); None keeps the real default. The network
     # (an httpx transport), the slot backend, the health check, the device clock, and a hook
     # called where `fault` would cut power (it may raise to abandon this Agent mid-state).
@@ -151,6 +153,8 @@ class Agent:
     def run_cycle(self, *, max_steps: int = 64) -> State:
         """Check once; if there is an update, carry it through to a rest state."""
         flush_feedback(self.paths, self.client)
+        flush_drift(self.paths.root, self.client, self.record.installed,
+                    min_interval_s=self.config.drift_report_interval_s)
         if self.record.outbox:  # reports a dropped connection held back: retry every cycle
             self._flush_reports()
         for _ in range(max_steps):

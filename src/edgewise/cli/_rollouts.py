@@ -121,6 +121,9 @@ def rollout_create(
     max_flag_rate: Annotated[float | None, typer.Option(help="wrong-prediction flags per "
                                                          "device")] = None,
     min_rating: float | None = None,
+    max_anomalous_share: Annotated[float | None, typer.Option(
+        help="pause when more of the inputs than this look anomalous to the release's "
+        "detector (drift)")] = None,
 ) -> None:
     """Roll a release out to a group in stages, gated by failures and model health."""
     body = {"release_id": release_id, "group": group, "stages": stages,
@@ -129,7 +132,7 @@ def rollout_create(
                       "pause_failure_rate": pause_failure_rate, "min_reporting": min_reporting,
                       "max_latency_ratio": max_latency_ratio,
                       "max_memory_ratio": max_memory_ratio, "max_flag_rate": max_flag_rate,
-                      "min_rating": min_rating}}
+                      "min_rating": min_rating, "max_anomalous_share": max_anomalous_share}}
     try:
         with _client(server, token) as client:
             rollout = client.request("POST", "/api/v1/rollouts", json=body).json()

@@ -57,6 +57,10 @@ class Gates:
     memory_slack_mb: float = 16.0
     max_flag_rate: float | None = None  # wrong-prediction flags per device that reported
     min_rating: float | None = None  # mean user rating (1-5)
+    # Input drift: share of inputs the release's own detector calls anomalous, pooled over
+    # the stage's committed devices, once they scored at least `min_drift_inputs`.
+    max_anomalous_share: float | None = None
+    min_drift_inputs: int = 200
 
 
 @dataclass(frozen=True)
@@ -115,6 +119,8 @@ class DeviceOutcome:
     previous_memory_mb: float | None = None
     flags: int = 0
     rating: float | None = None
+    inputs: int = 0  # inputs the device's anomaly detector scored (drift aggregates)
+    anomalous: int = 0
 
 
 @dataclass(frozen=True)
@@ -187,6 +193,13 @@ def decide(view: StageView) -> Decision:
     if gates.min_rating is not None and ratings and statistics.mean(ratings) < gates.min_rating:
         return Decision(Action.PAUSE, f"mean user rating {statistics.mean(ratings):.1f} < "
                         f"{gates.min_rating:.1f}")
+
+    if gates.max_anomalous_share is not None and committed:
+        inputs = sum(o.inputs for o in committed)
+        share = sum(o.anomalous for o in committed) / inputs if inputs else 0.0
+        if inputs >= gates.min_drift_inputs and share > gates.max_anomalous_share:
+            return Decision(Action.PAUSE, f"{share:.1%} of {inputs} inputs look unlike the "
+                            f"training data (limit {gates.max_anomalous_share:.1%}): drift")
 
     # 3. advance once enough devices finished and the stage soaked.
     needed = math.ceil(gates.min_reporting * view.stage_devices)

@@ -26,6 +26,10 @@ class GatesIn(BaseModel):
     memory_slack_mb: float = Field(default=16.0, ge=0)
     max_flag_rate: float | None = Field(default=None, ge=0)
     min_rating: float | None = Field(default=None, ge=1, le=5)
+    max_anomalous_share: float | None = Field(
+        default=None, ge=0, le=1, description="pause when more of the committed devices' "
+        "inputs than this look anomalous to the release's detector (drift)")
+    min_drift_inputs: int = Field(default=200, ge=1, le=2**31)
 
 
 class RolloutIn(BaseModel):

@@ -23,7 +23,7 @@ from .._errors import Conflict, InvalidInput, NotFound
 from ..devices.models import Device, InstallResult
 from ..events import service as events
 from ..feedback import service as feedback
-from ..feedback.models import Feedback
+from ..feedback.models import DriftReport, Feedback
 from ..groups.service import get_group, members
 from ..releases.models import Release
 from .engine import Action, DeviceOutcome, Gates, Stage, StageView, decide, stage_size
@@ -110,6 +110,8 @@ class _Known:
         self.feedback: dict[str, list[Feedback]] = {}
         for item in session.scalars(select(Feedback).where(Feedback.release_id == release_id)):
             self.feedback.setdefault(item.device_id, []).append(item)
+        self.drift = {r.device_id: (r.inputs, r.anomalous) for r in session.scalars(
+            select(DriftReport).where(DriftReport.release_id == release_id))}
 
     def flags_rating(self, device_id: str) -> tuple[int, float | None]:
         items = self.feedback.get(device_id, [])
@@ -139,16 +141,19 @@ def _outcome(session: Session, row: RolloutDevice, release_id: str,
     prev_health = (previous.health or {}) if previous is not None else {}
     if known is not None:
         flags, rating = known.flags_rating(row.device_id)
+        inputs, anomalous = known.drift.get(row.device_id, (0, 0))
     else:
         flags, rating = feedback.for_device(session, device_id=row.device_id,
                                             release_id=release_id)
+        drift = session.get(DriftReport, (row.device_id, release_id))
+        inputs, anomalous = (drift.inputs, drift.anomalous) if drift else (0, 0)
     return DeviceOutcome(
         device_id=row.device_id, outcome=result.outcome,
         golden_agreement=health.get("top1_agreement"),
         p95_latency_ms=health.get("p95_latency_ms"), memory_mb=health.get("memory_mb"),
         previous_p95_latency_ms=prev_health.get("p95_latency_ms"),
         previous_memory_mb=prev_health.get("memory_mb"),
-        flags=flags, rating=rating)
+        flags=flags, rating=rating, inputs=inputs, anomalous=anomalous)
 
 
 def progress(session: Session, rollout: Rollout) -> dict[str, Any]:
@@ -173,7 +178,8 @@ def transfer(session: Session, rollout: Rollout) -> dict[str, int]:
     from ..events.models import Event
 
     device_ids = select(RolloutDevice.device_id).where(RolloutDevice.rollout_id == rollout.id)
-    totals = {"bytes_sent": 0, "bytes_full": 0, "delta_files": 0, "delta_fallbacks": 0}
+    totals = {"bytes_sent": 0, "bytes_full": 0, "delta_files": 0, "delta_fallbacks": 0,
+              "reused_files": 0}
     for detail in session.scalars(select(Event.detail).where(
             Event.kind == "downloaded", Event.release_id == rollout.release_id,
             Event.device_id.in_(device_ids))):
@@ -182,6 +188,7 @@ def transfer(session: Session, rollout: Rollout) -> dict[str, int]:
         totals["bytes_full"] += int(stats.get("full_bytes", 0))
         totals["delta_files"] += int(stats.get("delta_files", 0))
         totals["delta_fallbacks"] += int(stats.get("delta_fallbacks", 0))
+        totals["reused_files"] += int(stats.get("reused_files", 0))
     return totals
 
 
