@@ -293,3 +293,39 @@ def test_fine_tune_trains_last_blocks_on_cached_activations(tmp_path: Path) -> N
     assert manifest.metrics["onnx_torch_max_diff"] < 1e-2
     assert len(result.history) == 2
     assert load_torch_model(tmp_path / "out" / "bundle", manifest).arch == "image-classifier"
+
+
+def test_feature_extract_embeds_what_the_time_budget_allows() -> None:
+    """Embedding dominates feature extraction: under a budget, a stratified subset of the
+    training images is embedded (the rest of the run keeps its reserve), never a silent
+    overrun."""
+    import time as _time
+
+    import torch
+
+    from edgewise.ml.errors import MLError
+    from edgewise.ml.train import _budgeted_subset
+
+    class SlowBackbone:
+        def features(self, x):  # 1 ms per image
+            _time.sleep(0.001 * len(x))
+            return x
+
+    labels = torch.tensor([0] * 6000 + [1] * 3000 + [2] * 1000)
+    images = torch.zeros((len(labels), 1, 2, 2), dtype=torch.uint8)
+    said: list[str] = []
+
+    def run(budget_s: float):
+        cfg = TrainConfig(data="x", out_dir="y", time_budget_s=budget_s, seed=1)
+        return _budgeted_subset(cfg, SlowBackbone(), lambda u8: u8, images, labels, 0, 0, 3,
+                                _time.perf_counter(), said.append)
+
+    x, y = run(29.0)  # ~4 s of embedding left after the 25 s reserve: ~4000 of 10000
+    assert 1000 < len(y) < 5000 and len(x) == len(y)
+    counts = torch.bincount(y, minlength=3).tolist()
+    assert abs(counts[0] / len(y) - 0.6) < 0.02 and abs(counts[2] / len(y) - 0.1) < 0.02
+    assert said and f"of {len(labels)} training images" in said[-1]
+    x, y = run(3600.0)  # everything fits
+    assert len(y) == len(labels)
+    with pytest.raises(MLError, match="no time to embed"):
+        run(25.0)

@@ -450,7 +450,8 @@ def _fit(cfg: TrainConfig, choice: StrategyChoice, model: ImageClassifier,
     num_classes = model.head.out_features
     if choice.strategy == "feature-extract":
         return _fit_feature_extract(cfg, model, inputs, tr_u8, tr_y, va_u8, va_y, num_classes,
-                                    tracker, progress)
+                                    tracker, progress, notify=notify, started=started,
+                                    n_test=n_test)
 
     # ---- optimiser and schedule ---------------------------------------------------------
     frozen: list[nn.Module] = []
@@ -651,12 +652,49 @@ def _cache_frozen(model: ImageClassifier, frozen: list[nn.Module], inputs: _Inpu
     return run(tr_u8, "cache train activations"), run(va_u8, "cache val activations"), n_frozen
 
 
+def _budgeted_subset(cfg, model: ImageClassifier, inputs: _Inputs, tr_u8, tr_y, n_val: int,
+                     n_test: int, num_classes: int, started: float, notify: NotifyFn):
+    """Under a time budget, the training images the backbone can embed in time (stratified,
+    seeded), after keeping time for the validation embedding, the head fit, the test pass and
+    the export; all of them when they fit."""
+    budget = cfg.time_budget_s
+    n = len(tr_y)
+    if not budget:
+        return tr_u8, tr_y
+    with torch.inference_mode():
+        model.features(inputs(tr_u8[:8]))  # the first call builds the kernels
+        t = time.perf_counter()
+        model.features(inputs(tr_u8[:64]))
+        per_image = (time.perf_counter() - t) / min(64, n)
+    reserve_s = 25.0 + per_image * (n_val + 3.0 * n_test)
+    fits = int((budget - (time.perf_counter() - started) - reserve_s) / per_image)
+    if fits >= n:
+        return tr_u8, tr_y
+    if fits < 5 * num_classes:
+        raise MLError(f"time budget {budget:.0f} s leaves no time to embed training images "
+                      f"(validation, test and export alone need about {reserve_s:.0f} s)")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    keep = []
+    for c in range(num_classes):
+        idx = torch.nonzero(tr_y == c).flatten()
+        take = max(1, round(fits * len(idx) / n))
+        keep.append(idx[torch.randperm(len(idx), generator=gen)[:take]])
+    keep = torch.sort(torch.cat(keep)).values
+    notify(f"time budget {budget:.0f} s: embedding {len(keep)} of {n} training images "
+           f"({per_image * 1000:.1f} ms each), {reserve_s:.0f} s kept for validation, test "
+           "and export")
+    return tr_u8[keep], tr_y[keep]
+
+
 def _fit_feature_extract(cfg, model: ImageClassifier, inputs: _Inputs, tr_u8, tr_y, va_u8, va_y,
-                         num_classes: int, tracker: Tracker | None, progress: ProgressFn):
+                         num_classes: int, tracker: Tracker | None, progress: ProgressFn, *,
+                         notify: NotifyFn, started: float, n_test: int):
     """Frozen backbone: embed every image once, fit the head on the cached embeddings."""
     t0 = time.perf_counter()
     model.eval()
     model.tta_flip = False  # the head is fit on unflipped embeddings
+    tr_u8, tr_y = _budgeted_subset(cfg, model, inputs, tr_u8, tr_y, len(va_y), n_test,
+                                   num_classes, started, notify)
     with torch.inference_mode():
         def embed(u8: torch.Tensor, stage: str) -> torch.Tensor:
             feats = []
@@ -679,7 +717,8 @@ def _fit_feature_extract(cfg, model: ImageClassifier, inputs: _Inputs, tr_u8, tr
     if tracker is not None:
         tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=1)
     return [row], False, val_acc, {"epochs": 1, "best_epoch": 1, "head_l2": l2,
-                                   "train_s": round(row["epoch_s"], 1)}
+                                   "train_s": round(row["epoch_s"], 1),
+                                   "train_images_used": len(tr_y)}
 
 
 def _torch_spec(model: ImageClassifier, cfg: TrainConfig, input_size: tuple[int, int]) -> dict:
@@ -732,8 +771,9 @@ def _finish(cfg: TrainConfig, choice: StrategyChoice, model: ImageClassifier, pr
 
     # ---- plots, card, bundle -------------------------------------------------------------
     wall_s = time.perf_counter() - started
+    n_train = extra.get("train_images_used", len(tr_y))  # a time budget may embed fewer
     metrics = {"test_accuracy": round(test_acc, 4),
-               "val_accuracy": round(val_acc, 4), "train_images": len(tr_y),
+               "val_accuracy": round(val_acc, 4), "train_images": n_train,
                "val_images": len(va_y), "test_images": len(te_y),
                "p95_latency_ms": round(p95_ms, 2), "onnx_torch_max_diff": parity,
                "wall_s": round(wall_s, 1), "resolution": cfg.resolution, **extra}
@@ -762,7 +802,7 @@ def _finish(cfg: TrainConfig, choice: StrategyChoice, model: ImageClassifier, pr
                               "split, refit on training + validation")
         data = {"source": full.source, "image_size": full.size,
                 "channels_txt": "grayscale" if full.channels == 1 else "RGB",
-                "train_images": len(tr_y), "val_images": len(va_y), "test_images": len(te_y),
+                "train_images": n_train, "val_images": len(va_y), "test_images": len(te_y),
                 "test_source": test.source}
         card = model_card(name=cfg.name, version=cfg.version, class_names=full.class_names,
                           data=data, recipe=recipe, metrics=metrics, per_class=per_class,
