@@ -94,3 +94,42 @@ def test_rollout_pauses_when_the_field_drifts(live_server, enroll_agent, tiny_bu
             time.sleep(0.2)
     assert status["status"] == "paused", status
     assert "drift" in status["reason"] and "33.3% of 30 inputs" in status["reason"]
+
+
+def test_only_aggregates_leave_the_device(tmp_path: Path) -> None:
+    """What the agent sends is exactly the aggregate fields: counts, the histogram over the
+    bundle's fixed bins, per-hour shares; no image, no single score, no finer timestamp."""
+    from edgewise.agent._anomaly import flush_drift
+    from edgewise.agent._store import ReleaseRef
+
+    class Capture:
+        def __init__(self) -> None:
+            self.sent: list[dict] = []
+
+        def drift(self, body: dict) -> None:
+            self.sent.append(json.loads(json.dumps(body)))
+
+    scores = [0.123456, 0.7, 1.5, 2.5, 0.2]
+    _record(tmp_path, "tiny@1.0.0", scores)
+    installed = ReleaseRef(release_id="rel-1", name="tiny", version="1.0.0",
+                           manifest_target="tiny/1.0.0/edgewise.json")
+    client = Capture()
+    assert flush_drift(tmp_path, client, installed, min_interval_s=0, now=1000.0)
+    (body,) = client.sent
+    assert set(body) == {"release_id", "inputs", "anomalous", "expected_share",
+                         "histogram_edges", "histogram", "per_hour"}
+    assert (body["inputs"], body["anomalous"], body["histogram"]) == (5, 2, [2, 1, 1, 1])
+    assert all(len(hour) == len("2026-01-01T00:00Z") and hour.endswith(":00Z")
+               for hour in body["per_hour"])
+    text = json.dumps(body)
+    assert "0.123456" not in text and "1.5," not in text  # no individual score
+    # Unchanged aggregates are not sent again; new ones wait for the interval.
+    assert not flush_drift(tmp_path, client, installed, min_interval_s=0, now=1001.0)
+    _record(tmp_path, "tiny@1.0.0", [0.1])
+    assert not flush_drift(tmp_path, client, installed, min_interval_s=300, now=1100.0)
+    assert flush_drift(tmp_path, client, installed, min_interval_s=300, now=1400.0)
+    assert client.sent[-1]["inputs"] == 6
+    # Aggregates of another release (before an update) are not reported for this one.
+    other = ReleaseRef(release_id="rel-2", name="tiny", version="2.0.0",
+                       manifest_target="tiny/2.0.0/edgewise.json")
+    assert not flush_drift(tmp_path, client, other, min_interval_s=0, now=5000.0)
