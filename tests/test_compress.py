@@ -308,22 +308,27 @@ ARCH_CONFIGS = {
                          "resolution": 28},
     "cnn-classifier": {"in_channels": 1, "widths": [16, 32, 48], "num_classes": 10},
 }
+# What `edgewise train` writes for a from-scratch run (the fast-cnn default on Fashion-MNIST).
+CASES = [*ARCH_CONFIGS.items(), ("image-classifier", {
+    **ARCH_CONFIGS["image-classifier"], "backbone": "fast-cnn", "backbone_in_channels": 1,
+    "backbone_mean": [0.286], "backbone_std": [0.353]})]
 
 
-@pytest.mark.parametrize("arch", sorted(ARCH_CONFIGS))
-def test_pruning_removes_channels_and_rebuilds_exactly(arch: str) -> None:
+@pytest.mark.parametrize(("arch", "arch_config"), CASES,
+                         ids=[f"{a}-{c.get('backbone', 'cnn')}" for a, c in CASES])
+def test_pruning_removes_channels_and_rebuilds_exactly(arch: str, arch_config: dict) -> None:
     from edgewise.ml.compress._archs import ARCHS, build_arch, prune_arch
 
     assert set(ARCH_CONFIGS) == set(ARCHS)
     torch.manual_seed(0)
-    model = build_arch(arch, ARCH_CONFIGS[arch]).eval()
+    model = build_arch(arch, arch_config).eval()
     for m in model.modules():  # non-trivial BatchNorm scales, so importance is not a tie
         if isinstance(m, torch.nn.BatchNorm2d):
             m.weight.data.uniform_(0.1, 1.0)
     before = count_params(model)
     convs_before = {n: m.out_channels for n, m in model.named_modules()
                     if isinstance(m, torch.nn.Conv2d)}
-    pruned, config = prune_arch(arch, model, ARCH_CONFIGS[arch], keep=0.5)
+    pruned, config = prune_arch(arch, model, arch_config, keep=0.5)
     after = count_params(pruned)
     convs_after = {n: m.out_channels for n, m in pruned.named_modules()
                    if isinstance(m, torch.nn.Conv2d)}

@@ -25,13 +25,20 @@ class FastCNN(nn.Module):
     """stem conv, then per width: conv + pool, conv; global average pooling."""
 
     def __init__(self, in_channels: int = 1, stem: int = 32,
-                 widths: tuple[int, ...] = (64, 128, 256)) -> None:
+                 widths: tuple[int, ...] = (64, 128, 256),
+                 conv_widths: tuple[int, ...] | None = None) -> None:
+        """`conv_widths` (one per conv: stem, then two per stage) overrides `stem`/`widths`:
+        a structurally pruned net keeps the layout with fewer channels in each conv."""
         super().__init__()
-        layers = _conv_bn_relu(in_channels, stem, pool=False)
-        prev = stem
-        for width in widths:
-            layers += _conv_bn_relu(prev, width, pool=True) + _conv_bn_relu(width, width, False)
-            prev = width
+        if conv_widths is None:
+            conv_widths = (stem, *(w for width in widths for w in (width, width)))
+        if len(conv_widths) % 2 != 1:
+            raise ValueError("conv_widths: the stem, then two convs per stage")
+        layers = _conv_bn_relu(in_channels, conv_widths[0], pool=False)
+        prev = conv_widths[0]
+        for first, second in zip(conv_widths[1::2], conv_widths[2::2], strict=True):
+            layers += _conv_bn_relu(prev, first, pool=True) + _conv_bn_relu(first, second, False)
+            prev = second
         self.features = nn.Sequential(*layers)
         self.feature_dim = prev
 

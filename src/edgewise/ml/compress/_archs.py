@@ -16,6 +16,7 @@ from torch import nn
 
 from ..backbones import create_backbone, get_backbone_spec
 from ..backbones._efficientnet_lite import EfficientNetLite
+from ..backbones._fast_cnn import FastCNN
 from ..backbones._small_cnn import SmallCNN
 from ..quick import FeatureHeadClassifier
 from ._errors import NotApplicableError
@@ -139,13 +140,16 @@ def _resize_lite(model: nn.Module, widths: dict[str, Any]) -> None:
     model.head = _slice_linear_in(model.head, idx)
 
 
-def _prune_small_cnn(model: nn.Module, keep: float) -> dict[str, Any]:
+def _prune_plain_cnn(model: nn.Module, keep: float) -> dict[str, Any]:
+    """SmallCNN / FastCNN: a chain of conv -> [pool] -> BN -> ReLU; every conv keeps the
+    channels whose BN scale times the next layer's use of them is largest."""
     layers = model.backbone.features
     convs = [i for i, m in enumerate(layers) if isinstance(m, nn.Conv2d)]
     prev_idx: torch.Tensor | None = None
     widths = []
     for n_conv, ci in enumerate(convs):
-        conv, bn = layers[ci], layers[ci + 1]
+        bi = next(j for j in range(ci + 1, len(layers)) if isinstance(layers[j], nn.BatchNorm2d))
+        conv, bn = layers[ci], layers[bi]
         if n_conv + 1 < len(convs):
             nxt = layers[convs[n_conv + 1]].weight.abs().sum((0, 2, 3))
         else:
@@ -153,7 +157,7 @@ def _prune_small_cnn(model: nn.Module, keep: float) -> dict[str, Any]:
         importance = (bn.weight.abs() * nxt).detach()
         idx = _top(importance, _keep(conv.out_channels, keep))
         layers[ci] = _slice_conv(conv, idx, prev_idx)
-        layers[ci + 1] = _slice_bn(bn, idx)
+        layers[bi] = _slice_bn(bn, idx)
         prev_idx = idx
         widths.append(len(idx))
     model.head = _slice_linear_in(model.head, prev_idx)
@@ -161,19 +165,22 @@ def _prune_small_cnn(model: nn.Module, keep: float) -> dict[str, Any]:
     return {"cnn_widths": widths}
 
 
-def _resize_small_cnn(model: nn.Module, widths: dict[str, Any]) -> None:
+def _resize_plain_cnn(model: nn.Module, widths: dict[str, Any]) -> None:
     in_ch = model.backbone.features[0].in_channels
-    model.backbone = SmallCNN(in_channels=in_ch, widths=tuple(widths["cnn_widths"]))
+    if isinstance(model.backbone, FastCNN):
+        model.backbone = FastCNN(in_channels=in_ch, conv_widths=tuple(widths["cnn_widths"]))
+    else:
+        model.backbone = SmallCNN(in_channels=in_ch, widths=tuple(widths["cnn_widths"]))
     model.head = nn.Linear(widths["cnn_widths"][-1], model.head.out_features)
 
 
 def _prune_backbone(model: nn.Module, keep: float) -> dict[str, Any]:
     if isinstance(model.backbone, EfficientNetLite):
         return _prune_lite(model, keep)
-    if isinstance(model.backbone, SmallCNN):
-        return _prune_small_cnn(model, keep)
+    if isinstance(model.backbone, SmallCNN | FastCNN):
+        return _prune_plain_cnn(model, keep)
     raise NotApplicableError(f"no structured pruning for a {type(model.backbone).__name__} "
-                             "backbone (supported: EfficientNet-Lite, SmallCNN)")
+                             "backbone (supported: EfficientNet-Lite, SmallCNN, FastCNN)")
 
 
 def _apply_widths(model: nn.Module, config: dict[str, Any]) -> nn.Module:
@@ -186,7 +193,7 @@ def _apply_widths(model: nn.Module, config: dict[str, Any]) -> nn.Module:
         if isinstance(model.backbone, EfficientNetLite):
             _resize_lite(model, widths)
         else:
-            _resize_small_cnn(model, widths)
+            _resize_plain_cnn(model, widths)
     return model
 
 
