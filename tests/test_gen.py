@@ -311,3 +311,45 @@ def test_gen_augment_writes_an_image_folder(trained, tmp_path: Path) -> None:
     assert sorted(ds.class_names) == ["Bag", "T-shirt_top"] and len(ds.labels) == 17
     with pytest.raises(MLError, match="unknown class"):
         synthesize(out / "bundle", label="Spaceship", n=1, out_dir=tmp_path / "syn")
+
+
+@needs_data
+def test_train_balances_rare_classes_with_generated_images(trained, tmp_path: Path) -> None:
+    """`edgewise train --balance generative` tops the rare classes up with cVAE samples; a
+    generator for other classes is refused before any training."""
+    from edgewise.ml import MLError
+    from edgewise.ml.data import load_idx_dataset
+    from edgewise.ml.train import TrainConfig, train
+
+    out, _ = trained
+    x, y = load_idx_dataset(split="train")
+    rng = np.random.default_rng(0)
+    keep = np.concatenate([rng.choice(np.nonzero(y == c)[0], 6 if c in (3, 8) else 40,
+                                      replace=False) for c in range(10)])
+    data = tmp_path / "fashion-rare"
+    data.mkdir()
+    for prefix, (images, labels) in (("train", (x[keep], y[keep])), ("t10k", (x[:200], y[:200]))):
+        (data / f"{prefix}-images-idx3-ubyte").write_bytes(
+            (0x803).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in images.shape)
+            + images.astype(np.uint8).tobytes())
+        (data / f"{prefix}-labels-idx1-ubyte").write_bytes(
+            (0x801).to_bytes(4, "big") + len(labels).to_bytes(4, "big")
+            + labels.astype(np.uint8).tobytes())
+    said: list[str] = []
+    result = train(TrainConfig(data=str(data), out_dir=str(tmp_path / "run"), epochs=1,
+                               strategy="from-scratch", backbone="small-cnn", batch_size=32,
+                               balance="generative", generator=str(out / "bundle"),
+                               track=False, threads=1), notify=said.append)
+    added = next(m for m in said if m.startswith("generated training images"))
+    assert "Dress +" in added and "Bag +" in added and "Coat" not in added
+    assert result.manifest.provenance["balance"] == "generative"
+    from PIL import Image
+
+    for name in ("a", "b"):
+        (tmp_path / "digits" / name).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(x[i]).save(tmp_path / "digits" / name / f"{i}.png")
+    with pytest.raises(MLError, match="generator's classes"):
+        train(TrainConfig(data=str(tmp_path / "digits"), out_dir=str(tmp_path / "r2"),
+                          balance="generative", generator=str(out / "bundle"), epochs=1,
+                          strategy="from-scratch", backbone="small-cnn", track=False))

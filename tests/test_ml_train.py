@@ -329,3 +329,37 @@ def test_feature_extract_embeds_what_the_time_budget_allows() -> None:
     assert len(y) == len(labels)
     with pytest.raises(MLError, match="no time to embed"):
         run(25.0)
+
+
+def test_balance_auto_measures_the_fixes_and_says_which_it_chose(tmp_path: Path) -> None:
+    data = make_folder(tmp_path / "d", counts={"bars": 60, "columns": 60, "dots": 8})
+    said: list[str] = []
+    train(TrainConfig(data=str(data), out_dir=str(tmp_path / "out"), epochs=3,
+                      balance="auto", **FAST), notify=said.append)
+    config = json.loads((tmp_path / "out" / "run" / "config.json").read_text())
+    choice = config["balance_choice"]
+    assert set(choice["trials"]) == {"none", "weights", "oversample"}
+    assert choice["option"] == max(choice["trials"], key=choice["trials"].get)
+    assert config["balance"] == choice["option"]  # the final run trained with it
+    assert "balanced validation accuracy" in choice["reason"]
+    manifest = validate_bundle(tmp_path / "out" / "bundle")
+    assert manifest.provenance["balance"] == choice["option"]
+    assert "class balance" in (tmp_path / "out" / "bundle" / "MODEL_CARD.md").read_text()
+    assert any("class balance:" in m for m in said)
+
+
+def test_balance_options_and_errors(tmp_path: Path) -> None:
+    data = make_folder(tmp_path / "d", counts={"bars": 40, "columns": 40, "dots": 30})
+    auto = train(TrainConfig(data=str(data), out_dir=str(tmp_path / "a"), epochs=1,
+                             balance="auto", **FAST))
+    assert auto.manifest.provenance["balance"] == "none"  # 40/30: balanced enough, no trials
+    for option in ("weights", "oversample"):
+        result = train(TrainConfig(data=str(data), out_dir=str(tmp_path / option), epochs=1,
+                                   balance=option, **FAST))
+        assert result.manifest.provenance["balance"] == option
+    with pytest.raises(MLError, match="unknown --balance"):
+        train(TrainConfig(data=str(data), out_dir=str(tmp_path / "x"), balance="smote",
+                          **FAST))
+    with pytest.raises(MLError, match="needs --generator"):
+        train(TrainConfig(data=str(data), out_dir=str(tmp_path / "y"), balance="generative",
+                          **FAST))

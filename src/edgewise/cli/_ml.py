@@ -46,6 +46,12 @@ def train(
     stop_after_epochs: Annotated[int | None, typer.Option(
         help="pause after N epochs (continue later with --resume)")] = None,
     seed: Annotated[int, typer.Option()] = 0,
+    balance: Annotated[str, typer.Option(
+        help="class imbalance: none | weights | oversample | generative | auto (short trials, "
+             "balanced validation accuracy decides)")] = "none",
+    generator: Annotated[Path | None, typer.Option(
+        help="cVAE bundle (edgewise gen train --kind cvae) for --balance generative/auto")]
+    = None,
 ) -> None:
     """Train an image classifier on this CPU and write a bundle (ONNX, golden set, card)."""
 
@@ -63,7 +69,8 @@ def train(
         resolution=resolution, time_budget_s=budget_s, epochs=epochs, batch_size=batch_size,
         lr=lr, augment=augment, trainable_blocks=trainable_blocks,
         train_per_class=train_per_class, tracking_uri=tracking_uri, track=not no_tracking,
-        resume=resume, stop_after_epochs=stop_after_epochs, seed=seed)
+        resume=resume, stop_after_epochs=stop_after_epochs, seed=seed, balance=balance,
+        generator=str(generator) if generator else None)
     try:
         with stage_progress() as (report, out_console):
             result = run_training(config, progress=report, notify=out_console.print)

@@ -112,6 +112,10 @@ class TrainConfig:
     stop_after_epochs: int | None = None  # pause after N epochs; `resume` continues
     resume: bool = False
     threads: int | None = None  # torch threads; default: the cores other work leaves free
+    # Class imbalance: none | weights (loss) | oversample | generative (cVAE samples of the
+    # rare classes from `generator`) | auto (short trials, judged by balanced val accuracy).
+    balance: str = "none"
+    generator: str | None = None  # a `edgewise gen train --kind cvae` bundle
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -384,26 +388,38 @@ def train(config: TrainConfig, *, progress: ProgressFn | None = None,
            f"{choice.reason}")
 
     # ---- model ----------------------------------------------------------------------------
-    torch.manual_seed(cfg.seed)
     weights_file = Path(cfg.weights_path) if cfg.weights_path else (
         pretrained_weights_path(backbone_name) if pretrained else None)
-    in_ch = None if pretrained else full.channels
-    backbone = create_backbone(backbone_name, pretrained=False, weights_path=weights_file,
-                               in_channels=in_ch)
-    bspec = backbone.spec
-    if scratch:  # a net trained from its initialisation learns the contract's statistics
-        bspec = type(bspec)(**{**asdict(bspec), "mean": mean, "std": std})
-    model = ImageClassifier(backbone, bspec, num_classes, input_channels=full.channels,
-                            input_mean=mean, input_std=std, input_size=full.size,
-                            resolution=resolution, dropout=cfg.dropout,
-                            tta_flip=bool(cfg.tta_flip))
-    model.to(memory_format=torch.channels_last)
+
+    def make_model() -> ImageClassifier:
+        torch.manual_seed(cfg.seed)
+        in_ch = None if pretrained else full.channels
+        backbone = create_backbone(backbone_name, pretrained=False, weights_path=weights_file,
+                                   in_channels=in_ch)
+        bspec = backbone.spec
+        if scratch:  # a net trained from its initialisation learns the contract's statistics
+            bspec = type(bspec)(**{**asdict(bspec), "mean": mean, "std": std})
+        net = ImageClassifier(backbone, bspec, num_classes, input_channels=full.channels,
+                              input_mean=mean, input_std=std, input_size=full.size,
+                              resolution=resolution, dropout=cfg.dropout,
+                              tta_flip=bool(cfg.tta_flip))
+        return net.to(memory_format=torch.channels_last)
+
+    model = make_model()
     inputs = _Inputs(mean, std)
     tr_u8, va_u8, te_u8 = _to_nchw_u8(train_ds), _to_nchw_u8(val_ds), _to_nchw_u8(test)
     tr_y, va_y, te_y = (torch.from_numpy(d.labels) for d in (train_ds, val_ds, test))
+    balance = _resolve_balance(cfg, choice, make_model, augment, inputs, tr_u8, tr_y, va_u8,
+                               va_y, full.class_names, run_dir, progress, notify)
+    if balance.option == "generative":
+        tr_u8, tr_y = _with_synthesis(cfg, tr_u8, tr_y, full.class_names, notify)
+    cfg = TrainConfig.from_dict({**cfg.to_dict(), "balance": balance.option})
+    if balance.option != "none" or balance.reason != "requested":
+        notify(f"class balance: [bold]{balance.option}[/] ({balance.reason})")
 
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = {**cfg.to_dict(), "strategy_choice": choice.to_dict(),
+                "balance_choice": balance.to_dict(),
                 "preprocessing": pre.model_dump(mode="json"), "class_names": full.class_names,
                 "augment_config": augment.to_dict()}
     _write_json(run_dir / "config.json", resolved)
@@ -423,6 +439,7 @@ def train(config: TrainConfig, *, progress: ProgressFn | None = None,
             cfg, choice, model, augment, inputs, tr_u8, tr_y, va_u8, va_y,
             n_test=len(te_y), started=started, last_ckpt=last_ckpt, best_ckpt=best_ckpt,
             tracker=tracker, progress=progress, notify=notify)
+        extra["balance"] = balance.to_dict()
         if paused:
             notify(f"paused after epoch {history[-1]['epoch']}; continue with --resume")
             return TrainResult(out, None, None, choice, {}, history,
@@ -440,6 +457,149 @@ def train(config: TrainConfig, *, progress: ProgressFn | None = None,
     if last_ckpt.is_file():
         last_ckpt.unlink()  # the run is complete; a rerun into DIR starts afresh
     return result
+
+
+BALANCE_OPTIONS = ("none", "weights", "oversample", "generative", "auto")
+_IMBALANCE_RATIO = 3.0  # auto leaves classes alone below this largest/smallest ratio
+_TRIAL_SHARE = 0.4  # of the time budget that auto's trials may spend, all together
+# Generative samples are used only when they beat the best plain fix by this much
+# (balanced validation accuracy): synthetic images often do not help, and cost trust.
+_GENERATIVE_MARGIN = 0.005
+
+
+@dataclass
+class BalanceChoice:
+    option: str
+    reason: str
+    trials: dict[str, float] = field(default_factory=dict)  # option -> balanced val accuracy
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def balanced_accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
+    """Mean per-class recall over the classes present."""
+    pred = logits.argmax(1)
+    recalls = [float((pred[labels == c] == c).float().mean())
+               for c in range(num_classes) if int((labels == c).sum())]
+    return sum(recalls) / max(1, len(recalls))
+
+
+def _check_generator(path: str | None, class_names: list[str], size, channels: int) -> Path:
+    from .gen._augment import sample_images
+
+    if not path:
+        raise MLError("--balance generative needs --generator BUNDLE (a class-conditional VAE: "
+                      "`edgewise gen train --kind cvae`)")
+    manifest = _validate_generator(Path(path))
+    if list(manifest.labels) != list(class_names):
+        raise MLError(f"the generator's classes {list(manifest.labels)} are not the data "
+                      f"set's {list(class_names)}")
+    probe = sample_images(path, label=class_names[0], n=1)
+    if probe.shape[1:] != (channels, *size):
+        raise MLError(f"the generator makes {tuple(probe.shape[1:])} images, the data set "
+                      f"has {(channels, *size)}")
+    return Path(path)
+
+
+def _validate_generator(path: Path) -> BundleManifest:
+    from edgewise.artifacts import BundleError, validate_bundle
+
+    try:
+        manifest = validate_bundle(path)
+    except BundleError as exc:
+        raise MLError(f"--generator {path}: {exc}") from None
+    if manifest.generator is None or not manifest.generator.conditional:
+        raise MLError(f"--generator {path}: {manifest.release_name} has no class-conditional "
+                      "generator")
+    return manifest
+
+
+def _with_synthesis(cfg: TrainConfig, tr_u8: torch.Tensor, tr_y: torch.Tensor,
+                    class_names: list[str], notify: NotifyFn):
+    """The training set with generated images of every class below the median class size,
+    up to it."""
+    from .gen._augment import sample_images
+
+    counts = torch.bincount(tr_y, minlength=len(class_names))
+    target = int(counts.float().median())
+    extra_x, extra_y, added = [], [], {}
+    for c, name in enumerate(class_names):
+        need = target - int(counts[c])
+        if need <= 0:
+            continue
+        extra_x.append(torch.from_numpy(sample_images(cfg.generator, label=name, n=need,
+                                                      seed=cfg.seed + c)))
+        extra_y.append(torch.full((need,), c, dtype=tr_y.dtype))
+        added[name] = need
+    if not added:
+        return tr_u8, tr_y
+    notify("generated training images: " + ", ".join(f"{k} +{v}" for k, v in added.items()))
+    return torch.cat([tr_u8, *extra_x]), torch.cat([tr_y, *extra_y])
+
+
+def _resolve_balance(cfg: TrainConfig, choice: StrategyChoice, make_model, augment, inputs,
+                     tr_u8, tr_y, va_u8, va_y, class_names: list[str], run_dir: Path,
+                     progress: ProgressFn, notify: NotifyFn) -> BalanceChoice:
+    """The class-imbalance fix to train with; `auto` measures the candidates (short runs,
+    balanced validation accuracy) and says which it chose and why."""
+    if cfg.balance not in BALANCE_OPTIONS:
+        raise MLError(f"unknown --balance {cfg.balance!r} (one of {', '.join(BALANCE_OPTIONS)})")
+    num_classes = len(class_names)
+    if cfg.balance != "none" and choice.strategy == "feature-extract":
+        if cfg.balance == "auto":
+            return BalanceChoice("none", "feature-extract fits a regularised head on every "
+                                 "embedding once; no trials")
+        raise MLError("--balance needs a trained network (--strategy from-scratch or "
+                      "fine-tune); feature-extract fits its head once")
+    if cfg.balance == "generative" or (cfg.balance == "auto" and cfg.generator):
+        _check_generator(cfg.generator, class_names, tuple(tr_u8.shape[2:]),
+                         int(tr_u8.shape[1]))
+    if cfg.balance != "auto":
+        return BalanceChoice(cfg.balance, "requested")
+    if cfg.resume:
+        saved = json.loads((run_dir / "config.json").read_text())
+        return BalanceChoice(**saved.get("balance_choice") or {"option": "none",
+                                                                "reason": "resumed"})
+    counts = torch.bincount(tr_y, minlength=num_classes)
+    present = counts[counts > 0]
+    ratio = float(present.max()) / float(present.min())
+    if ratio < _IMBALANCE_RATIO:
+        return BalanceChoice("none", f"classes are balanced enough (largest/smallest "
+                             f"{ratio:.1f} < {_IMBALANCE_RATIO:g})")
+    options = ["none", "weights", "oversample"] + (["generative"] if cfg.generator else [])
+    trial = {"resume": False, "stop_after_epochs": None, "track": False}
+    if cfg.time_budget_s:
+        trial["time_budget_s"] = cfg.time_budget_s * _TRIAL_SHARE / len(options)
+    else:
+        trial["epochs"] = max(1, (cfg.epochs or 3) // 3)
+    scores: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="edgewise-balance-") as tmp:
+        for option in options:
+            notify(f"class balance trial: {option}")
+            trial_cfg = TrainConfig.from_dict({**cfg.to_dict(), **trial, "balance": option})
+            x, y = (_with_synthesis(trial_cfg, tr_u8, tr_y, class_names, _noop)
+                    if option == "generative" else (tr_u8, tr_y))
+            net = make_model()
+            ckpt = Path(tmp) / option
+            ckpt.mkdir()
+            _fit(trial_cfg, choice, net, augment, inputs, x, y, va_u8, va_y, n_test=0,
+                 started=time.perf_counter(), last_ckpt=ckpt / "last.pt",
+                 best_ckpt=ckpt / "best.pt", tracker=None, progress=progress, notify=_noop)
+            scores[option] = round(balanced_accuracy(
+                _logits(net.float().eval(), va_u8, inputs), va_y, num_classes), 4)
+    plain = max((o for o in options if o != "generative"), key=lambda o: scores[o])
+    best = plain
+    if "generative" in scores and scores["generative"] >= scores[plain] + _GENERATIVE_MARGIN:
+        best = "generative"
+    listed = ", ".join(f"{o} {100 * v:.1f}%" for o, v in scores.items())
+    reason = (f"largest/smallest class {ratio:.1f}x; balanced validation accuracy in short "
+              f"runs: {listed}; chose {best}")
+    if "generative" in scores and best != "generative":
+        reason += (f" (generated images did not beat {plain} by "
+                   f"{100 * _GENERATIVE_MARGIN:.1f} points)")
+    return BalanceChoice(best, reason, scores)
+
 
 
 def _fit(cfg: TrainConfig, choice: StrategyChoice, model: ImageClassifier,
@@ -469,6 +629,9 @@ def _fit(cfg: TrainConfig, choice: StrategyChoice, model: ImageClassifier,
         opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=max(cfg.weight_decay, 1e-2))
     ema = _EMA(model, _EMA_DECAY) if cfg.ema else None
     n = len(tr_y)
+    counts = torch.bincount(tr_y, minlength=num_classes).clamp(min=1).float()
+    class_w = counts.sum() / (num_classes * counts) if cfg.balance == "weights" else None
+    sample_w = (1.0 / counts)[tr_y] if cfg.balance == "oversample" else None
     batch = cfg.batch_size if n >= 16 * cfg.batch_size else \
         max(16, 2 ** int(math.log2(max(16, n // 16))))
     steps_per_epoch = max(1, n // batch)
@@ -545,7 +708,8 @@ def _fit(cfg: TrainConfig, choice: StrategyChoice, model: ImageClassifier,
         model.train()
         for m in frozen:
             m.eval()
-        perm = torch.randperm(n, generator=gen)
+        perm = (torch.multinomial(sample_w, n, replacement=True, generator=gen)
+                if sample_w is not None else torch.randperm(n, generator=gen))
         t_epoch = epoch_started = time.perf_counter()
         loss_sum = correct = seen = 0
         stage = f"epoch {epoch}" + (f"/{cfg.epochs}" if cfg.epochs else "")
@@ -558,7 +722,8 @@ def _fit(cfg: TrainConfig, choice: StrategyChoice, model: ImageClassifier,
             idx = perm[s * batch:(s + 1) * batch]
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
                 logits = forward(idx, train=True)
-            loss = F.cross_entropy(logits.float(), tr_y[idx], label_smoothing=cfg.label_smoothing)
+            loss = F.cross_entropy(logits.float(), tr_y[idx], weight=class_w,
+                                   label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -783,7 +948,9 @@ def _finish(cfg: TrainConfig, choice: StrategyChoice, model: ImageClassifier, pr
         plot_confusion(cm, full.class_names, conf)
         weights_sha = file_sha256(weights_file)[0] if weights_file else None
         origin = f"pretrained: {weights_file.name}" if weights_file else "from scratch"
+        bal = extra.get("balance") or {"option": "none", "reason": "requested"}
         recipe = {"strategy": f"{choice.strategy} ({choice.reason})",
+                  "class balance": f"{bal['option']} ({bal['reason']})",
                   "backbone": f"{cfg.backbone} ({origin})",
                   "input resolution": f"{cfg.resolution} px", "augmentation": cfg.augment,
                   "optimizer": f"{cfg.optimizer}, peak LR {cfg.lr}, one-cycle, weight decay "
@@ -808,6 +975,7 @@ def _finish(cfg: TrainConfig, choice: StrategyChoice, model: ImageClassifier, pr
                           data=data, recipe=recipe, metrics=metrics, per_class=per_class,
                           warnings=warnings)
         provenance = {"recipe": "edgewise.ml.train", "strategy": choice.strategy,
+                      "balance": bal["option"], "balance_trials": bal.get("trials") or {},
                       "strategy_case": choice.case, "strategy_reason": choice.reason,
                       "backbone": cfg.backbone,
                       "backbone_weights_file": weights_file.name if weights_file else None,

@@ -13,7 +13,7 @@ import numpy as np
 from ...artifacts import validate_bundle
 from ..errors import MLError
 
-__all__ = ["class_folder_name", "synthesize"]
+__all__ = ["class_folder_name", "sample_images", "synthesize"]
 
 
 def class_folder_name(label: str) -> str:
@@ -21,11 +21,10 @@ def class_folder_name(label: str) -> str:
     return label.replace("/", "_").replace("\\", "_").strip() or "class"
 
 
-def synthesize(bundle_dir: Path | str, *, label: str, n: int, out_dir: Path | str,
-               seed: int = 0, batch: int = 256) -> list[Path]:
-    """Write `n` generated images of `label` to OUT/<label>/gen-<seed>-<i>.png."""
+def sample_images(bundle_dir: Path | str, *, label: str, n: int, seed: int = 0,
+                  batch: int = 256) -> np.ndarray:
+    """`n` generated images of `label` from a cVAE bundle, uint8 [n, C, H, W]."""
     import onnxruntime as ort
-    from PIL import Image
 
     bundle_dir = Path(bundle_dir)
     manifest = validate_bundle(bundle_dir)
@@ -39,15 +38,26 @@ def synthesize(bundle_dir: Path | str, *, label: str, n: int, out_dir: Path | st
     rng = np.random.default_rng(seed)
     onehot = np.zeros((1, len(manifest.labels)), np.float32)
     onehot[0, manifest.labels.index(label)] = 1.0
-    dest = Path(out_dir) / class_folder_name(label)
-    dest.mkdir(parents=True, exist_ok=True)
-    written = []
+    out = []
     for start in range(0, n, batch):
         m = min(batch, n - start)
         z = rng.standard_normal((m, spec.latent_dim)).astype(np.float32)
-        images = sess.run(None, {"z": z, "label": np.repeat(onehot, m, axis=0)})[0][:, 0]
-        for i, img in enumerate(images):
-            path = dest / f"gen-{seed}-{start + i:05d}.png"
-            Image.fromarray((np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), mode="L").save(path)
-            written.append(path)
+        images = sess.run(None, {"z": z, "label": np.repeat(onehot, m, axis=0)})[0]
+        out.append((np.clip(images, 0, 1) * 255 + 0.5).astype(np.uint8))
+    return np.concatenate(out) if out else np.zeros((0, 1, 1, 1), np.uint8)
+
+
+def synthesize(bundle_dir: Path | str, *, label: str, n: int, out_dir: Path | str,
+               seed: int = 0, batch: int = 256) -> list[Path]:
+    """Write `n` generated images of `label` to OUT/<label>/gen-<seed>-<i>.png."""
+    from PIL import Image
+
+    images = sample_images(bundle_dir, label=label, n=n, seed=seed, batch=batch)
+    dest = Path(out_dir) / class_folder_name(label)
+    dest.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, img in enumerate(images[:, 0]):
+        path = dest / f"gen-{seed}-{i:05d}.png"
+        Image.fromarray(img, mode="L").save(path)
+        written.append(path)
     return written
