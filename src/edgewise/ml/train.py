@@ -116,6 +116,8 @@ class TrainConfig:
     # rare classes from `generator`) | auto (short trials, judged by balanced val accuracy).
     balance: str = "none"
     generator: str | None = None  # a `edgewise gen train --kind cvae` bundle
+    train_seconds: float | None = None  # internal (balance trials): the training loop's own
+    # wall-clock budget, nothing reserved for test and export
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -570,7 +572,8 @@ def _resolve_balance(cfg: TrainConfig, choice: StrategyChoice, make_model, augme
     options = ["none", "weights", "oversample"] + (["generative"] if cfg.generator else [])
     trial = {"resume": False, "stop_after_epochs": None, "track": False}
     if cfg.time_budget_s:
-        trial["time_budget_s"] = cfg.time_budget_s * _TRIAL_SHARE / len(options)
+        trial["train_seconds"] = cfg.time_budget_s * _TRIAL_SHARE / len(options)
+        trial["time_budget_s"] = None
     else:
         trial["epochs"] = max(1, (cfg.epochs or 3) // 3)
     scores: dict[str, float] = {}
@@ -661,9 +664,10 @@ def _fit(cfg: TrainConfig, choice: StrategyChoice, model: ImageClassifier,
         state.update(json.loads(ck["state_json"]))
         notify(f"resumed after epoch {state['epoch']} ({state['train_s']:.0f} s trained)")
 
-    total_steps = (cfg.epochs * steps_per_epoch) if cfg.epochs else None
+    total_steps = (cfg.epochs * steps_per_epoch) if cfg.epochs and not cfg.train_seconds \
+        else None
     budget = cfg.time_budget_s
-    train_budget = state["train_budget_s"]
+    train_budget = state["train_budget_s"] or cfg.train_seconds
     if budget and train_budget is None:
         # The schedule runs on the wall clock of the training loop (validation passes
         # included); what stays outside is the last validation, the test pass (float32, on
@@ -734,7 +738,7 @@ def _fit(cfg: TrainConfig, choice: StrategyChoice, model: ImageClassifier,
             correct += int((logits.argmax(1) == tr_y[idx]).sum())
             seen += len(idx)
             progress(stage, s + 1, steps_per_epoch)
-            if train_budget:
+            if budget:
                 progress("time budget", min(time.perf_counter() - started, budget), budget)
         epoch_s = time.perf_counter() - t_epoch
         # ---- validate (the EMA weights when kept: they are what ships) ------------------
