@@ -353,3 +353,19 @@ def test_train_balances_rare_classes_with_generated_images(trained, tmp_path: Pa
         train(TrainConfig(data=str(tmp_path / "digits"), out_dir=str(tmp_path / "r2"),
                           balance="generative", generator=str(out / "bundle"), epochs=1,
                           strategy="from-scratch", backbone="small-cnn", track=False))
+
+
+def test_latent_gaussians_survive_rare_and_missing_classes() -> None:
+    """A class with one sample (or none) in the fitting subset, as in an imbalanced data set,
+    still gets a positive-definite covariance (shrunk toward the pooled one)."""
+    import torch
+
+    from edgewise.ml.gen._model import fit_latent_gaussians
+
+    torch.manual_seed(0)
+    mus = torch.randn(41, 4)
+    labels = torch.tensor([0] * 40 + [1])  # class 1: one sample; class 2: none
+    means, chols = fit_latent_gaussians(mus, labels, 3)
+    assert torch.isfinite(means).all() and torch.isfinite(chols).all()
+    torch.testing.assert_close(means[1], mus[40])
+    torch.testing.assert_close(means[2], mus.mean(0))

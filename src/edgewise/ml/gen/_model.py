@@ -168,10 +168,18 @@ def fit_latent_gaussians(mus: torch.Tensor, labels: torch.Tensor | None, num_cla
     """Per-class (or one) mean and Cholesky factor of posterior means, ridge-regularised."""
     groups = ([mus[labels == c] for c in range(num_classes)] if num_classes else [mus])
     means, chols = [], []
-    eye = torch.eye(mus.shape[1])
+    dim = mus.shape[1]
+    eye = torch.eye(dim)
+    pooled_mean = mus.mean(0)
+    pooled_cov = torch.cov((mus - pooled_mean).T) if len(mus) > 1 else eye
     for g in groups:
-        m = g.mean(0)
-        cov = torch.cov((g - m).T) + 1e-3 * eye
+        # A rare class has few samples (none, in a small subset): its covariance shrinks
+        # toward the pooled one, with weight n / (n + dim), so it is always positive definite.
+        n = len(g)
+        m = g.mean(0) if n else pooled_mean
+        own = torch.cov((g - m).T) if n > 1 else torch.zeros(dim, dim)
+        w = n / (n + dim) if n > 1 else 0.0
+        cov = w * own + (1 - w) * pooled_cov + 1e-3 * eye
         means.append(m)
         chols.append(torch.linalg.cholesky(cov))
     return torch.stack(means), torch.stack(chols)
