@@ -201,7 +201,7 @@ def main() -> None:
     ap.add_argument("--only", default="one_class,imbalance")
     ap.add_argument("--classes", default="0,1,2,3,4,5,6,7,8,9")
     ap.add_argument("--one-class-budget", type=float, default=60.0)
-    ap.add_argument("--imbalance-budget", type=float, default=120.0)
+    ap.add_argument("--imbalance-budget", type=float, default=180.0)
     ap.add_argument("--generator-budget", type=float, default=120.0)
     args = ap.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="edgewise-bench-gen-"))

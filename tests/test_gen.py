@@ -369,3 +369,43 @@ def test_latent_gaussians_survive_rare_and_missing_classes() -> None:
     assert torch.isfinite(means).all() and torch.isfinite(chols).all()
     torch.testing.assert_close(means[1], mus[40])
     torch.testing.assert_close(means[2], mus.mean(0))
+
+
+@needs_data
+def test_detector_ships_beside_a_classifier(trained, tmp_path: Path) -> None:
+    """`edgewise gen attach`: a classifier bundle plus the generator's detector; a local
+    prediction carries the same anomaly score the generator bundle gives the image, even when
+    the classifier normalises its input differently (an adapter is prepended)."""
+    from edgewise.agent import health_check
+    from edgewise.agent._runtime import OnnxModel
+    from edgewise.ml import MLError
+    from edgewise.ml.data import load_idx_dataset
+    from edgewise.ml.gen import attach_detector
+    from edgewise.ml.train import TrainConfig, train
+
+    gen_dir = trained[0] / "bundle"
+    x, y = load_idx_dataset(split="test")
+    folder = tmp_path / "shoes"  # its own mean/std: not the generator's contract
+    for c, name in ((5, "sandal"), (7, "sneaker")):
+        (folder / name).mkdir(parents=True)
+        for i, img in enumerate(x[y == c][:30]):
+            Image.fromarray(img).save(folder / name / f"{i}.png")
+    cls = train(TrainConfig(data=str(folder), out_dir=str(tmp_path / "cls"), epochs=1,
+                            strategy="from-scratch", backbone="small-cnn", batch_size=16,
+                            track=False, threads=1)).bundle_dir
+    assert validate_bundle(cls).preprocessing.mean != validate_bundle(gen_dir).preprocessing.mean
+    out = attach_detector(cls, gen_dir, tmp_path / "both", version="1.1.0")
+    assert out.detector.model == "detector.onnx" and out.kind == "image-classifier"
+    assert health_check(tmp_path / "both").passed
+
+    png = io.BytesIO()
+    Image.fromarray(x[0]).save(png, format="PNG")
+    combined = OnnxModel(tmp_path / "both").predict(png.getvalue())
+    alone = OnnxModel(gen_dir).predict(png.getvalue())
+    assert combined.label in ("sandal", "sneaker")
+    assert combined.anomaly["score"] == pytest.approx(alone.anomaly["score"], rel=1e-4, abs=1e-4)
+
+    with pytest.raises(MLError, match="not a classifier"):
+        attach_detector(gen_dir, gen_dir, tmp_path / "x")
+    with pytest.raises(MLError, match="already carries a detector"):
+        attach_detector(tmp_path / "both", gen_dir, tmp_path / "y")

@@ -93,3 +93,28 @@ def augment(
         fail(str(exc))
     console.print(f"wrote {sum(counts.values())} image(s) to {out_dir}")
     print_json({"out": str(out_dir), "images": counts})
+
+
+@gen_app.command("attach")
+def attach(
+    classifier: Annotated[Path, typer.Argument(help="a classifier bundle (edgewise train)")],
+    generator: Annotated[Path, typer.Argument(help="a generator bundle (gen train)")],
+    out_dir: Annotated[Path, typer.Option("--out", help="where to write the combined bundle")],
+    version: Annotated[str | None, typer.Option(help="version of the combined bundle "
+                                                "(default: the classifier's)")] = None,
+) -> None:
+    """Ship the generator's anomaly detector beside a classifier: every local prediction then
+    carries its anomaly score, and the agent reports drift aggregates for the release."""
+    from ..artifacts import ArtifactError
+    from ..ml import MLError
+    from ..ml.gen import attach_detector
+
+    try:
+        manifest = attach_detector(classifier, generator, out_dir, version=version)
+    except (MLError, ArtifactError) as exc:
+        fail(str(exc))
+    console.print(f"wrote {manifest.release_name} with detector "
+                  f"({manifest.detector.method}, threshold {manifest.detector.threshold:.4g}) "
+                  f"to {out_dir}")
+    print_json({"out": str(out_dir), "release": manifest.release_name,
+                "detector": manifest.detector.model_dump(mode="json")})

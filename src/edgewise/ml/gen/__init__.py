@@ -4,6 +4,7 @@ Invariant: like the rest of `edgewise.ml`, bundles leave only through `write_bun
 device runs the exported graphs with onnxruntime and never needs torch.
 """
 
+from ._attach import attach_detector
 from ._augment import class_folder_name, synthesize
 from ._model import SCORE_METHODS, ConvVAE, DecoderGraph, ScoreGraph
 from ._ood import OOD_KINDS, auroc, make_ood, threshold_for_fpr
@@ -17,6 +18,7 @@ __all__ = [
     "GenConfig",
     "GenResult",
     "ScoreGraph",
+    "attach_detector",
     "auroc",
     "class_folder_name",
     "image_grid",
