@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -150,14 +151,22 @@ def create_app(config: ServerConfig) -> FastAPI:
     return app
 
 
+TICK_DUTY = 0.25  # the rollout engine may use at most this share of the server's time
+
+
 def _rollout_loop(sessions, tick_s: float, stop: threading.Event) -> None:
-    """The rollout engine's clock: decide for every active rollout every `tick_s`."""
-    while not stop.wait(tick_s):
+    """The rollout engine's clock: decide for every active rollout every `tick_s`, or less
+    often when a tick is slow (a tick reads every device of a rollout: with thousands, it must
+    not starve the check-ins it is deciding on)."""
+    wait = tick_s
+    while not stop.wait(wait):
+        started = time.monotonic()
         try:
             with sessions() as session:
                 rollouts.tick_all(session)
         except Exception:  # keep deciding; one bad tick must not stop all rollouts
             log.exception("rollout tick failed")
+        wait = max(tick_s, (time.monotonic() - started) * (1 - TICK_DUTY) / TICK_DUTY)
 
 
 def _notify_loop(sessions, mqtt: MqttPublisher | None, tick_s: float,

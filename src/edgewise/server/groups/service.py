@@ -70,6 +70,16 @@ def members(session: Session, *, group: Group) -> list[Device]:
             if wanted <= set(d.tags or [])]
 
 
+def member_ids(session: Session, *, group: Group) -> list[str]:
+    """The group's device ids, read as plain columns (a rollout tick asks this every time)."""
+    if group.kind == "static":
+        return list(session.scalars(select(GroupMember.device_id).where(
+            GroupMember.group_name == group.name).order_by(GroupMember.device_id)))
+    wanted = set(group.selector)
+    return [device_id for device_id, tags in session.execute(
+        select(Device.id, Device.tags).order_by(Device.id)) if wanted <= set(tags or [])]
+
+
 def is_member(session: Session, *, group: Group, device: Device) -> bool:
     """Membership of one device, without listing the group (a check-in asks this)."""
     if group.kind == "static":

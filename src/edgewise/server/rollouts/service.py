@@ -24,7 +24,7 @@ from ..devices.models import Device, InstallResult
 from ..events import service as events
 from ..feedback import service as feedback
 from ..feedback.models import DriftReport, Feedback
-from ..groups.service import get_group, members
+from ..groups.service import get_group, member_ids
 from ..releases.models import Release
 from .engine import Action, DeviceOutcome, Gates, Stage, StageView, decide, stage_size
 from .models import Rollout, RolloutDevice
@@ -90,10 +90,10 @@ def _sync_members(session: Session, rollout: Rollout) -> list[RolloutDevice]:
         RolloutDevice.rollout_id == rollout.id).order_by(RolloutDevice.position)))
     known = {r.device_id for r in rows}
     group = get_group(session, name=rollout.group_name)
-    new = sorted((d for d in members(session, group=group) if d.id not in known),
-                 key=lambda d: _order_key(rollout.id, d.id))
-    for device in new:
-        row = RolloutDevice(rollout_id=rollout.id, device_id=device.id, position=len(rows))
+    new = sorted((d for d in member_ids(session, group=group) if d not in known),
+                 key=lambda d: _order_key(rollout.id, d))
+    for device_id in new:
+        row = RolloutDevice(rollout_id=rollout.id, device_id=device_id, position=len(rows))
         session.add(row)
         rows.append(row)
     return rows
@@ -105,8 +105,11 @@ class _Known:
 
     def __init__(self, session: Session, release_id: str, rows: list[RolloutDevice]) -> None:
         releases = {release_id} | {r.previous_release_id for r in rows if r.previous_release_id}
-        self.results = {(r.device_id, r.release_id): r for r in session.scalars(
-            select(InstallResult).where(InstallResult.release_id.in_(releases)))}
+        # Plain rows, not ORM objects: a tick over 10,000 devices reads 20,000 of them.
+        self.results = {(r.device_id, r.release_id): r for r in session.execute(
+            select(InstallResult.device_id, InstallResult.release_id, InstallResult.outcome,
+                   InstallResult.health, InstallResult.finished_at)
+            .where(InstallResult.release_id.in_(releases)))}
         self.feedback: dict[str, list[Feedback]] = {}
         for item in session.scalars(select(Feedback).where(Feedback.release_id == release_id)):
             self.feedback.setdefault(item.device_id, []).append(item)
