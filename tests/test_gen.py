@@ -409,3 +409,16 @@ def test_detector_ships_beside_a_classifier(trained, tmp_path: Path) -> None:
         attach_detector(gen_dir, gen_dir, tmp_path / "x")
     with pytest.raises(MLError, match="already carries a detector"):
         attach_detector(tmp_path / "both", gen_dir, tmp_path / "y")
+
+
+def test_device_threshold_survives_an_update_that_keeps_the_detector(tmp_path: Path) -> None:
+    from edgewise.agent._anomaly import LOCAL_DETECTOR_FILE, local_threshold
+
+    path = tmp_path / LOCAL_DETECTOR_FILE
+    path.write_text(json.dumps({"release": "cls@1.0.0", "detector": "abc:score",
+                                "threshold": 2.5}))
+    assert local_threshold(tmp_path, "cls@2.0.0", "abc:score") == 2.5  # same detector
+    assert local_threshold(tmp_path, "cls@1.0.0", "def:score") is None  # another detector
+    path.write_text(json.dumps({"release": "cls@1.0.0", "threshold": 1.5}))  # older file
+    assert local_threshold(tmp_path, "cls@1.0.0", "abc:score") == 1.5
+    assert local_threshold(tmp_path, "cls@2.0.0", "abc:score") is None

@@ -178,14 +178,28 @@ def image_grid_png(images: np.ndarray, path: Path, cols: int | None = None,
     out.save(path)
 
 
-def local_threshold(state_dir: Path, release: str) -> float | None:
-    """The threshold `learn-normal` fitted on this device for `release`, if any."""
+def detector_identity(manifest: BundleManifest) -> str | None:
+    """What a locally fitted threshold belongs to: the detector graph's signed hash (and its
+    output), so an update that ships the same detector keeps the device's own threshold."""
+    spec = manifest.detector
+    entry = manifest.files.get(spec.model) if spec is not None else None
+    return f"{entry.sha256}:{spec.output}" if entry is not None else None
+
+
+def local_threshold(state_dir: Path, release: str, detector: str | None = None
+                    ) -> float | None:
+    """The threshold `learn-normal` fitted on this device for this detector (or, for files
+    written before detectors were identified, this release), if any."""
     try:
         data = json.loads((Path(state_dir) / LOCAL_DETECTOR_FILE).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(data, dict) or data.get("release") != release:
-        return None  # fitted for another model: its scores are on another scale
+    if not isinstance(data, dict):
+        return None
+    same = (data.get("detector") == detector if data.get("detector") and detector
+            else data.get("release") == release)
+    if not same:
+        return None  # fitted for another detector: its scores are on another scale
     value = data.get("threshold")
     return float(value) if isinstance(value, int | float) else None
 
@@ -221,7 +235,8 @@ def learn_normal(state_dir: Path, model: Any, image_dir: Path, *, target_fpr: fl
                                f"{len(scores)} of {len(paths)} in {time_budget_s:g} s")
     arr = np.asarray(scores, np.float64)
     threshold = float(np.quantile(arr, 1.0 - target_fpr))
-    result = {"release": model.manifest.release_name, "threshold": threshold,
+    result = {"release": model.manifest.release_name,
+              "detector": detector_identity(model.manifest), "threshold": threshold,
               "target_fpr": target_fpr, "images": len(scores), "skipped": skipped,
               "shipped_threshold": spec.threshold,
               "shipped_threshold_flags": round(float((arr > spec.threshold).mean()), 4),

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..trust import client_tls, load_root
-from ._anomaly import DriftLog, local_threshold
+from ._anomaly import DriftLog, detector_identity, local_threshold
 from ._client import enroll_device
 from ._errors import AgentConfigError, NoModelError
 from ._runtime import OnnxModel, Prediction
@@ -139,7 +139,8 @@ class LocalModel:
         spec = model.manifest.detector
         if prediction.anomaly is not None and spec is not None:
             release = model.manifest.release_name
-            local = local_threshold(self.state_dir, release)
+            local = local_threshold(self.state_dir, release,
+                                    detector_identity(model.manifest))
             if local is not None:  # `learn-normal` fitted this device's own threshold
                 prediction = _with_threshold(prediction, local, model.manifest.kind)
             # aggregates only: the image and its individual score stay here
