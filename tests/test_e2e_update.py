@@ -65,7 +65,10 @@ def test_tampered_artifact_is_refused(live_server, enroll_agent, tiny_bundle,
     assert run_once(state, tmp_path) == 0
     assert agent_status(state)["release"] == "tiny@1.0.0"
 
-    bundle = tiny_bundle("1.1.0")
+    from tests.conftest import make_tiny_bundle
+
+    # A new model (an unchanged file would be copied from the installed release instead).
+    bundle = make_tiny_bundle(tmp_path / "v1.1", version="1.1.0", seed=5)
     live_server.publish(bundle)
     # An attacker with the server's disk swaps the model bytes in the object store.
     from edgewise.artifacts import file_sha256
