@@ -49,7 +49,7 @@ def emit(line: dict) -> None:
 def scenario(n: int, db: str, workers: int, timeout_s: float) -> Scenario:
     return Scenario(
         name=f"fleet-scale-{db}-{n}", devices=n, workers=workers, seed=1,
-        poll_interval_s=2.0, timeout_s=timeout_s, sample_s=max(1.0, n / 2000),
+        poll_interval_s=2.0, timeout_s=timeout_s, sample_s=max(1.0, n / 1000),
         server={"db": db, "rollout_tick_s": 1.0},
         rollout={"stages": "canary:1%,pilot:10%,broad:100%",
                  "gates": {"max_latency_ratio": None, "max_memory_ratio": None,
