@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgewise.ml.data import FASHION_MNIST_LABELS, load_idx_dataset
+from edgewise.ml.data import FASHION_MNIST_LABELS, load_idx_dataset, write_idx_dataset
 
 MINORITY = (2, 4, 6)  # Pullover, Coat, Shirt: the classes most confused with each other
 
@@ -41,16 +41,6 @@ def emit(line: dict) -> None:
 
 def log(msg: str) -> None:
     print(f"# {msg}", file=sys.stderr, flush=True)
-
-
-def write_idx(root: Path, prefix: str, images: np.ndarray, labels: np.ndarray) -> None:
-    root.mkdir(parents=True, exist_ok=True)
-    (root / f"{prefix}-images-idx3-ubyte").write_bytes(
-        (0x803).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in images.shape)
-        + images.astype(np.uint8).tobytes())
-    (root / f"{prefix}-labels-idx1-ubyte").write_bytes(
-        (0x801).to_bytes(4, "big") + len(labels).to_bytes(4, "big")
-        + labels.astype(np.uint8).tobytes())
 
 
 def bundle_scores(bundle: Path, images: np.ndarray) -> np.ndarray:
@@ -77,8 +67,8 @@ def one_class(work: Path, budget_s: float, classes: list[int]) -> None:
     aucs = []
     for c in classes:
         data = work / f"one-class-{c}"
-        write_idx(data, "train", x[y == c], y[y == c])
-        write_idx(data, "t10k", xt, yt)
+        write_idx_dataset(data, "train", x[y == c], y[y == c])
+        write_idx_dataset(data, "test", xt, yt)
         t0 = time.perf_counter()
         result = train_generative(GenConfig(kind="vae", data=str(data), out_dir=str(
             work / f"vae-{c}"), time_budget_s=budget_s, epochs=200, val_limit=1000,
@@ -107,8 +97,8 @@ def imbalance(work: Path, budget_s: float, gen_budget_s: float) -> None:
         rng.choice(np.nonzero(y == c)[0], len(np.nonzero(y == c)[0]) // 100 if c in MINORITY
                    else len(np.nonzero(y == c)[0]), replace=False) for c in range(10)])
     data = work / "fashion-imbalanced"
-    write_idx(data, "train", x[keep], y[keep])
-    write_idx(data, "t10k", xt, yt)
+    write_idx_dataset(data, "train", x[keep], y[keep])
+    write_idx_dataset(data, "test", xt, yt)
     log(f"imbalanced train split: {np.bincount(y[keep]).tolist()}")
     gen = train_generative(GenConfig(kind="cvae", data=str(data), out_dir=str(work / "cvae"),
                                      time_budget_s=gen_budget_s, epochs=200, track=False))

@@ -318,7 +318,7 @@ def test_train_balances_rare_classes_with_generated_images(trained, tmp_path: Pa
     """`edgewise train --balance generative` tops the rare classes up with cVAE samples; a
     generator for other classes is refused before any training."""
     from edgewise.ml import MLError
-    from edgewise.ml.data import load_idx_dataset
+    from edgewise.ml.data import load_idx_dataset, write_idx_dataset
     from edgewise.ml.train import TrainConfig, train
 
     out, _ = trained
@@ -327,14 +327,8 @@ def test_train_balances_rare_classes_with_generated_images(trained, tmp_path: Pa
     keep = np.concatenate([rng.choice(np.nonzero(y == c)[0], 6 if c in (3, 8) else 40,
                                       replace=False) for c in range(10)])
     data = tmp_path / "fashion-rare"
-    data.mkdir()
-    for prefix, (images, labels) in (("train", (x[keep], y[keep])), ("t10k", (x[:200], y[:200]))):
-        (data / f"{prefix}-images-idx3-ubyte").write_bytes(
-            (0x803).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in images.shape)
-            + images.astype(np.uint8).tobytes())
-        (data / f"{prefix}-labels-idx1-ubyte").write_bytes(
-            (0x801).to_bytes(4, "big") + len(labels).to_bytes(4, "big")
-            + labels.astype(np.uint8).tobytes())
+    write_idx_dataset(data, "train", x[keep], y[keep])
+    write_idx_dataset(data, "test", x[:200], y[:200])
     said: list[str] = []
     result = train(TrainConfig(data=str(data), out_dir=str(tmp_path / "run"), epochs=1,
                                strategy="from-scratch", backbone="small-cnn", batch_size=32,

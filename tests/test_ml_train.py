@@ -363,3 +363,16 @@ def test_balance_options_and_errors(tmp_path: Path) -> None:
     with pytest.raises(MLError, match="needs --generator"):
         train(TrainConfig(data=str(data), out_dir=str(tmp_path / "y"), balance="generative",
                           **FAST))
+
+
+def test_idx_split_written_locally_reads_back(tmp_path: Path) -> None:
+    from edgewise.ml.data import load_idx_dataset, write_idx_dataset
+
+    images = np.random.default_rng(0).integers(0, 256, (7, 28, 28), dtype=np.uint8)
+    labels = np.array([0, 1, 2, 0, 1, 2, 2])
+    write_idx_dataset(tmp_path, "train", images, labels)
+    write_idx_dataset(tmp_path, "test", images[:3], labels[:3])
+    x, y = load_idx_dataset(tmp_path, "train", num_classes=3)
+    assert np.array_equal(x, images) and y.tolist() == labels.tolist()
+    with pytest.raises(DatasetError, match="one label each"):
+        write_idx_dataset(tmp_path, "train", images, labels[:3])

@@ -26,6 +26,7 @@ __all__ = [
     "FASHION_MNIST_STD",
     "ImageDataset",
     "class_balance_warnings",
+    "write_idx_dataset",
     "load_dataset",
     "load_idx_dataset",
     "load_image_folder",
@@ -87,6 +88,26 @@ def read_idx(path: Path | str, *, expected_magic: int | None = None) -> np.ndarr
         raise DatasetError(f"{path}: file {kind}: header says {shape} = {expected} bytes, "
                            f"found {body}")
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def write_idx_dataset(root: Path | str, split: Literal["train", "test"], images: np.ndarray,
+                      labels: np.ndarray) -> None:
+    """Write uint8 images [N, H, W] and labels [N] as an MNIST-layout split that
+    `load_idx_dataset` (and `--data DIR`) reads: a data set cut down or rebalanced locally."""
+    if split not in _SPLIT_PREFIX:
+        raise DatasetError(f"unknown split {split!r} (use 'train' or 'test')")
+    if images.ndim != 3 or len(images) != len(labels):
+        raise DatasetError(f"images must be [N, H, W] with one label each, got {images.shape} "
+                           f"and {len(labels)} labels")
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    prefix = _SPLIT_PREFIX[split]
+    (root / f"{prefix}-images-idx3-ubyte").write_bytes(
+        (0x803).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in images.shape)
+        + images.astype(np.uint8).tobytes())
+    (root / f"{prefix}-labels-idx1-ubyte").write_bytes(
+        (0x801).to_bytes(4, "big") + len(labels).to_bytes(4, "big")
+        + labels.astype(np.uint8).tobytes())
 
 
 def load_idx_dataset(
