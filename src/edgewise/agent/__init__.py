@@ -1,7 +1,7 @@
 """The Edgewise device agent: verify, install into A/B slots, health-check, commit or roll
 back, serve inference locally. Needs no torch."""
 
-from ._anomaly import DriftLog, generate_images, image_grid_png, learn_normal
+from ._anomaly import DriftLog, denoise_images, generate_images, image_grid_png, learn_normal
 from ._daemon import Agent, AgentConfig, FaultPoint
 from ._errors import (
     AgentConfigError,
@@ -50,6 +50,7 @@ __all__ = [
     "agent_status",
     "defer_update",
     "enroll",
+    "denoise_images",
     "generate_images",
     "image_grid_png",
     "learn_normal",

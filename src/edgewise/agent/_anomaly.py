@@ -158,6 +158,34 @@ def generate_images(bundle_dir: Path, manifest: BundleManifest, *, label: str | 
     return np.asarray(images)[:, 0], ms
 
 
+def denoise_images(bundle_dir: Path, manifest: BundleManifest, images: np.ndarray, *,
+                   sigma: float, threads: int = 1) -> tuple[np.ndarray, float]:
+    """Denoise images [N, H, W] in [0, 1] carrying Gaussian noise of std `sigma` (same units)
+    with the bundle's denoiser; returns the estimates and the wall time in milliseconds."""
+    import onnxruntime as ort
+
+    spec = manifest.generator
+    if spec is None or spec.denoiser is None:
+        raise NoModelError(f"{manifest.release_name} has no denoiser (train one with "
+                           "`edgewise gen train --kind ddpm`)")
+    if not 0 < sigma <= 1:
+        raise AgentConfigError("sigma (the noise's standard deviation, pixels in [0, 1]) must "
+                               "be in (0, 1]")
+    h, w = manifest.preprocessing.input_size
+    if images.ndim != 3 or images.shape[1:] != (h, w):
+        raise AgentConfigError(f"images must be {h}x{w} (this denoiser's size); got "
+                               f"{images.shape[1:]}")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(Path(bundle_dir) / spec.denoiser), opts,
+                                providers=["CPUExecutionProvider"])
+    noisy = images.astype(np.float32)[:, None]
+    t0 = time.perf_counter()
+    clean = sess.run(None, {"noisy": noisy, "sigma": np.full(len(noisy), sigma, np.float32)})[0]
+    return np.asarray(clean)[:, 0], (time.perf_counter() - t0) * 1e3
+
+
 def image_grid_png(images: np.ndarray, path: Path, cols: int | None = None,
                    scale: int = 2) -> None:
     """[N, H, W] in [0, 1] -> a grayscale PNG grid (upscaled `scale` times, to be seen)."""

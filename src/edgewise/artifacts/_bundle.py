@@ -106,6 +106,8 @@ def _check_file_kind(rel: str, path: Path, manifest: BundleManifest) -> None:
     for spec in (manifest.detector, manifest.generator):
         if spec is not None:
             onnx_files.add(spec.model)
+    if manifest.generator is not None and manifest.generator.denoiser is not None:
+        onnx_files.add(manifest.generator.denoiser)
     if rel in onnx_files or suffix == ".onnx":
         _check_onnx(rel, path, head)
     elif suffix == ".safetensors":

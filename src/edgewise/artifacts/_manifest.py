@@ -136,16 +136,19 @@ class DetectorSpec(_Strict):
 class GeneratorSpec(_Strict):
     """A decoder that turns latent vectors (and, if conditional, a class) into images in [0, 1]:
     inputs `z` [N, latent_dim] and, when `conditional`, `label` one-hot [N, len(labels)];
-    output `image` [N, C, H, W]."""
+    output `image` [N, C, H, W]. A diffusion model's sampler has the same contract (z is its
+    starting noise). `denoiser`, if any, maps (`noisy` [N, C, H, W] in [0, 1], `sigma` [N], the
+    noise's standard deviation in the same units) to `clean` [N, C, H, W]."""
 
     model: str
     latent_dim: int = Field(ge=1)
     conditional: bool
+    denoiser: str | None = None
 
-    @field_validator("model")
+    @field_validator("model", "denoiser")
     @classmethod
-    def _safe_path(cls, v: str) -> str:
-        return check_relative_path(v)
+    def _safe_path(cls, v: str | None) -> str | None:
+        return None if v is None else check_relative_path(v)
 
 
 class BundleManifest(_Strict):
@@ -195,6 +198,8 @@ class BundleManifest(_Strict):
             roles.append(("detector model", self.detector.model))
         if self.generator is not None:
             roles.append(("generator model", self.generator.model))
+            if self.generator.denoiser is not None:
+                roles.append(("denoiser model", self.generator.denoiser))
         if self.kind == "generator" and self.generator is None:
             raise ValueError("a generator bundle needs a generator section")
         for role, path in roles:
@@ -215,6 +220,8 @@ class BundleManifest(_Strict):
         for optional in ("detector", "generator"):
             if data[optional] is None:
                 del data[optional]
+        if data.get("generator", {}).get("denoiser", "") is None:
+            del data["generator"]["denoiser"]  # readable by agents that predate denoisers
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 

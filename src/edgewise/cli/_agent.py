@@ -216,6 +216,48 @@ def generate(
                 "ms_per_image": round(ms / n, 3), "release": model.manifest.release_name})
 
 
+@agent_app.command("denoise")
+def denoise(
+    images: Annotated[list[Path], typer.Argument(help="noisy image file(s)")],
+    state: StateOpt,
+    sigma: Annotated[float, typer.Option(help="noise standard deviation, pixels in [0, 1]")]
+    = 0.2,
+    out_dir: Annotated[Path, typer.Option("--out", help="folder for the denoised PNGs")]
+    = Path("denoised"),
+) -> None:
+    """Denoise images on this CPU with the active bundle's denoiser (a DDPM bundle); the
+    images never leave the device."""
+    import numpy as np
+    from PIL import Image
+
+    from ..agent import AgentError, LocalModel, denoise_images
+
+    try:
+        model = LocalModel(state).model()
+        h, w = model.manifest.preprocessing.input_size
+        pixels = []
+        for path in images:
+            try:
+                with Image.open(path) as img:
+                    pixels.append(np.asarray(img.convert("L").resize((w, h)), np.float32) / 255)
+            except (OSError, ValueError) as exc:
+                fail(f"{path}: not a readable image ({exc}); nothing written")
+        clean, ms = denoise_images(model.dir, model.manifest, np.stack(pixels), sigma=sigma)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        written = []
+        for path, img in zip(images, clean, strict=True):
+            dest = out_dir / (path.stem + ".png")
+            Image.fromarray((np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), "L").save(dest)
+            written.append(str(dest))
+    except AgentError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"cannot write to {out_dir}: {exc}")
+    console.print(f"{len(written)} image(s) denoised in {ms:.1f} ms -> {out_dir}")
+    print_json({"out": written, "sigma": sigma, "latency_ms": round(ms, 2),
+                "release": model.manifest.release_name})
+
+
 @agent_app.command("learn-normal")
 def learn_normal(
     images: Annotated[Path, typer.Argument(help="folder of this device's normal images")],

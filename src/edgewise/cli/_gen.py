@@ -1,4 +1,5 @@
-"""`edgewise gen ...`: generative models (VAE, cVAE) for anomaly detection and synthesis."""
+"""`edgewise gen ...`: generative models (VAE, cVAE, DDPM) for anomaly detection, synthesis and
+denoising."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import typer
 
 from ._common import console, fail, print_json, stage_progress
 
-gen_app = typer.Typer(help="Generative models: train VAEs for anomaly detection and sampling.",
+gen_app = typer.Typer(help="Generative models: VAEs, DDPMs: anomalies, sampling, denoising.",
                       no_args_is_help=True)
 
 
@@ -19,8 +20,9 @@ def register(app: typer.Typer) -> None:
 
 @gen_app.command("train")
 def train(
-    kind: Annotated[str, typer.Option(help="vae (beta-VAE) | cvae (class-conditional)")]
-    = "cvae",
+    kind: Annotated[str, typer.Option(
+        help="vae (beta-VAE) | cvae (class-conditional VAE) | ddpm (class-conditional "
+             "diffusion model with a denoiser)")] = "cvae",
     data: Annotated[str, typer.Option(help="'fashion-mnist' or an IDX directory")]
     = "fashion-mnist",
     out_dir: Annotated[Path, typer.Option("--out", help="output directory (bundle/ and run/)")]
@@ -37,16 +39,20 @@ def train(
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI")] = None,
     no_tracking: Annotated[bool, typer.Option("--no-tracking", help="skip MLflow")] = False,
     seed: Annotated[int, typer.Option()] = 0,
+    steps: Annotated[int, typer.Option(min=1, max=1000,
+                                       help="DDPM: sampling (DDIM) steps in the sampler")] = 25,
+    guidance: Annotated[float, typer.Option(
+        min=0.0, help="DDPM: classifier-free guidance when sampling a class")] = 1.0,
 ) -> None:
-    """Train a VAE on this CPU; write a bundle with the anomaly-score graph, its calibrated
-    threshold, the decoder and a golden set."""
+    """Train a VAE or a DDPM on this CPU; write a bundle with the anomaly-score graph, its
+    calibrated threshold, the decoder (VAE) or sampler and denoiser (DDPM), and a golden set."""
 
     from ..ml import MLError
-    from ..ml.gen import GenConfig, train_generative
+    from ..ml.gen import KINDS, GenConfig, train_generative
     from ..ml.train import parse_duration
 
-    if kind not in ("vae", "cvae"):
-        fail(f"unknown --kind {kind!r} (vae or cvae; ddpm is not implemented yet)")
+    if kind not in KINDS:
+        fail(f"unknown --kind {kind!r} ({', '.join(KINDS)})")
     if not 0 < target_fpr < 1:
         fail("--target-fpr must be between 0 and 1")
     try:
@@ -56,7 +62,8 @@ def train(
     cfg = GenConfig(kind=kind, data=data, out_dir=str(out_dir), time_budget_s=budget_s,
                     epochs=epochs, latent_dim=latent_dim, beta=beta, target_fpr=target_fpr,
                     train_limit=train_limit, name=name, version=version,
-                    tracking_uri=tracking_uri, track=not no_tracking, seed=seed)
+                    tracking_uri=tracking_uri, track=not no_tracking, seed=seed,
+                    sample_steps=steps, guidance=guidance)
     try:
         with stage_progress() as (report, out_console):
             result = train_generative(cfg, progress=report, notify=out_console.print)
@@ -71,7 +78,8 @@ def train(
 
 @gen_app.command("augment")
 def augment(
-    bundle: Annotated[Path, typer.Argument(help="a cVAE bundle (gen train --kind cvae)")],
+    bundle: Annotated[Path, typer.Argument(help="a class-conditional generator bundle "
+                                           "(gen train --kind cvae or ddpm)")],
     class_name: Annotated[list[str], typer.Option("--class", help="class to synthesise "
                                                   "(repeat for several)")],
     n: Annotated[int, typer.Option("-n", min=1, help="images per class")] = 100,

@@ -1,4 +1,5 @@
-"""Generative models (beta-VAE, class-conditional VAE) for anomaly detection and synthesis.
+"""Generative models (beta-VAE, class-conditional VAE, DDPM) for anomaly detection, synthesis
+and denoising.
 
 Invariant: like the rest of `edgewise.ml`, bundles leave only through `write_bundle`; the
 device runs the exported graphs with onnxruntime and never needs torch.
@@ -6,11 +7,19 @@ device runs the exported graphs with onnxruntime and never needs torch.
 
 from ._attach import attach_detector
 from ._augment import class_folder_name, synthesize
+from ._ddpm import DDPM_SCORE_METHODS, DenoiseGraph, DiffusionScoreGraph, SamplerGraph, TinyUNet
 from ._model import SCORE_METHODS, ConvVAE, DecoderGraph, ScoreGraph
 from ._ood import OOD_KINDS, auroc, make_ood, threshold_for_fpr
-from ._train import GenConfig, GenResult, image_grid, ort_scores, train_generative
+from ._train import KINDS, GenConfig, GenResult, image_grid, ort_scores, psnr, train_generative
 
 __all__ = [
+    "DDPM_SCORE_METHODS",
+    "KINDS",
+    "DenoiseGraph",
+    "DiffusionScoreGraph",
+    "SamplerGraph",
+    "TinyUNet",
+    "psnr",
     "OOD_KINDS",
     "SCORE_METHODS",
     "ConvVAE",

@@ -1,4 +1,5 @@
-"""Rare-class synthesis: sample a class from a cVAE bundle's decoder into an image folder.
+"""Rare-class synthesis: sample a class from a cVAE bundle's decoder (or a DDPM bundle's sampler)
+into an image folder.
 
 Invariant: output is an ordinary image folder (one sub-folder per class, 8-bit grayscale PNGs)
 that `edgewise train --data DIR` reads; samples are reproducible from the seed.
@@ -23,7 +24,8 @@ def class_folder_name(label: str) -> str:
 
 def sample_images(bundle_dir: Path | str, *, label: str, n: int, seed: int = 0,
                   batch: int = 256) -> np.ndarray:
-    """`n` generated images of `label` from a cVAE bundle, uint8 [n, C, H, W]."""
+    """`n` generated images of `label` from a class-conditional generator bundle (cVAE or
+    DDPM), uint8 [n, C, H, W]."""
     import onnxruntime as ort
 
     bundle_dir = Path(bundle_dir)
@@ -31,7 +33,7 @@ def sample_images(bundle_dir: Path | str, *, label: str, n: int, seed: int = 0,
     spec = manifest.generator
     if spec is None or not spec.conditional:
         raise MLError(f"{manifest.release_name} has no class-conditional generator "
-                      "(train one with `edgewise gen train --kind cvae`)")
+                      "(train one with `edgewise gen train --kind cvae` or `--kind ddpm`)")
     if label not in manifest.labels:
         raise MLError(f"unknown class {label!r} (one of {', '.join(manifest.labels)})")
     sess = ort.InferenceSession(str(bundle_dir / spec.model), providers=["CPUExecutionProvider"])
