@@ -491,8 +491,8 @@ def _check_generator(path: str | None, class_names: list[str], size, channels: i
     from .gen._augment import sample_images
 
     if not path:
-        raise MLError("--balance generative needs --generator BUNDLE (a class-conditional VAE: "
-                      "`edgewise gen train --kind cvae`)")
+        raise MLError("--balance generative needs --generator BUNDLE (a class-conditional VAE or "
+                      "DDPM: `edgewise gen train --kind cvae` or `--kind ddpm`)")
     manifest = _validate_generator(Path(path))
     if list(manifest.labels) != list(class_names):
         raise MLError(f"the generator's classes {list(manifest.labels)} are not the data "
