@@ -76,6 +76,8 @@ def test_ddpm_bundle_validates_and_passes_health_check(ddpm) -> None:
     assert manifest.metrics["score_method"] in ("fine", "coarse", "combined")
     assert manifest.provenance["sampler"] == "DDIM, 4 steps"
     assert metrics["test_auroc"]["noise"] > 0.9  # uniform noise is nothing like clothing
+    assert 1 <= metrics["best_epoch"] <= metrics["epochs"]
+    assert (out / "run" / "best.safetensors").is_file()
     report = health_check(out / "bundle")
     assert report.passed, report.reason
     card = (out / "bundle" / "MODEL_CARD.md").read_text()

@@ -288,12 +288,14 @@ def train_generative(cfg: GenConfig, *, progress: ProgressFn | None = None,
     total_steps = cfg.epochs * steps_per_epoch
     gen = torch.Generator().manual_seed(cfg.seed)
     val_x, val_y = torch.from_numpy(val_in[:1000]), torch.from_numpy(va_y[:1000])
+    from safetensors.torch import save_file
     with tracker if tracker else _Null() as tr:
         if tr:
             run_id = tr.run_id
             tr.log_params({**asdict(cfg), "threads": threads})
         step = 0
         out_of_time = False
+        best_loss, best_epoch, best_state = float("inf"), 0, None
         for epoch in range(cfg.epochs):
             fam.net.train()
             perm = torch.randperm(len(train_in), generator=gen)
@@ -323,6 +325,10 @@ def train_generative(cfg: GenConfig, *, progress: ProgressFn | None = None,
             history.append(row)
             if tr:
                 tr.log_metrics(row, step=epoch)
+            if val["loss"] < best_loss:  # the best epoch is what gets exported
+                best_loss, best_epoch = val["loss"], epoch + 1
+                best_state = {k: v.detach().clone() for k, v in fam.ema.state_dict().items()}
+                save_file(best_state, str(run_dir / "best.safetensors"))
             notify(f"epoch {epoch + 1}: val loss " + (
                 f"{val['loss']:.4f}" if fam.ddpm else
                 f"{val['loss']:.1f} (rec {val['rec']:.1f}, kl {val['kl']:.1f})"))
@@ -330,10 +336,11 @@ def train_generative(cfg: GenConfig, *, progress: ProgressFn | None = None,
                 notify("time budget reached; stopping training")
                 break
         train_s = time.monotonic() - t_start
+        if best_state is not None and best_epoch < len(history):
+            notify(f"restoring epoch {best_epoch} (best validation loss {best_loss:.4g})")
+            fam.ema.load_state_dict(best_state)
         fam.net.eval()
         fam.ema.eval()
-        from safetensors.torch import save_file
-
         save_file(fam.ema.state_dict(),
                   str(run_dir / ("unet-ema.safetensors" if fam.ddpm else "vae.safetensors")))
 
@@ -458,6 +465,7 @@ def train_generative(cfg: GenConfig, *, progress: ProgressFn | None = None,
             "test_detection_rate": tpr,
             "val_loss": history[-1]["val_loss"] if history else None,
             "epochs": len(history),
+            "best_epoch": best_epoch,
             "train_steps": step,
             "train_s": round(train_s, 1),
             "p95_score_latency_ms": round(p95_score, 2),
