@@ -20,7 +20,7 @@ Prints JSON lines on stdout:
                                   steps and seconds, anomaly AUROC on the OOD sets
   {"bench": "denoise", "method": ..., "psnr_db": ..., "gain_db": ...}
       1,000 test images plus Gaussian noise of std 0.2 (pixels in [0, 1], not clipped): the
-      noisy input, the best Gaussian blur (its width chosen on validation images), and the
+      noisy input, the best Gaussian blur (its width chosen on 200 other test images), and the
       DDPM bundle's denoiser run by the agent's own `denoise_images`.
 """
 
@@ -171,11 +171,11 @@ def sampling(bundle: Path, model: str = "cvae decoder") -> None:
     onehot = np.eye(len(manifest.labels), dtype=np.float32)[np.arange(16) % len(manifest.labels)]
     feed = {"z": z, "label": onehot} if manifest.generator.conditional else {"z": z}
     times = []
-    runs = 60 if manifest.generator.denoiser is None else 15
+    warm, runs = (10, 60) if manifest.generator.denoiser is None else (3, 15)
     for i in range(runs):
         t0 = time.perf_counter()
         sess.run(None, feed)
-        if i >= 3:
+        if i >= warm:
             times.append((time.perf_counter() - t0) * 1000)
     emit({"bench": "sampling", "model": model, "batch": 16, "threads": 1,
           "p50_ms_per_image": round(float(np.median(times)) / 16, 4),

@@ -65,6 +65,54 @@ def test_schedule_inverse_and_the_denoiser_time() -> None:
     assert out.shape == (3, 1, 28, 28) and 0 <= float(out.min()) <= float(out.max()) <= 1
 
 
+def test_denoiser_maps_pixel_sigma_to_the_right_diffusion_time() -> None:
+    """With a network that knows the noise, the one-step estimate is exact only if sigma in
+    pixel units becomes 2 sigma in the network's [-1, 1] units."""
+
+    class KnowsTheNoise(torch.nn.Module):
+        def __init__(self, noise: torch.Tensor) -> None:
+            super().__init__()
+            self.noise = noise
+
+        def forward(self, x, t, label):
+            return self.noise
+
+    gen = torch.Generator().manual_seed(0)
+    clean = torch.rand(4, 1, 28, 28, generator=gen) * 0.8 + 0.1
+    n = torch.randn(4, 1, 28, 28, generator=gen)
+    for sigma in (0.05, 0.2, 0.5):
+        sig = torch.full((4,), sigma)
+        with torch.inference_mode():
+            est = DenoiseGraph(KnowsTheNoise(n))(clean + sigma * n, sig)
+        torch.testing.assert_close(est, clean, atol=1e-5, rtol=0)
+
+
+def test_training_exports_the_best_epoch_not_the_last(tmp_path: Path, monkeypatch) -> None:
+    if not FASHION_MNIST_ROOT.is_dir() and not os.environ.get("CI"):
+        pytest.skip("Fashion-MNIST not installed")
+    from safetensors.torch import load_file
+
+    from edgewise.ml.gen import _train
+
+    losses = iter([1.0, 2.0])  # epoch 1 is the best
+    seen = []
+
+    def fake_val_loss(self, x, y):
+        seen.append({k: v.clone() for k, v in self.ema.state_dict().items()})
+        return {"loss": next(losses)}
+
+    monkeypatch.setattr(_train._Family, "val_loss", fake_val_loss)
+    result = train_generative(GenConfig(kind="ddpm", out_dir=str(tmp_path), time_budget_s=None,
+                                        epochs=2, train_limit=256, val_limit=200, report_n=80,
+                                        sample_steps=2, track=False))
+    assert result.metrics["best_epoch"] == 1 and result.metrics["val_loss"] == 1.0
+    exported = load_file(str(tmp_path / "run" / "unet-ema.safetensors"))
+    first, last = seen
+    assert any(not torch.equal(first[k], last[k]) for k in first)  # epoch 2 did change it
+    for k, v in exported.items():
+        torch.testing.assert_close(v, first[k])
+
+
 @needs_data
 def test_ddpm_bundle_validates_and_passes_health_check(ddpm) -> None:
     out, metrics = ddpm
@@ -123,6 +171,16 @@ def test_agent_denoise_and_generate_commands(ddpm, clean_test_images, tmp_path: 
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "not a readable image" in bad.stdout + bad.stderr
     assert not (tmp_path / "den2").exists()  # nothing written
+    big = tmp_path / "big.png"
+    Image.fromarray(np.zeros((32, 32), np.uint8), "L").save(big)
+    again = [str(big)]
+    for inputs, message in ((again, "the denoiser takes 28x28"),
+                            ([str(noisy_png)], "already exist")):
+        bad = subprocess.run(edgewise_command("agent", "denoise", *inputs, "--state", str(state),
+                                              "--out", str(tmp_path / "den")),
+                             capture_output=True, text=True, timeout=120)
+        assert bad.returncode != 0 and message in bad.stdout + bad.stderr
+    assert sorted(p.name for p in (tmp_path / "den").iterdir()) == ["noisy.png"]
 
     grid = tmp_path / "grid.png"
     gen = subprocess.run(edgewise_command("agent", "generate", "--state", str(state), "--class",
@@ -167,7 +225,7 @@ def test_denoiser_path_is_checked_and_optional(ddpm) -> None:
     text = (out / "bundle" / "edgewise.json").read_text()
     raw = json.loads(text)
     raw["generator"]["denoiser"] = "../../etc/passwd"
-    with pytest.raises(BundleError):
+    with pytest.raises(BundleError, match="not allowed"):
         parse_manifest(json.dumps(raw))
     raw["generator"]["denoiser"] = "missing.onnx"
     with pytest.raises(BundleError, match="not listed"):

@@ -232,6 +232,11 @@ def denoise(
 
     from ..agent import AgentError, LocalModel, denoise_images
 
+    dests = [out_dir / (path.stem + ".png") for path in images]
+    if len(set(dests)) < len(dests):
+        fail("two inputs share a file name stem; their outputs would overwrite each other")
+    if existing := [str(d) for d in dests if d.exists()]:
+        fail(f"{', '.join(existing)} already exist(s); nothing written")
     try:
         model = LocalModel(state).model()
         h, w = model.manifest.preprocessing.input_size
@@ -239,14 +244,16 @@ def denoise(
         for path in images:
             try:
                 with Image.open(path) as img:
-                    pixels.append(np.asarray(img.convert("L").resize((w, h)), np.float32) / 255)
-            except (OSError, ValueError) as exc:
+                    if img.size != (w, h):  # resizing would change the noise it carries
+                        fail(f"{path}: {img.size[0]}x{img.size[1]} pixels, the denoiser takes "
+                             f"{w}x{h}; nothing written")
+                    pixels.append(np.asarray(img.convert("L"), np.float32) / 255)
+            except (OSError, ValueError, Image.DecompressionBombError) as exc:
                 fail(f"{path}: not a readable image ({exc}); nothing written")
         clean, ms = denoise_images(model.dir, model.manifest, np.stack(pixels), sigma=sigma)
         out_dir.mkdir(parents=True, exist_ok=True)
         written = []
-        for path, img in zip(images, clean, strict=True):
-            dest = out_dir / (path.stem + ".png")
+        for dest, img in zip(dests, clean, strict=True):
             Image.fromarray((np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), "L").save(dest)
             written.append(str(dest))
     except AgentError as exc:

@@ -226,7 +226,7 @@ class _Family:
                     e.lerp_(p, 1 - decay)
 
     def val_loss(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-        with torch.inference_mode(), torch.random.fork_rng():
+        with torch.inference_mode(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(1)  # the same noise every epoch: comparable figures
             return self.loss(x, y, self.ema)[1]
 
@@ -463,7 +463,7 @@ def train_generative(cfg: GenConfig, *, progress: ProgressFn | None = None,
             "target_fpr": cfg.target_fpr,
             "test_fpr": round(test_fpr, 4),
             "test_detection_rate": tpr,
-            "val_loss": history[-1]["val_loss"] if history else None,
+            "val_loss": best_loss if history else None,  # of the exported epoch
             "epochs": len(history),
             "best_epoch": best_epoch,
             "train_steps": step,
