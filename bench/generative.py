@@ -91,8 +91,11 @@ def one_class(work: Path, budget_s: float, classes: list[int]) -> None:
                                           "ESAD": 0.940}, "goal": 0.93})
 
 
+FIXES = ("none", "weights", "oversample", "generative", "auto")
+
+
 def imbalance(work: Path, budget_s: float, gen_budget_s: float,
-              ddpm_budget_s: float | None = None) -> None:
+              ddpm_budget_s: float | None = None, fixes: tuple[str, ...] = FIXES) -> None:
     import torch
 
     from edgewise.ml.gen import GenConfig, train_generative
@@ -108,15 +111,18 @@ def imbalance(work: Path, budget_s: float, gen_budget_s: float,
     write_idx_dataset(data, "train", x[keep], y[keep])
     write_idx_dataset(data, "test", xt, yt)
     log(f"imbalanced train split: {np.bincount(y[keep]).tolist()}")
+    needs_cvae = bool({"generative", "auto"} & set(fixes))
     gen = train_generative(GenConfig(kind="cvae", data=str(data), out_dir=str(work / "cvae"),
-                                     time_budget_s=gen_budget_s, epochs=200, track=False))
+                                     time_budget_s=gen_budget_s, epochs=200, track=False)
+                           ) if needs_cvae else None
 
-    def run(fix: str, generator: Path = gen.bundle_dir) -> dict:
-        out = work / f"train-{fix}-{generator.parent.name}"
+    def run(fix: str, generator: Path | None = gen.bundle_dir if gen else None) -> dict:
+        source = generator.parent.name if generator else "-"
+        out = work / f"train-{fix}-{source}"
         t0 = time.perf_counter()
         result = train(TrainConfig(data=str(data), out_dir=str(out), strategy="from-scratch",
                                    time_budget_s=budget_s, balance=fix, track=False,
-                                   generator=str(generator)))
+                                   generator=str(generator) if generator else None))
         import onnxruntime as ort
 
         from edgewise.ml.quick import preprocess_images
@@ -131,7 +137,7 @@ def imbalance(work: Path, budget_s: float, gen_budget_s: float,
         pred = logits.argmax(1)
         recall = [float((pred[yt == c] == c).mean()) for c in range(10)]
         return {"bench": "imbalance", "fix": fix, "chosen": manifest.provenance.get("balance"),
-                "generator": generator.parent.name,
+                "generator": source if fix in ("generative", "auto") else None,
                 "balanced_accuracy": round(float(np.mean(recall)), 4),
                 "minority_recall": round(float(np.mean([recall[c] for c in MINORITY])), 4),
                 "accuracy": round(float((pred == yt).mean()), 4),
@@ -139,7 +145,7 @@ def imbalance(work: Path, budget_s: float, gen_budget_s: float,
                 "trials": manifest.provenance.get("balance_trials") or {}}
 
     torch.manual_seed(0)
-    for fix in ("none", "weights", "oversample", "generative", "auto"):
+    for fix in fixes:
         line = run(fix)
         emit(line)
         log(f"{fix}: balanced accuracy {line['balanced_accuracy']:.4f}, minority recall "
@@ -152,8 +158,9 @@ def imbalance(work: Path, budget_s: float, gen_budget_s: float,
         line = run("generative", diffusion.bundle_dir)
         emit(line)
         log(f"generative (ddpm): balanced accuracy {line['balanced_accuracy']:.4f}")
-    sampling(gen.bundle_dir)
-    learn_normal_time(work, gen.bundle_dir)
+    if gen:
+        sampling(gen.bundle_dir)
+        learn_normal_time(work, gen.bundle_dir)
 
 
 def sampling(bundle: Path, model: str = "cvae decoder") -> None:
@@ -264,6 +271,7 @@ def main() -> None:
     ap.add_argument("--imbalance-budget", type=float, default=180.0)
     ap.add_argument("--generator-budget", type=float, default=120.0)
     ap.add_argument("--ddpm-budget", type=float, default=300.0)
+    ap.add_argument("--imbalance-fixes", default=",".join(FIXES))
     ap.add_argument("--imbalance-ddpm", action="store_true",
                     help="also synthesise the rare classes with a DDPM (trained on the same "
                          "imbalanced data, --ddpm-budget)")
@@ -275,7 +283,8 @@ def main() -> None:
         one_class(work, args.one_class_budget, [int(c) for c in args.classes.split(",")])
     if "imbalance" in only:
         imbalance(work, args.imbalance_budget, args.generator_budget,
-                  args.ddpm_budget if args.imbalance_ddpm else None)
+                  args.ddpm_budget if args.imbalance_ddpm else None,
+                  tuple(f for f in args.imbalance_fixes.split(",") if f))
     if "ddpm" in only:
         bundle = ddpm(work, args.ddpm_budget)
         denoise(bundle)

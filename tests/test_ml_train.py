@@ -376,3 +376,16 @@ def test_idx_split_written_locally_reads_back(tmp_path: Path) -> None:
     assert np.array_equal(x, images) and y.tolist() == labels.tolist()
     with pytest.raises(DatasetError, match="one label each"):
         write_idx_dataset(tmp_path, "train", images, labels[:3])
+
+
+def test_class_weights_are_gentle_and_average_one() -> None:
+    import torch
+
+    from edgewise.ml.train import class_weights
+
+    counts = torch.tensor([6000, 60, 6000, 600])
+    w = class_weights(counts)
+    assert float((w * counts).sum() / counts.sum()) == pytest.approx(1.0)
+    assert float(w[1] / w[0]) == pytest.approx(10.0)  # sqrt(100), not 100
+    assert float(w[3] / w[0]) == pytest.approx(10 ** 0.5)
+    assert torch.isfinite(class_weights(torch.tensor([5, 0, 5]))).all()  # empty class
