@@ -389,3 +389,32 @@ def test_class_weights_are_gentle_and_average_one() -> None:
     assert float(w[1] / w[0]) == pytest.approx(10.0)  # sqrt(100), not 100
     assert float(w[3] / w[0]) == pytest.approx(10 ** 0.5)
     assert torch.isfinite(class_weights(torch.tensor([5, 0, 5]))).all()  # empty class
+
+
+@pytest.mark.slow
+def test_balance_auto_trials_keep_to_their_share_of_the_time_budget(tmp_path: Path,
+                                                                     monkeypatch) -> None:
+    """The trials together stay within their share of --time-budget, their overhead (here a
+    slow validation pass) included, so the final run still gets most of the time."""
+    import time as _time
+
+    from edgewise.ml import train as train_module
+
+    judge = train_module.balanced_accuracy
+
+    def slow_judge(*args, **kwargs):
+        _time.sleep(4.0)
+        return judge(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "balanced_accuracy", slow_judge)
+
+    data = make_folder(tmp_path / "d", counts={"bars": 150, "columns": 150, "dots": 8})
+    stamps: list[tuple[float, str]] = []
+    budget = 60.0
+    result = train(TrainConfig(data=str(data), out_dir=str(tmp_path / "out"),
+                               time_budget_s=budget, balance="auto", **FAST),
+                   notify=lambda m: stamps.append((_time.perf_counter(), m)))
+    first = next(t for t, m in stamps if m.startswith("class balance trial"))
+    chosen = next(t for t, m in stamps if m.startswith("class balance:"))
+    assert chosen - first <= budget * train_module._TRIAL_SHARE + 3.0
+    assert result.metrics["epochs"] >= 2
