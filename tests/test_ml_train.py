@@ -418,3 +418,31 @@ def test_balance_auto_trials_keep_to_their_share_of_the_time_budget(tmp_path: Pa
     chosen = next(t for t, m in stamps if m.startswith("class balance:"))
     assert chosen - first <= budget * train_module._TRIAL_SHARE + 3.0
     assert result.metrics["epochs"] >= 2
+
+
+def test_rare_class_synthesis_fits_in_its_share_of_the_time_budget(monkeypatch) -> None:
+    """A slow generator (a diffusion sampler: ~25 ms an image) gets a share of the budget,
+    not the whole run: fewer images, and the user is told."""
+    import time as _time
+
+    import torch
+
+    from edgewise.ml.gen import _augment
+    from edgewise.ml.train import _SYNTHESIS_SHARE, _with_synthesis
+
+    def slow_sampler(bundle, *, label, n, seed=0, batch=256):
+        _time.sleep(0.01 * n)
+        return np.zeros((n, 1, 4, 4), np.uint8)
+
+    monkeypatch.setattr(_augment, "sample_images", slow_sampler)
+    y = torch.tensor([0] * 500 + [1] * 500 + [2] * 10)
+    x = torch.zeros((len(y), 1, 4, 4), dtype=torch.uint8)
+    said: list[str] = []
+    cfg = TrainConfig(data="x", out_dir="y", time_budget_s=10.0, generator="g")
+    t0 = _time.perf_counter()
+    x2, y2 = _with_synthesis(cfg, x, y, ["a", "b", "c"], said.append)
+    added = len(y2) - len(y)
+    assert len(x2) == len(y2) and set(y2[len(y):].tolist()) == {2}
+    assert 100 <= added <= 10.0 * _SYNTHESIS_SHARE / 0.01 + 10  # not the 490 wanted
+    assert "of the 490 wanted" in said[-1]
+    assert _time.perf_counter() - t0 < 10.0 * _SYNTHESIS_SHARE + 1.5

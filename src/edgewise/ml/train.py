@@ -469,6 +469,7 @@ def train(config: TrainConfig, *, progress: ProgressFn | None = None,
 
 BALANCE_OPTIONS = ("none", "weights", "oversample", "generative", "auto")
 _IMBALANCE_RATIO = 3.0  # auto leaves classes alone below this largest/smallest ratio
+_SYNTHESIS_SHARE = 0.2  # of the time budget that generating rare-class images may take
 _TRIAL_SHARE = 0.4  # of the time budget that auto's trials may spend, all together
 # Generative samples are used only when they beat the best plain fix by this much
 # (balanced validation accuracy): synthetic images often do not help, and cost trust.
@@ -544,18 +545,29 @@ def _with_synthesis(cfg: TrainConfig, tr_u8: torch.Tensor, tr_y: torch.Tensor,
 
     counts = torch.bincount(tr_y, minlength=len(class_names))
     target = int(counts.float().median())
+    needs = {c: target - int(counts[c]) for c in range(len(class_names))
+             if target > int(counts[c])}
+    if not needs:
+        return tr_u8, tr_y
+    wanted = sum(needs.values())
+    budget = cfg.time_budget_s or cfg.train_seconds
+    if budget:  # a diffusion sampler costs ~25 ms an image: never let synthesis eat the run
+        t0 = time.perf_counter()
+        sample_images(cfg.generator, label=class_names[next(iter(needs))], n=16, seed=cfg.seed)
+        fits = int(_SYNTHESIS_SHARE * budget / ((time.perf_counter() - t0) / 16))
+        if fits < wanted:
+            needs = {c: max(1, n * fits // wanted) for c, n in needs.items()}
     extra_x, extra_y, added = [], [], {}
-    for c, name in enumerate(class_names):
-        need = target - int(counts[c])
-        if need <= 0:
-            continue
+    for c, need in needs.items():
+        name = class_names[c]
         extra_x.append(torch.from_numpy(sample_images(cfg.generator, label=name, n=need,
                                                       seed=cfg.seed + c)))
         extra_y.append(torch.full((need,), c, dtype=tr_y.dtype))
         added[name] = need
-    if not added:
-        return tr_u8, tr_y
-    notify("generated training images: " + ", ".join(f"{k} +{v}" for k, v in added.items()))
+    notify("generated training images: " + ", ".join(f"{k} +{v}" for k, v in added.items())
+           + (f" ({sum(added.values())} of the {wanted} wanted: more would not fit in "
+              f"{_SYNTHESIS_SHARE:.0%} of the time budget)" if sum(added.values()) < wanted
+              else ""))
     return torch.cat([tr_u8, *extra_x]), torch.cat([tr_y, *extra_y])
 
 
