@@ -241,3 +241,40 @@ def test_gen_train_refuses_an_unknown_kind() -> None:
     result = subprocess.run(edgewise_command("gen", "train", "--kind", "gan", "--out", "/tmp/x"),
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "vae, cvae, ddpm" in result.stdout + result.stderr
+
+
+def test_interrupted_gen_training_resumes_from_its_last_epoch(tmp_path: Path,
+                                                              monkeypatch) -> None:
+    if not FASHION_MNIST_ROOT.is_dir() and not os.environ.get("CI"):
+        pytest.skip("Fashion-MNIST not installed")
+    from edgewise.ml import MLError
+    from edgewise.ml.gen import _train
+
+    cfg = GenConfig(kind="vae", out_dir=str(tmp_path), time_budget_s=None, epochs=2,
+                    train_limit=512, val_limit=200, report_n=80, track=False)
+    real = _train._Family.val_loss
+    calls = []
+
+    def power_cut_in_epoch_two(self, x, y):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the run dies before epoch 2 is recorded
+        return real(self, x, y)
+
+    monkeypatch.setattr(_train._Family, "val_loss", power_cut_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        train_generative(cfg)
+    last = tmp_path / "run" / _train.LAST_CHECKPOINT
+    assert last.is_file()
+    monkeypatch.setattr(_train._Family, "val_loss", real)
+
+    with pytest.raises(MLError, match="other settings.*latent_dim"):
+        train_generative(GenConfig(**{**cfg.__dict__, "latent_dim": 8, "resume": True}))
+    said: list[str] = []
+    result = train_generative(GenConfig(**{**cfg.__dict__, "resume": True}),
+                              notify=said.append)
+    assert any("resuming after epoch 1" in m for m in said)
+    assert result.metrics["epochs"] == 2 and result.metrics["train_steps"] == 2 * 4
+    assert not last.exists()  # complete: a rerun starts afresh
+    with pytest.raises(MLError, match="nothing to resume"):
+        train_generative(GenConfig(**{**cfg.__dict__, "resume": True}))

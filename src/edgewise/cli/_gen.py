@@ -43,6 +43,8 @@ def train(
                                        help="DDPM: sampling (DDIM) steps in the sampler")] = 25,
     guidance: Annotated[float, typer.Option(
         min=0.0, help="DDPM: classifier-free guidance when sampling a class")] = 1.0,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="continue an interrupted run in --out from its last epoch")] = False,
 ) -> None:
     """Train a VAE or a DDPM on this CPU; write a bundle with the anomaly-score graph, its
     calibrated threshold, the decoder (VAE) or sampler and denoiser (DDPM), and a golden set."""
@@ -63,7 +65,7 @@ def train(
                     epochs=epochs, latent_dim=latent_dim, beta=beta, target_fpr=target_fpr,
                     train_limit=train_limit, name=name, version=version,
                     tracking_uri=tracking_uri, track=not no_tracking, seed=seed,
-                    sample_steps=steps, guidance=guidance)
+                    sample_steps=steps, guidance=guidance, resume=resume)
     try:
         with stage_progress() as (report, out_console):
             result = train_generative(cfg, progress=report, notify=out_console.print)

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+import os
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -55,6 +58,10 @@ OPSET = 17
 GOLDEN_COUNT = 8
 _PARITY_RTOL = 1e-3
 _TRAIN_SHARE_OF_BUDGET = 0.65  # the rest: calibration, export, checks (cVAE scores 10 classes)
+LAST_CHECKPOINT = "last.pt"  # model, EMA, optimiser, RNG and history after every epoch
+# Settings a resumed run must share with the one it continues (epochs may grow).
+_RESUME_KEYS = ("kind", "data", "latent_dim", "width", "beta", "batch_size", "lr", "train_limit",
+                "val_limit", "seed", "labels", "unet_width", "ema_decay")
 _EXPORT_S = 10.0  # ONNX export and parity checks, roughly, on a small CPU
 
 
@@ -86,6 +93,7 @@ class GenConfig:
     guidance: float = 1.0  # classifier-free guidance weight when sampling a class
     ema_decay: float = 0.995  # the exported network is an exponential moving average
     denoise_sigma: float = 0.2  # noise level the denoising figures are measured at
+    resume: bool = False  # continue from OUT/run/last.pt (the budget applies to this call)
 
 
 @dataclass
@@ -293,10 +301,20 @@ def train_generative(cfg: GenConfig, *, progress: ProgressFn | None = None,
         if tr:
             run_id = tr.run_id
             tr.log_params({**asdict(cfg), "threads": threads})
-        step = 0
+        step = start_epoch = 0
         out_of_time = False
         best_loss, best_epoch, best_state = float("inf"), 0, None
-        for epoch in range(cfg.epochs):
+        last_path = run_dir / LAST_CHECKPOINT
+        if cfg.resume:
+            state = _load_last(last_path, cfg, fam, opt, gen)
+            start_epoch, step, history = state["epoch"], state["step"], state["history"]
+            best_loss, best_epoch = state["best_loss"], state["best_epoch"]
+            if best_epoch and (run_dir / "best.safetensors").is_file():
+                from safetensors.torch import load_file
+
+                best_state = load_file(str(run_dir / "best.safetensors"))
+            notify(f"resuming after epoch {start_epoch} (step {step})")
+        for epoch in range(start_epoch, cfg.epochs):
             fam.net.train()
             perm = torch.randperm(len(train_in), generator=gen)
             sums: dict[str, float] = {}
@@ -304,7 +322,7 @@ def train_generative(cfg: GenConfig, *, progress: ProgressFn | None = None,
             for i in range(0, len(perm), cfg.batch_size):
                 idx = perm[i:i + cfg.batch_size]
                 for g in opt.param_groups:  # cosine decay over the planned steps
-                    g["lr"] = cfg.lr * 0.5 * (1 + np.cos(np.pi * min(1.0, step / total_steps)))
+                    g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total_steps)))
                 loss, parts = fam.loss(train_in[idx], train_y[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -332,8 +350,14 @@ def train_generative(cfg: GenConfig, *, progress: ProgressFn | None = None,
             notify(f"epoch {epoch + 1}: val loss " + (
                 f"{val['loss']:.4f}" if fam.ddpm else
                 f"{val['loss']:.1f} (rec {val['rec']:.1f}, kl {val['kl']:.1f})"))
+            _save_atomic({"net": fam.net.state_dict(), "ema": fam.ema.state_dict(),
+                          "opt": opt.state_dict(), "gen_state": gen.get_state(),
+                          "config_json": json.dumps(asdict(cfg)),
+                          "state_json": json.dumps({"epoch": epoch + 1, "step": step,
+                                                    "history": history, "best_loss": best_loss,
+                                                    "best_epoch": best_epoch})}, last_path)
             if out_of_time:
-                notify("time budget reached; stopping training")
+                notify("time budget reached; stopping training (continue with --resume)")
                 break
         train_s = time.monotonic() - t_start
         if best_state is not None and best_epoch < len(history):
@@ -513,7 +537,42 @@ def train_generative(cfg: GenConfig, *, progress: ProgressFn | None = None,
             tr.set_tag("score_method", method)
             tr.log_artifact(bundle_dir, "bundle")
             tr.log_artifact(run_dir / "samples.png")
+    (run_dir / LAST_CHECKPOINT).unlink(missing_ok=True)  # complete: a rerun starts afresh
     return GenResult(bundle_dir=bundle_dir, manifest=manifest, metrics=metrics, run_id=run_id)
+
+
+def _load_last(path: Path, cfg: GenConfig, fam: _Family, opt: torch.optim.Optimizer,
+               gen: torch.Generator) -> dict[str, Any]:
+    """Restore an interrupted run's weights, optimiser and RNG; its progress as a dict."""
+    if not path.is_file():
+        raise MLError(f"nothing to resume: {path} does not exist (the run finished, or never "
+                      "completed an epoch)")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+        saved = json.loads(ck["config_json"])
+        state = json.loads(ck["state_json"])
+    except Exception as exc:  # torch raises many types for a damaged file
+        raise MLError(f"cannot resume from {path}: {exc}") from None
+    now = json.loads(json.dumps(asdict(cfg)))
+    diff = [k for k in _RESUME_KEYS if saved.get(k) != now.get(k)]
+    if diff:
+        raise MLError(f"cannot resume: the run was started with other settings "
+                      f"({', '.join(diff)})")
+    fam.net.load_state_dict(ck["net"])
+    fam.ema.load_state_dict(ck["ema"])
+    opt.load_state_dict(ck["opt"])
+    gen.set_state(ck["gen_state"])
+    return state
+
+
+def _save_atomic(obj: dict[str, Any], path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def _train_budget(cfg: GenConfig, fam: _Family, probe: np.ndarray, n_val: int) -> float:
