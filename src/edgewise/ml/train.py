@@ -620,7 +620,8 @@ def _resolve_balance(cfg: TrainConfig, choice: StrategyChoice, make_model, augme
     keep = torch.cat([idx[torch.randperm(len(idx), generator=gen)[:_TRIAL_VAL_PER_CLASS]]
                       for c in range(num_classes)
                       if len(idx := torch.nonzero(va_y == c).flatten())])
-    va_u8, va_y = va_u8[keep.sort().values], va_y[keep.sort().values]
+    keep = keep.sort().values
+    va_u8, va_y = va_u8[keep], va_y[keep]
     scores: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="edgewise-balance-") as tmp:
         for i, option in enumerate(options):

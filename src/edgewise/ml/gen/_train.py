@@ -12,8 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -36,7 +34,7 @@ from ..data import (
 )
 from ..errors import ExportError, MLError
 from ..quick import FASHION_MNIST_PREPROCESSING, preprocess_images
-from ..train import _free_cores
+from ..train import _free_cores, _save_atomic
 from ._ddpm import (
     DDPM_SCORE_METHODS,
     SIDE,
@@ -563,16 +561,6 @@ def _load_last(path: Path, cfg: GenConfig, fam: _Family, opt: torch.optim.Optimi
     opt.load_state_dict(ck["opt"])
     gen.set_state(ck["gen_state"])
     return state
-
-
-def _save_atomic(obj: dict[str, Any], path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def _train_budget(cfg: GenConfig, fam: _Family, probe: np.ndarray, n_val: int) -> float:

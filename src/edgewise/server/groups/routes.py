@@ -57,7 +57,7 @@ class MembersIn(BaseModel):
 def _out(session, group: Group) -> GroupOut:
     return GroupOut(name=group.name, kind=group.kind, selector=group.selector or [],
                     window=group.window,
-                    devices=[d.id for d in service.members(session, group=group)])
+                    devices=service.member_ids(session, group=group))
 
 
 @router.post("/groups", response_model=GroupOut, status_code=201, dependencies=[OperatorDep])

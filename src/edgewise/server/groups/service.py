@@ -59,17 +59,6 @@ def add_members(session: Session, *, name: str, device_ids: list[str]) -> None:
     session.commit()
 
 
-def members(session: Session, *, group: Group) -> list[Device]:
-    """The group's devices, ordered by id (callers impose their own stable order)."""
-    if group.kind == "static":
-        query = (select(Device).join(GroupMember, GroupMember.device_id == Device.id)
-                 .where(GroupMember.group_name == group.name))
-        return list(session.scalars(query.order_by(Device.id)))
-    wanted = set(group.selector)
-    return [d for d in session.scalars(select(Device).order_by(Device.id))
-            if wanted <= set(d.tags or [])]
-
-
 def member_ids(session: Session, *, group: Group) -> list[str]:
     """The group's device ids, read as plain columns (a rollout tick asks this every time)."""
     if group.kind == "static":
