@@ -4,7 +4,9 @@ Runs, top to bottom (sequentially, so no run competes with another for the cores
   1. small data (100 images per class): `auto` (transfer learning) vs the plain from-scratch
      CNN of step 3 (the issue's baseline) and vs Edgewise's own from-scratch recipe
      (fast-cnn, EMA, flip averaging), same budget (default 3 min);
-  2. `feature-extract` on the same small data, no budget (it takes what it takes);
+  2. `feature-extract` (the last layer's features) on the same small data, no budget (it takes
+     what it takes), and fine-tuning the last blocks (what `auto` did before it used the middle
+     blocks' features);
   3. full training split: `auto` vs a plain from-scratch CNN (BN, dropout, flips, label
      smoothing, one-cycle AdamW) at the same budget (default 15 min);
   4. the naive recipe: every layer of the pretrained EfficientNet-Lite0 trained at 224 px.
@@ -84,6 +86,9 @@ def main() -> None:
         ("small-from-scratch", {**small, "strategy": "from-scratch",
                                 "time_budget_s": small_budget}),
         ("small-feature-extract", {**small, "strategy": "feature-extract"}),
+        # What `auto` chose for case 3 before it took the middle blocks' features.
+        ("small-fine-tune", {**small, "strategy": "fine-tune", "augment": "none",
+                             "time_budget_s": small_budget}),
         ("auto", {"time_budget_s": budget}),
         ("plain-cnn", {**PLAIN_CNN, "time_budget_s": budget}),
         ("naive-224", {**NAIVE, "time_budget_s": budget}),

@@ -110,7 +110,7 @@ def test_unknown_dataset_is_clear() -> None:
 @pytest.mark.parametrize(("per_class", "channels", "size", "strategy", "case"), [
     (50, 3, (224, 224), "feature-extract", 1),
     (5000, 3, (224, 224), "fine-tune", 2),
-    (100, 1, (28, 28), "fine-tune", 3),
+    (100, 1, (28, 28), "feature-extract", 3),  # from the middle blocks
     (6000, 1, (28, 28), "from-scratch", 4),  # Fashion-MNIST: large and different
 ])
 def test_auto_applies_the_four_cases(per_class, channels, size, strategy, case) -> None:
@@ -293,6 +293,35 @@ def test_fine_tune_trains_last_blocks_on_cached_activations(tmp_path: Path) -> N
     assert manifest.metrics["onnx_torch_max_diff"] < 1e-2
     assert len(result.history) == 2
     assert load_torch_model(tmp_path / "out" / "bundle", manifest).arch == "image-classifier"
+
+
+def test_auto_on_small_unlike_imagenet_data_uses_the_middle_blocks(tmp_path: Path) -> None:
+    """Case 3: a linear head on the frozen middle blocks' activation map, exported whole."""
+    from edgewise.ml.backbones import create_backbone
+
+    data = str(make_folder(tmp_path / "data", per_class=10))
+    messages: list[str] = []
+    result = train(TrainConfig(data=data, out_dir=str(tmp_path / "out"), resolution=64,
+                               track=False, threads=1), notify=messages.append)
+    assert (result.choice.strategy, result.choice.case) == ("feature-extract", 3)
+    assert any("first 8 blocks pooled to 4x4" in m for m in messages)
+    config = json.loads((tmp_path / "out" / "run" / "config.json").read_text())
+    assert config["feature_blocks"] == 8
+    manifest = validate_bundle(tmp_path / "out" / "bundle")
+    assert manifest.metrics["onnx_torch_max_diff"] < 1e-3
+    rebuilt = load_torch_model(tmp_path / "out" / "bundle", manifest).module
+    assert rebuilt.head.in_features == 80 * 4 * 4  # stage 4's 80 channels on a 4x4 grid
+    assert len(rebuilt.backbone._blocks) == 8
+    # The trunk is the pretrained network's, untouched (frozen): same weights, same outputs.
+    full = create_backbone("efficientnet-lite0")
+    trunk = full.trunk(8, 4)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(rebuilt.backbone(x), trunk(x))
+    assert trunk(x).shape == (2, 1280) and result.metrics["test_accuracy"] > 0.6
+    with pytest.raises(MLError, match="feature-extract strategy"):
+        train(TrainConfig(data=data, out_dir=str(tmp_path / "o2"), strategy="fine-tune",
+                          feature_blocks=8, track=False, threads=1))
 
 
 def test_feature_extract_embeds_what_the_time_budget_allows() -> None:

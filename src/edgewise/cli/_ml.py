@@ -36,6 +36,9 @@ def train(
     augment: Annotated[str | None, typer.Option(
         help="none | flip | light | default | strong (default: by strategy)")] = None,
     trainable_blocks: Annotated[int, typer.Option(help="fine-tune: last N blocks (0: all)")] = 4,
+    feature_blocks: Annotated[int | None, typer.Option(
+        help="feature-extract: features of the backbone's first N blocks (spatial map pooled "
+             "to 4x4) instead of its last layer (default: auto decides)")] = None,
     train_per_class: Annotated[int | None, typer.Option(help="use N images per class")] = None,
     name: Annotated[str | None, typer.Option(help="bundle name")] = None,
     version: Annotated[str, typer.Option(help="bundle version")] = "1.0.0",
@@ -68,7 +71,8 @@ def train(
         backbone=backbone, weights_path=str(weights) if weights else None,
         resolution=resolution, time_budget_s=budget_s, epochs=epochs, batch_size=batch_size,
         lr=lr, augment=augment, trainable_blocks=trainable_blocks,
-        train_per_class=train_per_class, tracking_uri=tracking_uri, track=not no_tracking,
+        feature_blocks=feature_blocks, train_per_class=train_per_class,
+        tracking_uri=tracking_uri, track=not no_tracking,
         resume=resume, stop_after_epochs=stop_after_epochs, seed=seed, balance=balance,
         generator=str(generator) if generator else None)
     try:

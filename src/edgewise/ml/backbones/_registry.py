@@ -43,6 +43,9 @@ class BackboneSpec:
     mean: tuple[float, ...]  # per channel, on [0, 1] pixels
     std: tuple[float, ...]
     pretrained_source: str | None  # human-readable origin of the default weights; None: none
+    # How many blocks end at the network's generic mid-level features (for small data unlike
+    # the pretraining data, see `ml.strategies`); None: the backbone has no `trunk(n, grid)`.
+    mid_blocks: int | None = None
 
     @property
     def has_pretrained(self) -> bool:

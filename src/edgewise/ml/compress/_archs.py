@@ -221,6 +221,9 @@ def _image_classifier(config: dict[str, Any]) -> nn.Module:
     if "backbone_mean" in config:  # from scratch: the statistics it learned its input with
         spec = replace(spec, mean=tuple(config["backbone_mean"]),
                        std=tuple(config["backbone_std"]))
+    if config.get("feature_blocks"):  # mid-level features (feature-extract, case 3)
+        backbone = backbone.trunk(config["feature_blocks"], config["feature_grid"])
+        spec = replace(spec, feature_dim=backbone.feature_dim)
     model = ImageClassifier(
         backbone, spec, config["num_classes"],
         input_channels=config["input_channels"], input_mean=tuple(config["input_mean"]),
