@@ -127,3 +127,29 @@ def enroll_agent(tmp_path: Path, live_server: LiveServer) -> Callable[[str], Pat
         return state
 
     return make
+
+
+def device_auth(state: Path):
+    """(device id, httpx auth signing as that enrolled agent's key): tests talk as the device."""
+    from edgewise.agent import StateDir
+    from edgewise.trust import DeviceAuth
+
+    paths = StateDir(state)
+    identity = paths.load_identity()
+    return identity.device_id, DeviceAuth(identity.device_id, paths.device_key())
+
+
+ADMIN = secrets.token_urlsafe(24)  # the in-process app's admin token
+
+
+@pytest.fixture
+def api(tmp_path: Path, keys: KeyPaths):
+    """The server app in-process (TestClient, an httpx client), admin token `ADMIN`."""
+    from fastapi.testclient import TestClient
+
+    from edgewise.server.app import ServerConfig, create_app
+
+    app = create_app(ServerConfig(data_dir=tmp_path / "srv", root_path=keys.root_json,
+                                  online_key_path=keys.online_key, admin_token=ADMIN))
+    with TestClient(app) as client:
+        yield client

@@ -21,6 +21,7 @@ import pytest
 
 from edgewise.server.dashboard._chart import Marker, Point, chart, progress_series
 from edgewise.sim import AgentProcess
+from tests.conftest import device_auth
 
 CHROMIUM = Path("/usr/bin/chromium")
 DOCS_SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
@@ -147,9 +148,8 @@ def fleet(live_server, enroll_agent, tmp_path: Path):
             wait_for(finished, "rollout of v2")
         for state, body in ((states[0], {"rating": 4, "comment": "fast and <b>right</b>"}),
                             (states[1], {"rating": 2, "predicted": "one", "correct": "two"})):
-            ident = identity(state)
             r = httpx.post(f"{live_server.url}/api/v1/device/feedback",
-                           headers={"Authorization": f"Bearer {ident['credential']}"},
+                           auth=device_auth(state)[1],
                            json={"release_id": v2["id"], **body}, verify=ca_of(live_server))
             assert r.status_code == 204, r.text
         yield {"states": states, "v1": v1, "v2": v2, "done": done}

@@ -28,10 +28,11 @@ def _record(state: Path, release: str, scores: list[float]) -> None:
         log.record(score, SPEC, release)
 
 
-def _device_client(state: Path, live_server) -> ServerClient:  # the device's own credential
-    identity = StateDir(state).load_identity()
-    return ServerClient(identity.server_url, credential=identity.credential,
-                        verify=str(live_server.ca))
+def _device_client(state: Path, live_server) -> ServerClient:  # signing with the device's key
+    paths = StateDir(state)
+    identity = paths.load_identity()
+    return ServerClient(identity.server_url, device_id=identity.device_id,
+                        key=paths.device_key(), verify=str(live_server.ca))
 
 
 def test_drift_aggregates_reach_the_server_once(live_server, enroll_agent, tiny_bundle,

@@ -3,35 +3,28 @@ the real app, a real SQLite file and a real TUF repository)."""
 
 from __future__ import annotations
 
-import secrets
-from pathlib import Path
-
 import pytest
 from fastapi.testclient import TestClient
 
-from edgewise.server.app import ServerConfig, create_app
 from edgewise.server.client import OperatorClient, ServerApiError, publish_bundle
-from edgewise.trust import VerificationError
-
-ADMIN = secrets.token_urlsafe(24)
-
-
-@pytest.fixture
-def api(tmp_path: Path, keys) -> TestClient:
-    app = create_app(ServerConfig(data_dir=tmp_path / "srv", root_path=keys.root_json,
-                                  online_key_path=keys.online_key, admin_token=ADMIN))
-    with TestClient(app) as client:
-        yield client
+from edgewise.trust import DeviceAuth, VerificationError, new_device_key, public_key_hex
+from tests.conftest import ADMIN
 
 
 def admin(api: TestClient) -> dict[str, str]:
     return {"Authorization": f"Bearer {ADMIN}"}
 
 
-def enroll(api: TestClient, name: str = "d") -> tuple[str, dict[str, str]]:
+def _enroll_body(token: str, **extra) -> dict:
+    return {"token": token, "public_key": public_key_hex(new_device_key()[0]), **extra}
+
+
+def enroll(api: TestClient, name: str = "d") -> tuple[str, DeviceAuth]:
     token = api.post("/api/v1/enrollment-tokens", json={}, headers=admin(api)).json()["token"]
-    body = api.post("/api/v1/devices/enroll", json={"token": token, "name": name}).json()
-    return body["device_id"], {"Authorization": f"Bearer {body['credential']}"}
+    key, _ = new_device_key()
+    body = api.post("/api/v1/devices/enroll", json={"token": token, "name": name,
+                                                    "public_key": public_key_hex(key)}).json()
+    return body["device_id"], DeviceAuth(body["device_id"], key)
 
 
 def test_openapi_docs_are_served(api: TestClient) -> None:
@@ -50,10 +43,10 @@ def test_admin_routes_need_the_admin_token(api: TestClient, path: str) -> None:
 
 def test_enrollment_token_is_single_use(api: TestClient) -> None:
     token = api.post("/api/v1/enrollment-tokens", json={}, headers=admin(api)).json()["token"]
-    assert api.post("/api/v1/devices/enroll", json={"token": token}).status_code == 201
-    second = api.post("/api/v1/devices/enroll", json={"token": token})
+    assert api.post("/api/v1/devices/enroll", json=_enroll_body(token)).status_code == 201
+    second = api.post("/api/v1/devices/enroll", json=_enroll_body(token))
     assert second.status_code == 401 and "already used" in second.json()["detail"]
-    unknown = api.post("/api/v1/devices/enroll", json={"token": "x" * 20})
+    unknown = api.post("/api/v1/devices/enroll", json=_enroll_body("x" * 20))
     assert unknown.status_code == 401
 
 
@@ -68,7 +61,7 @@ def test_expired_enrollment_token(api: TestClient) -> None:
         session.add(EnrollmentToken(token_hash=hash_token("expired-token-123"),
                                     expires_at=utcnow() - timedelta(seconds=1)))
         session.commit()
-    r = api.post("/api/v1/devices/enroll", json={"token": "expired-token-123"})
+    r = api.post("/api/v1/devices/enroll", json=_enroll_body("expired-token-123"))
     assert r.status_code == 401 and "expired" in r.json()["detail"]
 
 
@@ -79,18 +72,18 @@ def test_device_routes_need_a_device_credential(api: TestClient) -> None:
     # The admin token is not a device credential either.
     assert api.get("/api/v1/device/assignment", headers=admin(api)).status_code == 401
     _, creds = enroll(api)
-    assert api.get("/api/v1/device/assignment", headers=creds).json()["release_id"] is None
+    assert api.get("/api/v1/device/assignment", auth=creds).json()["release_id"] is None
 
 
 def test_reports_are_validated_and_logged(api: TestClient) -> None:
     device_id, creds = enroll(api)
-    r = api.post("/api/v1/device/reports", headers=creds,
+    r = api.post("/api/v1/device/reports", auth=creds,
                  json={"state": "exploded", "event": "x"})
     assert r.status_code == 409
-    r = api.post("/api/v1/device/reports", headers=creds,
+    r = api.post("/api/v1/device/reports", auth=creds,
                  json={"state": "failed", "event": "error", "release_id": "rel-nope"})
     assert r.status_code == 404
-    r = api.post("/api/v1/device/reports", headers=creds,
+    r = api.post("/api/v1/device/reports", auth=creds,
                  json={"state": "failed", "event": "error", "message": "disk full"})
     assert r.status_code == 204
     events = api.get("/api/v1/events", params={"device_id": device_id}, headers=admin(api))
@@ -160,10 +153,10 @@ def test_a_failure_the_device_will_retry_is_not_an_outcome(api: TestClient, keys
     device_id, creds = enroll(api)
     body = {"state": "failed", "event": "error", "target_release_id": release["id"],
             "message": "connection reset", "detail": {"attempt": 1, "will_retry": True}}
-    assert api.post("/api/v1/device/reports", headers=creds, json=body).status_code == 204
+    assert api.post("/api/v1/device/reports", auth=creds, json=body).status_code == 204
     with api.app.state.ctx.sessions() as session:
         assert session.get(InstallResult, (device_id, release["id"])).outcome == "retrying"
     body["detail"] = {"attempt": 3, "will_retry": False}
-    assert api.post("/api/v1/device/reports", headers=creds, json=body).status_code == 204
+    assert api.post("/api/v1/device/reports", auth=creds, json=body).status_code == 204
     with api.app.state.ctx.sessions() as session:
         assert session.get(InstallResult, (device_id, release["id"])).outcome == "failed"

@@ -3,7 +3,6 @@ agents: the attack fails AND the device keeps running its previous release."""
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import subprocess
 from pathlib import Path
@@ -14,16 +13,15 @@ import pytest
 from edgewise.agent import AgentConfigError, agent_status, enroll
 from edgewise.server.client import OperatorClient, ServerApiError
 from edgewise.sim import edgewise_command
-from edgewise.trust import client_tls, init_certs
-from tests.conftest import make_tiny_bundle
+from edgewise.trust import DeviceAuth, client_tls, init_certs
+from tests.conftest import device_auth, make_tiny_bundle
 from tests.test_e2e_update import run_once
 
 pytestmark = pytest.mark.slow
 
 
-def _device(state: Path) -> tuple[str, dict[str, str]]:
-    ident = json.loads((state / "identity.json").read_text())
-    return ident["device_id"], {"Authorization": f"Bearer {ident['credential']}"}
+def _device(state: Path) -> tuple[str, DeviceAuth]:
+    return device_auth(state)
 
 
 @pytest.fixture
@@ -45,15 +43,15 @@ def test_device_cannot_read_or_write_another_devices_records(live_server, runnin
     b_id, b_auth = _device(b)
     with _http(live_server) as http:
         # There is no way to name another device: the credential is the identity.
-        assert http.get("/api/v1/device/assignment", headers=b_auth,
+        assert http.get("/api/v1/device/assignment", auth=b_auth,
                         params={"device_id": a_id}).json()["release_id"] == v1["id"]
-        r = http.post("/api/v1/device/reports", headers=b_auth,
+        r = http.post("/api/v1/device/reports", auth=b_auth,
                       json={"state": "failed", "event": "error", "message": "spoof",
                             "detail": {"device_id": a_id}})
         assert r.status_code == 204
         # Device routes of the operator API are closed to device credentials.
-        assert http.get(f"/api/v1/devices/{a_id}", headers=b_auth).status_code == 401
-        assert http.post("/api/v1/assignments", headers=b_auth,
+        assert http.get(f"/api/v1/devices/{a_id}", auth=b_auth).status_code == 401
+        assert http.post("/api/v1/assignments", auth=b_auth,
                          json={"release_id": v1["id"]}).status_code == 401
     with live_server.client() as c:
         devices = {d["id"]: d for d in c.devices()}
@@ -121,7 +119,7 @@ def test_revoked_device_is_cut_off_at_once_and_keeps_its_model(live_server, runn
     with live_server.client() as c:
         c.request("POST", f"/api/v1/devices/{a_id}/revoke")
     with _http(live_server) as http:
-        assert http.get("/api/v1/device/assignment", headers=a_auth).status_code == 401
+        assert http.get("/api/v1/device/assignment", auth=a_auth).status_code == 401
     proc = subprocess.run(edgewise_command("agent", "run", "--state", str(a), "--once"),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "rejected this device" in proc.stderr
@@ -193,10 +191,12 @@ def test_malformed_json_is_refused_cleanly(live_server, running, path: str,
                                            body: bytes) -> None:
     a, b, v1 = running
     _, a_auth = _device(a)
-    headers = {"Content-Type": "application/json", **a_auth}
+    headers = {"Content-Type": "application/json"}
+    auth = a_auth
     if path == "/api/v1/rollouts":
         headers["Authorization"] = f"Bearer {live_server.admin_token}"
+        auth = None
     with _http(live_server) as http:
-        r = http.post(path, content=body, headers=headers)
+        r = http.post(path, content=body, headers=headers, auth=auth)
     assert r.status_code == 422, r.text
     assert agent_status(a)["release"] == "tiny@1.0.0"

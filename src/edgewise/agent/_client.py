@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from ..trust._device_auth import DeviceAuth
 from ._errors import AgentConfigError, AgentTransportError
 from ._store import ReleaseRef
 
@@ -19,32 +22,33 @@ def _detail(response: httpx.Response) -> str:
         return response.text[:200]
 
 
-def enroll_device(server_url: str, *, token: str, name: str, hardware: str,
+def enroll_device(server_url: str, *, token: str, public_key: str, name: str, hardware: str,
                   tags: list[str] | None = None, timezone: str = "UTC",
-                  verify=True, timeout_s: float = 10.0) -> tuple[str, str]:
-    """Exchange a single-use enrollment token for (device_id, credential)."""
+                  verify=True, timeout_s: float = 10.0) -> tuple[str, bytes]:
+    """Exchange a single-use enrollment token and our public key for a device id and the
+    director's root metadata."""
     try:
         r = httpx.post(f"{server_url.rstrip('/')}/api/v1/devices/enroll", timeout=timeout_s,
                        verify=verify,
-                       json={"token": token, "name": name, "hardware": hardware,
-                             "tags": tags or [], "timezone": timezone})
+                       json={"token": token, "public_key": public_key, "name": name,
+                             "hardware": hardware, "tags": tags or [], "timezone": timezone})
     except httpx.HTTPError as exc:
         raise AgentTransportError(f"cannot reach {server_url}: {exc}") from exc
     if r.status_code != 201:
         raise AgentConfigError(f"enrollment refused (HTTP {r.status_code}): {_detail(r)}")
     body = r.json()
-    return body["device_id"], body["credential"]
+    return body["device_id"], json.dumps(body["director_root"]).encode()
 
 
 class ServerClient:
-    def __init__(self, server_url: str, *, credential: str, timeout_s: float = 10.0,
-                 verify: str | bool = True,
+    def __init__(self, server_url: str, *, device_id: str, key: Ed25519PrivateKey,
+                 timeout_s: float = 10.0, verify: str | bool = True,
                  transport: httpx.BaseTransport | None = None) -> None:
         self.base_url = server_url.rstrip("/")
-        self.auth_headers = {"Authorization": f"Bearer {credential}"}
+        # Every request is signed with the device's key (trust._device_auth).
         # `transport`: the network seam (the simulator's profiles); None is httpx's own.
-        self.http = httpx.Client(timeout=timeout_s, headers=self.auth_headers, verify=verify,
-                                 transport=transport)
+        self.http = httpx.Client(timeout=timeout_s, auth=DeviceAuth(device_id, key),
+                                 verify=verify, transport=transport)
 
     def close(self) -> None:
         self.http.close()

@@ -27,7 +27,16 @@ from ..artifacts import (
     validate_bundle,
 )
 from ..artifacts.delta import DeltaError, apply_delta
-from ..trust import DELTAS_ROLE, HttpxFetcher, TransportError, TrustedClient, VerificationError
+from ..trust import (
+    DELTAS_ROLE,
+    DirectorClient,
+    HttpxFetcher,
+    TransportError,
+    TrustedClient,
+    VerificationError,
+    check_director,
+    check_terms,
+)
 from ..windows import in_window
 from ._anomaly import flush_drift
 from ._client import ServerClient
@@ -99,7 +108,8 @@ class Agent:
         self.slots = (config.slot_store or SlotStore)(self.paths.slots_dir)
         if self.identity.server_url.startswith("http://"):
             log.warning("talking to the server over plain HTTP (enrolled with --insecure-dev)")
-        self.client = ServerClient(self.identity.server_url, credential=self.identity.credential,
+        self.client = ServerClient(self.identity.server_url, device_id=self.identity.device_id,
+                                   key=self.paths.device_key(),
                                    timeout_s=config.request_timeout_s,
                                    verify=self.paths.tls_verify(self.identity),
                                    transport=config.transport)
@@ -275,6 +285,7 @@ class Agent:
         rec.last_error = ""
         rec.last_health = {}
         rec.last_download = {}
+        rec.target_terms = None
         return Event.UPDATE_AVAILABLE
 
     def _download_dir(self, rec: AgentRecord) -> Path:
@@ -300,6 +311,28 @@ class Agent:
         stats = {"full_bytes": 0, "sent_bytes": 0, "delta_files": 0, "delta_fallbacks": 0,
                  "reused_files": 0}
         try:
+            info = trusted.target_info(manifest_target)
+            try:
+                terms = check_terms(info, hardware=self.identity.hardware,
+                                    committed_counter=rec.release_counter,
+                                    committed_fallbacks=rec.fallbacks)
+            except VerificationError as exc:  # signed, so it will never change: stop asking
+                self._reject(rec, str(exc))
+                return self._fail(rec, UpdateRejected(str(exc)))
+            # The director (a second TUF updater, this device's own signed instruction) must
+            # name exactly this bundle, for this device and its hardware.
+            director = DirectorClient(metadata_dir=self.paths.director_dir,
+                                      trusted_root=self.paths.director_root(),
+                                      base_url=self.identity.server_url,
+                                      fetcher=HttpxFetcher(self.client.http))
+            instructed = director.instruction()
+            if instructed is None or instructed.path != manifest_target:
+                raise VerificationError(
+                    f"the director does not confirm {manifest_target} for this device "
+                    f"(it says {instructed.path if instructed else 'nothing'})")
+            check_director(instructed, info, device_id=self.identity.device_id,
+                           hardware=self.identity.hardware)
+            rec.target_terms = {"counter": terms.counter, "fallbacks": list(terms.fallbacks)}
             trusted.download(manifest_target, dest / MANIFEST_NAME)
             manifest = parse_manifest((dest / MANIFEST_NAME).read_bytes())
             base = self._installed_files()
@@ -435,6 +468,10 @@ class Agent:
         # Commit: the new slot proved itself. Persisted together with the COMMITTED state.
         rec.installed = rec.target
         rec.installed_slot = rec.pending_slot
+        terms = rec.target_terms or {}
+        if terms.get("counter", 0) >= rec.release_counter:  # not when going to a fallback
+            rec.release_counter = terms["counter"]
+            rec.fallbacks = list(terms["fallbacks"])
         rec.last_error = ""
         return Event.HEALTHY
 

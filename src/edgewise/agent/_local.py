@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from ..trust import client_tls, load_root
+from ..trust import client_tls, load_root, new_device_key, public_key_hex
 from ._anomaly import DriftLog, detector_identity, local_threshold
 from ._client import enroll_device
 from ._errors import AgentConfigError, NoModelError
@@ -31,7 +31,8 @@ MAX_IMAGE_BYTES = 16 << 20
 def enroll(state_dir: Path, *, server_url: str, token: str, root_path: Path, name: str,
            hardware: str, tags: list[str] | None = None, timezone: str = "UTC",
            ca_path: Path | None = None, insecure_dev: bool = False) -> Identity:
-    """Enroll: pin the TUF root (and the server's CA), get a device credential."""
+    """Enroll: pin the TUF root (and the server's CA), generate this device's key pair and
+    register its public key (the private key never leaves `state_dir`)."""
     paths = StateDir(state_dir)
     if paths.identity_path.exists():
         raise AgentConfigError(f"{state_dir} is already enrolled; use a new state directory")
@@ -49,13 +50,13 @@ def enroll(state_dir: Path, *, server_url: str, token: str, root_path: Path, nam
             raise AgentConfigError(f"cannot read CA certificate {ca_path}: {exc}") from exc
         if b"BEGIN CERTIFICATE" not in ca_pem:
             raise AgentConfigError(f"{ca_path} is not a PEM certificate")
-    device_id, credential = enroll_device(server_url, token=token, name=name, hardware=hardware,
-                                          tags=tags, timezone=timezone,
-                                          verify=client_tls(ca_path))
-    identity = Identity(server_url=server_url.rstrip("/"), device_id=device_id,
-                        credential=credential, name=name, hardware=hardware,
-                        pinned_ca=ca_pem is not None)
-    paths.save_identity(identity, root.to_bytes(), ca_pem)
+    key, key_pem = new_device_key()
+    device_id, director_root = enroll_device(
+        server_url, token=token, public_key=public_key_hex(key), name=name, hardware=hardware,
+        tags=tags, timezone=timezone, verify=client_tls(ca_path))
+    identity = Identity(server_url=server_url.rstrip("/"), device_id=device_id, name=name,
+                        hardware=hardware, pinned_ca=ca_pem is not None)
+    paths.save_identity(identity, root.to_bytes(), key_pem, director_root, ca_pem)
     return identity
 
 
@@ -71,6 +72,7 @@ def agent_status(state_dir: Path) -> dict[str, Any]:
         "state": rec.state.value,
         "release": rec.installed.label if rec.installed else None,
         "release_id": rec.installed.release_id if rec.installed else None,
+        "release_counter": rec.release_counter,
         "active_slot": slots.active(),
         "updating_to": rec.target.label if rec.target else None,
         "upcoming": _upcoming(paths, rec),

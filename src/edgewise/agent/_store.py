@@ -50,7 +50,6 @@ def now_iso() -> str:
 class Identity:
     server_url: str
     device_id: str
-    credential: str
     name: str
     hardware: str
     pinned_ca: bool = False  # state_dir/ca.pem is the only CA trusted for the server
@@ -89,6 +88,11 @@ class AgentRecord:
     last_download: dict[str, int] = field(default_factory=dict)  # bytes: full vs sent
     history: list[dict[str, Any]] = field(default_factory=list)
     outbox: list[dict[str, Any]] = field(default_factory=list)  # reports not yet delivered
+    # Anti-downgrade (trust._terms): the highest release counter ever committed and the
+    # fallbacks that release signed; the terms of the release being installed.
+    release_counter: int = 0
+    fallbacks: list[str] = field(default_factory=list)
+    target_terms: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -111,6 +115,9 @@ class StateDir:
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
         self.identity_path = self.root / "identity.json"
+        self.device_key_path = self.root / "device.key"  # private, generated here, 0600
+        self.director_root_path = self.root / "director-root.json"  # from enrollment
+        self.director_dir = self.root / "director"  # the director updater's metadata
         self.trusted_root_path = self.root / "root.json"
         self.ca_path = self.root / "ca.pem"
         self.state_path = self.root / "state.json"
@@ -122,9 +129,15 @@ class StateDir:
         self.defer_path = self.root / "defer.json"
         self.feedback_dir = self.root / "feedback"
 
-    def save_identity(self, identity: Identity, trusted_root: bytes,
-                      ca_pem: bytes | None = None) -> None:
+    def save_identity(self, identity: Identity, trusted_root: bytes, device_key_pem: bytes,
+                      director_root: bytes, ca_pem: bytes | None = None) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
+        self.director_root_path.write_bytes(director_root)
+        fd = os.open(self.device_key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(device_key_pem)
+            f.flush()
+            os.fsync(f.fileno())
         self.trusted_root_path.write_bytes(trusted_root)
         if ca_pem is not None:
             self.ca_path.write_bytes(ca_pem)
@@ -132,7 +145,12 @@ class StateDir:
 
     def load_identity(self) -> Identity:
         try:
-            return Identity(**json.loads(self.identity_path.read_text()))
+            data = json.loads(self.identity_path.read_text())
+            if "credential" in data:
+                raise AgentConfigError(f"{self.root} was enrolled by an older agent with a "
+                                       "bearer credential; enroll again into a new state "
+                                       "directory (devices now sign requests with a key pair)")
+            return Identity(**data)
         except FileNotFoundError:
             raise AgentConfigError(
                 f"{self.root} is not an enrolled agent (run `edgewise agent enroll` first)"
@@ -140,11 +158,30 @@ class StateDir:
         except (ValueError, TypeError) as exc:
             raise AgentConfigError(f"{self.identity_path} is corrupt: {exc}") from exc
 
+    def device_key(self):
+        """The device's Ed25519 private key (trust._device_auth)."""
+        from ..trust._device_auth import DeviceAuthError, load_device_key
+
+        try:
+            return load_device_key(self.device_key_path.read_bytes())
+        except FileNotFoundError:
+            raise AgentConfigError(f"{self.device_key_path} is missing: this device cannot "
+                                   "prove its identity; enroll again") from None
+        except DeviceAuthError as exc:
+            raise AgentConfigError(f"{self.device_key_path}: {exc}") from exc
+
     def tls_verify(self, identity: Identity):
         """What httpx verifies the server against: the pinned CA, else the system store."""
         from ..trust import client_tls
 
         return client_tls(self.ca_path if identity.pinned_ca else None)
+
+    def director_root(self) -> bytes:
+        try:
+            return self.director_root_path.read_bytes()
+        except FileNotFoundError:
+            raise AgentConfigError(f"{self.director_root_path} is missing (enrolled by an older "
+                                   "agent?): enroll again") from None
 
     def trusted_root(self) -> bytes:
         try:

@@ -34,7 +34,8 @@ def enroll(
                                                help="allow plain HTTP (development only)")]
     = False,
 ) -> None:
-    """Enroll this device: exchange the token for a device credential, pin the root."""
+    """Enroll this device: generate its key pair, register the public key with the token, pin
+    the root."""
     from ..agent import AgentError
     from ..agent import enroll as do_enroll
     from ..trust import TrustError

@@ -71,18 +71,31 @@ def publish(
     = Path("keys"),
     assign_all: Annotated[bool, typer.Option("--assign-all", help="assign to every device")]
     = False,
+    fallback: Annotated[list[str] | None, typer.Option(
+        "--fallback", help="NAME@VERSION devices may roll back to from this release (repeat; "
+        "default: the previous release of the same model)")] = None,
+    no_fallback: Annotated[bool, typer.Option(
+        "--no-fallback", help="devices may never roll back from this release")] = False,
 ) -> None:
-    """Validate a bundle, sign its targets with the offline key here, upload it."""
+    """Validate a bundle, sign its targets with the offline key here, upload it.
+
+    The signature also covers the release's terms: a release counter higher than every
+    earlier release (devices refuse anything lower, so a compromised server cannot downgrade
+    them) and the releases devices may fall back to (a rollout's automatic rollback). To send
+    devices back to an older model later, publish it again under a new version."""
     from ..server.client import publish_bundle
     from ..trust import role_key_files
 
+    if fallback and no_fallback:
+        fail("--fallback and --no-fallback exclude each other")
     try:
         with _client(server, token) as client:
             release = publish_bundle(client, bundle, root_path=keys / "root.json",
-                                     targets_key_path=role_key_files(keys, "targets"))
+                                     targets_key_path=role_key_files(keys, "targets"),
+                                     fallbacks=[] if no_fallback else (fallback or None))
             if assign_all:
                 client.assign(release["id"])
-    except _api_errors() as exc:
+    except (*_api_errors(), ValueError) as exc:
         fail(str(exc))
     console.print(f"[green]published[/] {release['name']}@{release['version']} "
                   f"as {release['id']}")
@@ -213,7 +226,7 @@ def bundle_validate(bundle: Path) -> None:
 
 @devices_app.command("revoke")
 def devices_revoke(device_id: str, server: ServerOpt, token: TokenOpt) -> None:
-    """Cut a device off at once (its credential stops working)."""
+    """Cut a device off at once (its key stops being accepted)."""
     try:
         with _client(server, token) as client:
             client.request("POST", f"/api/v1/devices/{device_id}/revoke")

@@ -1,4 +1,5 @@
-"""Bearer tokens: the admin token and per-device credentials, stored only as sha256."""
+"""Bearer tokens: the admin token, operator API tokens and enrollment tokens, stored only as
+sha256. (Devices sign their requests instead: `trust._device_auth`.)"""
 
 from __future__ import annotations
 

@@ -1,13 +1,13 @@
 """FastAPI dependencies shared by every domain: the DB session, the repository, and auth.
 
-Operators authenticate with bearer API tokens that carry a role; devices with their own
-credential. `require_role(...)` guards every operator route.
+Operators authenticate with bearer API tokens that carry a role; devices sign every request
+with the key pair they generated at enrollment. `require_role(...)` guards every operator route.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
@@ -15,6 +15,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..trust import ServerRepository
+from ..trust._device_auth import (
+    DeviceAuthError,
+    ReplayGuard,
+    parse_device_auth,
+    verify_request,
+)
+from ..trust._director import DirectorRepository
 from ._auth import ROLES, check_admin_token, hash_token
 from ._errors import Forbidden, Unauthorized
 from .devices.models import Device
@@ -36,8 +43,10 @@ __all__ = [
 class ServerContext:
     sessions: sessionmaker[Session]
     repo: ServerRepository
+    director: DirectorRepository
     admin_token_hash: str
     max_upload_bytes: int
+    replay_guard: ReplayGuard = field(default_factory=ReplayGuard)
 
 
 @dataclass(frozen=True)
@@ -102,12 +111,23 @@ def require_role(*roles: str) -> Any:
     return Depends(check)
 
 
-def require_device(request: Request, session: SessionDep) -> Device:
-    device = session.scalars(
-        select(Device).where(Device.credential_hash == hash_token(bearer_token(request)))
-    ).one_or_none()
-    if device is None:
-        raise Unauthorized("unknown device credential (not enrolled, or revoked)")
+async def require_device(request: Request, session: SessionDep) -> Device:
+    """The device whose key signed this request (`trust._device_auth`), else 401."""
+    ctx = _context(request)
+    try:
+        signed = parse_device_auth(request.headers.get("authorization", ""))
+        device = session.get(Device, signed.device_id)
+        if device is None or device.revoked_at is not None or not device.public_key:
+            raise DeviceAuthError("unknown device (not enrolled, or revoked)")
+        target = request.scope.get("raw_path") or request.url.path.encode()
+        query = request.scope.get("query_string") or b""
+        if query:
+            target += b"?" + query
+        verify_request(signed, device.public_key, request.method, target.decode("latin-1"),
+                       await request.body())
+        ctx.replay_guard.check(signed)
+    except DeviceAuthError as exc:
+        raise Unauthorized(str(exc)) from exc
     request.state.actor = f"device:{device.id}"
     return device
 

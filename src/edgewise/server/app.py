@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 
 from .. import __version__
 from ..trust import ServerRepository, load_root, load_signer
+from ..trust._director import DirectorRepository
 from ._auth import WEAK_TOKENS, hash_token, new_token
 from ._db import Base, make_engine, make_sessionmaker
 from ._deps import ServerContext
@@ -25,6 +26,8 @@ from .audit.routes import router as audit_router
 from .dashboard.routes import router as dashboard_router
 from .devices import models as _device_models  # noqa: F401  (register tables)
 from .devices.routes import router as devices_router
+from .director import models as _director_models  # noqa: F401
+from .director.routes import router as director_router
 from .events import models as _event_models  # noqa: F401
 from .events.routes import router as events_router
 from .feedback import models as _feedback_models  # noqa: F401
@@ -130,6 +133,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     app.state.ctx = ServerContext(
         sessions=sessions,
         repo=repo,
+        director=DirectorRepository(config.data_dir / "director"),
         admin_token_hash=hash_token(config.admin_token),
         max_upload_bytes=config.max_upload_bytes,
     )
@@ -144,7 +148,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     def healthz() -> dict[str, str]:
         return {"status": "ok", "version": __version__}
 
-    for router in (devices_router, releases_router, events_router, groups_router,
+    for router in (devices_router, director_router, releases_router, events_router, groups_router,
                    rollouts_router, feedback_router, tokens_router, notify_router,
                    metrics_router, audit_router, repository_router, dashboard_router):
         app.include_router(router)

@@ -94,11 +94,24 @@ def publish_bundle(
     root_path: Path,
     targets_key_path: Path | list[Path],
     retries: int = 3,
+    fallbacks: list[str] | None = None,
 ) -> dict[str, Any]:
     """Validate, sign (operator side, with every given targets key: at least the threshold)
-    and upload a bundle; return the server's release."""
+    and upload a bundle; return the server's release. The signature covers its release terms
+    (`trust._terms`): the next release counter, any hardware, and `fallbacks` (releases as
+    NAME@VERSION that devices may go back to from this one; None: the previous release of
+    the same model)."""
+    paths = None if fallbacks is None else [_manifest_path(f) for f in fallbacks]
     return _sign_and_upload(client, "/api/v1/releases", bundle_dir, root_path=root_path,
-                            targets_key_path=targets_key_path, retries=retries)
+                            targets_key_path=targets_key_path, retries=retries,
+                            terms={"fallbacks": paths})
+
+
+def _manifest_path(release: str) -> str:
+    name, sep, version = release.partition("@")
+    if not (sep and name and version) or "/" in release:
+        raise ValueError(f"{release!r}: name a release as NAME@VERSION")
+    return f"{name}/{version}/{MANIFEST_NAME}"
 
 
 def publish_variant(
@@ -112,15 +125,20 @@ def publish_variant(
     retries: int = 3,
 ) -> dict[str, Any]:
     """Sign and upload another build of `release_id` that devices of `hardware` install
-    instead of the release's own bundle; return the release with its variants."""
+    instead of the release's own bundle; return the release with its variants. The variant
+    shares the release's signed counter and fallbacks, for `hardware` only."""
+    release = client.request("GET", f"/api/v1/releases/{release_id}").json()
     return _sign_and_upload(client, f"/api/v1/releases/{release_id}/variants", bundle_dir,
                             root_path=root_path, targets_key_path=targets_key_path,
-                            retries=retries, form={"hardware": list(hardware)})
+                            retries=retries, form={"hardware": list(hardware)},
+                            terms={"hardware_ids": list(hardware),
+                                   "same_counter_as": release["manifest_target"]})
 
 
 def _sign_and_upload(client: OperatorClient, url: str, bundle_dir: Path, *, root_path: Path,
                      targets_key_path: Path | list[Path], retries: int,
-                     form: dict[str, Any] | None = None) -> dict[str, Any]:
+                     form: dict[str, Any] | None = None,
+                     terms: dict[str, Any] | None = None) -> dict[str, Any]:
     bundle_dir = Path(bundle_dir)
     manifest = validate_bundle(bundle_dir)
     root = load_root(root_path)
@@ -131,7 +149,8 @@ def _sign_and_upload(client: OperatorClient, url: str, bundle_dir: Path, *, root
     add = {prefix + rel: target_file(prefix + rel, bundle_dir / rel) for rel in rels}
     for attempt in range(retries):
         signed = sign_targets(root=root, signer=signer, current=client.current_targets(),
-                              add=add)
+                              add=add, **{k: v for k, v in (terms or {}).items()
+                                          if v is not None})
         with ExitStack() as stack:
             files = [("files", (prefix + rel, stack.enter_context(open(bundle_dir / rel, "rb")),
                                 "application/octet-stream")) for rel in rels]

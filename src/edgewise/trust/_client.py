@@ -16,12 +16,12 @@ from pathlib import Path
 
 import httpx
 from tuf.api import exceptions as tuf_exc
-from tuf.api.metadata import TargetFile
+from tuf.api.metadata import Metadata, TargetFile, Targets
 from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
 from ._errors import TransportError, VerificationError
 
-__all__ = ["HttpxFetcher", "TrustedClient"]
+__all__ = ["DirectorClient", "HttpxFetcher", "TrustedClient"]
 
 
 class HttpxFetcher(FetcherInterface):
@@ -158,6 +158,36 @@ class TrustedClient:
         finally:
             Path(tmp).unlink(missing_ok=True)
         return info
+
+
+class DirectorClient:
+    """The device's second TUF updater: its own director metadata (`_director`), fetched over
+    the device's signed client, verified against the director root from enrollment."""
+
+    def __init__(self, *, metadata_dir: Path, trusted_root: bytes, base_url: str,
+                 fetcher: FetcherInterface) -> None:
+        self._dir = Path(metadata_dir)
+        self._dir.mkdir(parents=True, exist_ok=True)
+        bootstrap = None if (self._dir / "root.json").exists() else trusted_root
+        try:
+            self._updater = Updater(
+                metadata_dir=str(self._dir),
+                metadata_base_url=f"{base_url.rstrip('/')}/api/v1/device/director/",
+                fetcher=fetcher, bootstrap=bootstrap)
+        except tuf_exc.RepositoryError as exc:
+            raise VerificationError(f"director root is invalid: {exc}") from exc
+
+    def instruction(self) -> TargetFile | None:
+        """The one bundle the director says this device must run (None: no assignment)."""
+        with _wrapped("director metadata refresh"):
+            self._updater.refresh()
+        # ngclient persisted exactly the targets metadata it just verified.
+        listed = Metadata[Targets].from_bytes((self._dir / "targets.json").read_bytes())
+        targets = list(listed.signed.targets.values())
+        if len(targets) > 1:
+            raise VerificationError(f"director lists {len(targets)} bundles for this device; "
+                                    "expected at most one")
+        return targets[0] if targets else None
 
 
 class _wrapped:

@@ -6,6 +6,7 @@ root it holds, so a compromised server cannot slip a target in for the operator 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import DelegatedRole, Delegations, Metadata, Root, TargetFile, Targets
 
 from ._errors import KeyFileError, VerificationError
+from ._terms import ANY_HARDWARE, is_manifest_target, terms_for
 
 __all__ = ["DELTAS_ROLE", "TARGETS_EXPIRY", "sign_targets", "target_file"]
 
@@ -38,10 +40,17 @@ def sign_targets(
     add: dict[str, TargetFile],
     now: datetime | None = None,
     current_root: Metadata[Root] | None = None,
+    hardware_ids: Sequence[str] = (ANY_HARDWARE,),
+    fallbacks: Sequence[str] | None = None,
+    same_counter_as: str | None = None,
 ) -> bytes:
     """Return signed targets metadata: `current` (verified) plus `add`, version + 1, signed by
     every given signer (at least the targets threshold of `root`). `current_root` verifies
-    `current` when it was signed under an earlier root (after a targets key rotation)."""
+    `current` when it was signed under an earlier root (after a targets key rotation).
+
+    A bundle manifest among `add` gets its release terms (`_terms`): the next release counter
+    (or `same_counter_as`'s, for a variant), `hardware_ids` and `fallbacks` (None: the
+    previous release of the same model)."""
     now = now or datetime.now(UTC)
     signers = signer if isinstance(signer, list) else [signer]
     role = root.signed.roles[Targets.type]
@@ -68,13 +77,21 @@ def sign_targets(
         targets = md.signed
         targets.version += 1
     _delegate_deltas(targets, root)
+    previous = Targets(targets=dict(targets.targets)) if current is not None else None
     for path, info in add.items():
+        if is_manifest_target(path) and path not in targets.targets:
+            terms = terms_for(previous, path, hardware_ids=hardware_ids, fallbacks=fallbacks,
+                              same_counter_as=same_counter_as)
+            custom = {**(info.custom or {}), **terms.to_custom()}
+            info = TargetFile(info.length, info.hashes, path,
+                              unrecognized_fields={**info.unrecognized_fields, "custom": custom})
         if path.startswith(f"{DELTAS_ROLE}/"):
             raise VerificationError(f"{path}: the {DELTAS_ROLE}/ namespace is the server's")
         old = targets.targets.get(path)
         if old is not None and (old.hashes != info.hashes or old.length != info.length):
             raise VerificationError(f"target {path} already exists with other content")
-        targets.targets[path] = info
+        if old is None:  # an existing target keeps its signed fields (release terms)
+            targets.targets[path] = info
     targets.expires = now.replace(microsecond=0) + TARGETS_EXPIRY
     out = Metadata(targets)
     for s in usable:

@@ -6,7 +6,7 @@ Invariants:
 - every state-changing form carries a CSRF token derived from that session token, checked
   before anything else; rollout actions also need the operator or admin role (403 otherwise),
   whatever the page showed;
-- templates are autoescaped and receive no secret (no token, no credential hash).
+- templates are autoescaped and receive no secret (no token, no device key).
 """
 
 from __future__ import annotations

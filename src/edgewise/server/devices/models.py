@@ -25,7 +25,8 @@ class Device(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     name: Mapped[str] = mapped_column(String(128))
     hardware: Mapped[str] = mapped_column(String(128), default="generic")
-    credential_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    # The Ed25519 public key the device generated at enrollment (hex); None once revoked.
+    public_key: Mapped[str | None] = mapped_column(String(64), unique=True, nullable=True)
     enrolled_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     last_seen_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     state: Mapped[str] = mapped_column(String(32), default="enrolled")

@@ -1,12 +1,13 @@
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
-from .._deps import DeviceDep, Operator, OperatorDep, SessionDep, ViewerDep
+from .._deps import ContextDep, DeviceDep, Operator, OperatorDep, SessionDep, ViewerDep
 from ..releases import service as releases
 from . import service
 from .models import Device
@@ -25,6 +26,8 @@ class EnrollmentTokenOut(BaseModel):
 
 class EnrollIn(BaseModel):
     token: str = Field(min_length=8, max_length=200)
+    public_key: str = Field(pattern=r"^[0-9a-f]{64}$", description="the Ed25519 public key "
+                            "the device generated (32 bytes, hex); requests are signed with it")
     name: str = Field(default="device", max_length=128)
     hardware: str = Field(default="generic", max_length=128)
     tags: list[str] = Field(default_factory=list, max_length=64)
@@ -33,7 +36,8 @@ class EnrollIn(BaseModel):
 
 class EnrollOut(BaseModel):
     device_id: str
-    credential: str
+    director_root: dict[str, Any] = Field(description="root metadata of this server's director "
+                                          "repository (the device's second TUF updater)")
 
 
 class DeviceOut(BaseModel):
@@ -93,11 +97,11 @@ def create_enrollment_token(body: EnrollmentTokenIn, session: SessionDep) -> Enr
 
 
 @router.post("/devices/enroll", response_model=EnrollOut, status_code=201)
-def enroll(body: EnrollIn, session: SessionDep) -> EnrollOut:
-    device, credential = service.enroll(session, token=body.token, name=body.name,
-                                        hardware=body.hardware, tags=body.tags,
-                                        timezone=body.timezone)
-    return EnrollOut(device_id=device.id, credential=credential)
+def enroll(body: EnrollIn, session: SessionDep, ctx: ContextDep) -> EnrollOut:
+    device = service.enroll(session, token=body.token, public_key=body.public_key,
+                            name=body.name, hardware=body.hardware, tags=body.tags,
+                            timezone=body.timezone)
+    return EnrollOut(device_id=device.id, director_root=json.loads(ctx.director.root))
 
 
 @router.get("/devices", response_model=list[DeviceOut], dependencies=[ViewerDep])

@@ -34,9 +34,13 @@ def create_enrollment_token(session: Session, *, ttl_s: int) -> tuple[str, datet
     return token, expires
 
 
-def enroll(session: Session, *, token: str, name: str, hardware: str, tags: list[str] | None = None,
-           timezone: str = "UTC") -> tuple[Device, str]:
+def enroll(session: Session, *, token: str, public_key: str, name: str, hardware: str,
+           tags: list[str] | None = None, timezone: str = "UTC") -> Device:
+    """Exchange a single-use token for a device record bound to the key pair the device
+    generated (the server never sees the private key)."""
     _check_timezone(timezone)
+    if session.scalars(select(Device).where(Device.public_key == public_key)).first():
+        raise Conflict("this device key is already enrolled; generate a new key pair")
     row = session.get(EnrollmentToken, hash_token(token))
     if row is None:
         raise Unauthorized("unknown enrollment token")
@@ -44,9 +48,8 @@ def enroll(session: Session, *, token: str, name: str, hardware: str, tags: list
         raise Unauthorized("enrollment token was already used")
     if row.expires_at < utcnow():
         raise Unauthorized("enrollment token has expired")
-    credential = new_token()
     device = Device(id=f"dev-{secrets.token_hex(5)}", name=name or "device", hardware=hardware,
-                    credential_hash=hash_token(credential), state="enrolled", status={},
+                    public_key=public_key, state="enrolled", status={},
                     tags=sorted(set(tags or [])), timezone=timezone)
     # Claim the token with a conditional UPDATE so two concurrent enrollments cannot both win.
     claimed = session.execute(
@@ -61,7 +64,7 @@ def enroll(session: Session, *, token: str, name: str, hardware: str, tags: list
     events.record(session, kind="enrolled", device_id=device.id,
                   message=f"{device.name} enrolled ({hardware})")
     session.commit()
-    return device, credential
+    return device
 
 
 def get_device(session: Session, *, device_id: str) -> Device:
@@ -198,11 +201,11 @@ def rollout_of(session: Session, *, device: Device) -> str | None:
 
 
 def revoke(session: Session, *, device_id: str, actor: str) -> Device:
-    """Cut a device off at once: its credential stops matching, its assignment is dropped."""
+    """Cut a device off at once: its key is forgotten, its assignment is dropped."""
     device = get_device(session, device_id=device_id)
     if device.revoked_at is not None:
         raise Conflict(f"device {device_id} is already revoked")
-    device.credential_hash = f"revoked:{secrets.token_hex(24)}"  # matches no token's sha256
+    device.public_key = None  # no signature verifies any more
     device.revoked_at = utcnow()
     device.assigned_release_id = None
     device.state = "revoked"

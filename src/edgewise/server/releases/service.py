@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from tuf.api.metadata import Metadata, TargetFile, Targets
 
 from ...artifacts import MANIFEST_NAME, BundleError, BundleManifest, parse_manifest
-from ...trust import DELTAS_ROLE, ServerRepository, VerificationError
+from ...trust import DELTAS_ROLE, ReleaseTerms, ServerRepository, VerificationError
 from .._errors import Conflict, InvalidInput, NotFound
 from ..events import service as events
 from .models import Release, ReleaseVariant
@@ -65,6 +65,13 @@ def _signed_bundle(repo: ServerRepository, signed_targets: bytes,
         raise InvalidInput(
             f"a release adds exactly one {MANIFEST_NAME} target, got {len(manifests)}")
     manifest_path = manifests[0]
+    try:
+        terms = ReleaseTerms.of(added[manifest_path])
+    except VerificationError as exc:
+        raise InvalidInput(str(exc)) from exc
+    if terms is None:
+        raise InvalidInput(f"{manifest_path}: no signed release terms (counter, hardware); "
+                           "devices would refuse it: sign with a current `edgewise publish`")
     prefix = manifest_path[: -len(MANIFEST_NAME)]
     manifest_obj = repo.object_path(added[manifest_path].hashes.get("sha256", ""))
     if manifest_obj is None:
@@ -150,6 +157,14 @@ def add_variant(
                            f"model name {release.name!r}, not {manifest.name!r}")
     if list(manifest.labels) != list(release.manifest.get("labels") or []):
         raise InvalidInput("a variant must predict the same labels as its release")
+    terms = ReleaseTerms.of(added[manifest_path])
+    base_info = repo.target(release.manifest_target)
+    base = ReleaseTerms.of(base_info) if base_info is not None else None
+    if base is None or terms.counter != base.counter or set(terms.hardware_ids) != set(hardware):
+        raise InvalidInput(f"a variant is signed with its release's counter "
+                           f"({base.counter if base else '?'}) and for exactly the hardware "
+                           f"{hardware}; got counter {terms.counter}, hardware "
+                           f"{list(terms.hardware_ids)}")
     _publish_targets(repo, signed_targets)
     size = sum(t.length for t in added.values())
     rows = [ReleaseVariant(release_id=release.id, hardware=h, version=manifest.version,

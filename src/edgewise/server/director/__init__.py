@@ -1,0 +1,1 @@
+"""The director repository: per-device signed instructions (`trust._director`)."""
