@@ -41,6 +41,12 @@ def test_signed_requests_work_and_forgeries_do_not(api: TestClient) -> None:
     device_id, key = _enroll(api)
     auth = DeviceAuth(device_id, key)
     assert api.get("/api/v1/device/assignment", auth=auth).status_code == 200
+    # The query string is signed too (and a signature for one query fits no other).
+    assert api.get("/api/v1/device/assignment", params={"a": "b c/d"},
+                   auth=auth).status_code == 200
+    signed = sign_request(key, device_id, "GET", "/api/v1/device/assignment?a=1")
+    assert api.get("/api/v1/device/assignment?a=2",
+                   headers={"Authorization": signed}).status_code == 401
     with api.app.state.ctx.sessions() as session:
         from edgewise.server.devices.models import Device
 

@@ -63,7 +63,7 @@ def test_rollback_attack_director_points_at_a_lower_release_counter(
     assert "refusing the downgrade" in status["last_error"]
     assert server_device(live_server, state)["release_id"] == v3["id"]
     rejected = json.loads((state / "state.json").read_text())["rejected"]
-    assert v1["id"] in rejected  # signed, so it never changes: the device does not ask again
+    assert "tiny/1.0.0/edgewise.json" in rejected  # signed, so it never changes: not again
 
     # The fallback the operator signed into v3 (a rollout's automatic rollback) is allowed,
     # and does not lower the device's high-water mark.
@@ -71,9 +71,13 @@ def test_rollback_attack_director_points_at_a_lower_release_counter(
     assert run_once(state, tmp_path) == 0
     status = agent_status(state)
     assert status["release"] == "tiny@2.0.0" and status["release_counter"] == 3
+    record = json.loads((state / "state.json").read_text())
+    record["rejected"] = []  # forget the earlier refusal: the signed terms alone must decide
+    (state / "state.json").write_text(json.dumps(record))
     _assign(live_server, v1)
     assert run_once(state, tmp_path) == 0
-    assert agent_status(state)["release"] == "tiny@2.0.0"
+    status = agent_status(state)
+    assert status["release"] == "tiny@2.0.0" and "refusing the downgrade" in status["last_error"]
 
     # The operator's explicit rollback: the old model published again, a new counter.
     again = live_server.publish(make_tiny_bundle(tmp_path / "v1-again", version="1.0.1"))
@@ -225,4 +229,16 @@ def test_director_instruction_must_match_the_device_and_the_image_repository(
         assert status["release"] == "tiny@1.0.0", why
         assert "director and image repository disagree" in status["last_error"]
         assert why in status["last_error"]
+    # A director that names nothing, or another bundle than the assignment, confirms nothing.
+    for targets in ({}, {"tiny/1.0.0/edgewise.json": DirectorRepository.instruction(
+            "tiny/1.0.0/edgewise.json", image["tiny/1.0.0/edgewise.json"], hardware="test",
+            device_id=device_id, release_id=v1["id"])}):
+        _forge_director(live_server, state, device_id, targets)
+        record = json.loads((state / "state.json").read_text())
+        record["attempts"] = {}  # each forgery counts as a failed attempt; allow another
+        (state / "state.json").write_text(json.dumps(record))
+        assert run_once(state, tmp_path) == 0
+        status = agent_status(state)
+        assert status["release"] == "tiny@1.0.0"
+        assert "the director does not confirm tiny/2.0.0/edgewise.json" in status["last_error"]
     assert server_device(live_server, state)["release_id"] == v1["id"]

@@ -276,7 +276,7 @@ class Agent:
             return Event.NO_UPDATE
         if rec.installed is not None and wanted.release_id == rec.installed.release_id:
             return Event.NO_UPDATE
-        if wanted.release_id in rec.rejected:
+        if wanted.release_id in rec.rejected or wanted.manifest_target in rec.rejected:
             return Event.NO_UPDATE
         if rec.attempts.get(wanted.release_id, 0) >= self.config.max_attempts_per_release:
             return Event.NO_UPDATE
@@ -317,7 +317,7 @@ class Agent:
                                     committed_counter=rec.release_counter,
                                     committed_fallbacks=rec.fallbacks)
             except VerificationError as exc:  # signed, so it will never change: stop asking
-                self._reject(rec, str(exc))
+                self._reject(rec, str(exc), build_only=True)
                 return self._fail(rec, UpdateRejected(str(exc)))
             # The director (a second TUF updater, this device's own signed instruction) must
             # name exactly this bundle, for this device and its hardware.
@@ -468,18 +468,21 @@ class Agent:
         # Commit: the new slot proved itself. Persisted together with the COMMITTED state.
         rec.installed = rec.target
         rec.installed_slot = rec.pending_slot
-        terms = rec.target_terms or {}
-        if terms.get("counter", 0) >= rec.release_counter:  # not when going to a fallback
+        terms = rec.target_terms
+        if terms and terms["counter"] >= rec.release_counter:  # not when going to a fallback
             rec.release_counter = terms["counter"]
             rec.fallbacks = list(terms["fallbacks"])
         rec.last_error = ""
         return Event.HEALTHY
 
-    def _reject(self, rec: AgentRecord, reason: str) -> None:
+    def _reject(self, rec: AgentRecord, reason: str, *, build_only: bool = False) -> None:
+        """Never try this release again (`build_only`: this build of it; another build, e.g.
+        a variant for our hardware published later, may still come)."""
         assert rec.target is not None
         rec.last_error = reason
-        if rec.target.release_id not in rec.rejected:
-            rec.rejected.append(rec.target.release_id)
+        key = rec.target.manifest_target if build_only else rec.target.release_id
+        if key not in rec.rejected:
+            rec.rejected.append(key)
 
     def _roll_back(self, rec: AgentRecord) -> Event:
         try:

@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from ..trust import client_tls, load_root, new_device_key, public_key_hex
+from ..trust import client_tls, load_root, public_key_hex
 from ._anomaly import DriftLog, detector_identity, local_threshold
 from ._client import enroll_device
 from ._errors import AgentConfigError, NoModelError
@@ -50,13 +50,16 @@ def enroll(state_dir: Path, *, server_url: str, token: str, root_path: Path, nam
             raise AgentConfigError(f"cannot read CA certificate {ca_path}: {exc}") from exc
         if b"BEGIN CERTIFICATE" not in ca_pem:
             raise AgentConfigError(f"{ca_path} is not a PEM certificate")
-    key, key_pem = new_device_key()
+    try:
+        key = paths.ensure_device_key()
+    except OSError as exc:
+        raise AgentConfigError(f"cannot write the device key in {state_dir}: {exc}") from exc
     device_id, director_root = enroll_device(
         server_url, token=token, public_key=public_key_hex(key), name=name, hardware=hardware,
         tags=tags, timezone=timezone, verify=client_tls(ca_path))
     identity = Identity(server_url=server_url.rstrip("/"), device_id=device_id, name=name,
                         hardware=hardware, pinned_ca=ca_pem is not None)
-    paths.save_identity(identity, root.to_bytes(), key_pem, director_root, ca_pem)
+    paths.save_identity(identity, root.to_bytes(), director_root, ca_pem)
     return identity
 
 

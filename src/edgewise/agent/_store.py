@@ -79,7 +79,8 @@ class AgentRecord:
     installed_slot: str | None = None
     target: ReleaseRef | None = None  # the release being installed
     pending_slot: str | None = None
-    rejected: list[str] = field(default_factory=list)  # release ids that failed health checks
+    # Release ids that failed health checks; manifest targets whose signed terms we refused.
+    rejected: list[str] = field(default_factory=list)
     attempts: dict[str, int] = field(default_factory=dict)  # failed attempts per release id
     entries: dict[str, int] = field(default_factory=dict)  # state entries in this attempt
     target_seen_at: str | None = None  # when the current target was first offered
@@ -129,15 +130,31 @@ class StateDir:
         self.defer_path = self.root / "defer.json"
         self.feedback_dir = self.root / "feedback"
 
-    def save_identity(self, identity: Identity, trusted_root: bytes, device_key_pem: bytes,
-                      director_root: bytes, ca_pem: bytes | None = None) -> None:
+    def ensure_device_key(self):
+        """The device's Ed25519 key, generated (0600, atomically) the first time: before
+        anything is sent to the server, so an enrollment whose answer is lost can be retried
+        with the same key."""
+        from ..trust import new_device_key
+
+        if not self.device_key_path.exists():
+            self.root.mkdir(parents=True, exist_ok=True)
+            _, pem = new_device_key()
+            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".device.key.")
+            try:
+                with os.fdopen(fd, "wb") as f:  # mkstemp files are 0600
+                    f.write(pem)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.device_key_path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        return self.device_key()
+
+    def save_identity(self, identity: Identity, trusted_root: bytes, director_root: bytes,
+                      ca_pem: bytes | None = None) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         self.director_root_path.write_bytes(director_root)
-        fd = os.open(self.device_key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(device_key_pem)
-            f.flush()
-            os.fsync(f.fileno())
         self.trusted_root_path.write_bytes(trusted_root)
         if ca_pem is not None:
             self.ca_path.write_bytes(ca_pem)

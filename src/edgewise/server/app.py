@@ -133,7 +133,8 @@ def create_app(config: ServerConfig) -> FastAPI:
     app.state.ctx = ServerContext(
         sessions=sessions,
         repo=repo,
-        director=DirectorRepository(config.data_dir / "director"),
+        director=DirectorRepository(config.data_dir / "director",
+                                    create=not _has_devices(sessions)),
         admin_token_hash=hash_token(config.admin_token),
         max_upload_bytes=config.max_upload_bytes,
     )
@@ -153,6 +154,15 @@ def create_app(config: ServerConfig) -> FastAPI:
                    metrics_router, audit_router, repository_router, dashboard_router):
         app.include_router(router)
     return app
+
+
+def _has_devices(sessions) -> bool:
+    from sqlalchemy import select
+
+    from .devices.models import Device
+
+    with sessions() as session:
+        return session.scalars(select(Device.id).limit(1)).first() is not None
 
 
 TICK_DUTY = 0.25  # the rollout engine may use at most this share of the server's time

@@ -15,7 +15,14 @@ from typing import Any
 import httpx
 
 from ..artifacts import MANIFEST_NAME, validate_bundle
-from ..trust import client_tls, load_root, load_signer, sign_targets, target_file
+from ..trust import (
+    VerificationError,
+    client_tls,
+    load_root,
+    load_signer,
+    sign_targets,
+    target_file,
+)
 
 __all__ = ["OperatorClient", "ServerApiError", "publish_bundle", "publish_variant"]
 
@@ -145,6 +152,11 @@ def _sign_and_upload(client: OperatorClient, url: str, bundle_dir: Path, *, root
     paths = targets_key_path if isinstance(targets_key_path, list) else [targets_key_path]
     signer = [load_signer(p) for p in paths]
     prefix = f"{manifest.name}/{manifest.version}/"
+    base = (terms or {}).get("same_counter_as")
+    if base is not None and not base.startswith(f"{manifest.name}/"):
+        # The server named the release; sign its counter only for the same model.
+        raise VerificationError(f"the server says the release is {base}, which is not a "
+                                f"release of {manifest.name}: refusing to sign")
     rels = [MANIFEST_NAME, *manifest.files]
     add = {prefix + rel: target_file(prefix + rel, bundle_dir / rel) for rel in rels}
     for attempt in range(retries):

@@ -38,7 +38,7 @@ import httpx
 from ..agent import REST_STATES, WAITING_STATES, Agent, AgentConfig, State, StateDir
 from ..agent._store import Identity
 from ..agent._wakeup import MqttWakeup, WakeupConfig
-from ..trust import KeyPaths, init_keys, new_device_key, public_key_hex
+from ..trust import KeyPaths, init_keys, public_key_hex
 from ._broker import BrokerProcess
 from ._bundles import synthetic_bundle
 from ._faults import (
@@ -221,14 +221,15 @@ class Fleet:
     def _enroll_one(self, name: str, state_dir: Path, tags: list[str], hardware: str,
                     tz: str) -> str:
         token = self._api("POST", "/api/v1/enrollment-tokens", json={"ttl_s": 3600})["token"]
-        key, key_pem = new_device_key()
+        paths = StateDir(state_dir)
+        key = paths.ensure_device_key()
         body = self._api("POST", "/api/v1/devices/enroll", json={
             "token": token, "public_key": public_key_hex(key), "name": name,
             "hardware": hardware, "tags": tags, "timezone": tz})
         identity = Identity(server_url=self.server.url, device_id=body["device_id"], name=name,
                             hardware=hardware)
-        StateDir(state_dir).save_identity(identity, self._root_bytes, key_pem,
-                                          json.dumps(body["director_root"]).encode())
+        paths.save_identity(identity, self._root_bytes,
+                            json.dumps(body["director_root"]).encode())
         return body["device_id"]
 
     def _make_devices(self) -> None:

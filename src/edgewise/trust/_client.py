@@ -181,8 +181,8 @@ class DirectorClient:
         """The one bundle the director says this device must run (None: no assignment)."""
         with _wrapped("director metadata refresh"):
             self._updater.refresh()
-        # ngclient persisted exactly the targets metadata it just verified.
-        listed = Metadata[Targets].from_bytes((self._dir / "targets.json").read_bytes())
+            # ngclient persisted exactly the targets metadata it just verified.
+            listed = Metadata[Targets].from_bytes((self._dir / "targets.json").read_bytes())
         targets = list(listed.signed.targets.values())
         if len(targets) > 1:
             raise VerificationError(f"director lists {len(targets)} bundles for this device; "

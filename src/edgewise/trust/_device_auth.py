@@ -7,7 +7,8 @@ device request carries
 
     Authorization: Edgewise-Device id=<device id>,ts=<unix seconds>,nonce=<hex>,sig=<base64>
 
-where `sig` signs `edgewise-device-v1\\n<METHOD>\\n<path?query>\\n<ts>\\n<nonce>\\n<sha256(body)>`.
+where `sig` signs the lines `edgewise-device-v1`, the device id, the method, the path (with
+`?query`), the timestamp, the nonce and the body's sha256.
 
 Invariant (`verify_request` + `ReplayGuard`): the server accepts a device request only if the
 signature verifies with the public key of that (enrolled, not revoked) device, the timestamp
@@ -84,8 +85,9 @@ def public_key_hex(key: Ed25519PrivateKey) -> str:
                                          serialization.PublicFormat.Raw).hex()
 
 
-def _message(method: str, target: str, ts: int, nonce: str, body: bytes) -> bytes:
-    return "\n".join(("edgewise-device-v1", method.upper(), target, str(ts), nonce,
+def _message(device_id: str, method: str, target: str, ts: int, nonce: str,
+             body: bytes) -> bytes:
+    return "\n".join(("edgewise-device-v1", device_id, method.upper(), target, str(ts), nonce,
                       hashlib.sha256(body).hexdigest())).encode()
 
 
@@ -94,7 +96,7 @@ def sign_request(key: Ed25519PrivateKey, device_id: str, method: str, target: st
     """The Authorization header value for one request (`target`: path, then ?query)."""
     ts = int(time.time() if now is None else now)
     nonce = secrets.token_hex(16)
-    sig = key.sign(_message(method, target, ts, nonce, body))
+    sig = key.sign(_message(device_id, method, target, ts, nonce, body))
     return (f"{SCHEME} id={device_id},ts={ts},nonce={nonce},"
             f"sig={base64.urlsafe_b64encode(sig).decode()}")
 
@@ -129,30 +131,39 @@ def verify_request(signed: SignedRequest, public_key: str, method: str, target: 
         raise DeviceAuthError("this device has no key on record")
     try:
         Ed25519PublicKey.from_public_bytes(bytes.fromhex(public_key)).verify(
-            signed.signature, _message(method, target, signed.ts, signed.nonce, body))
+            signed.signature, _message(signed.device_id, method, target, signed.ts, signed.nonce,
+                                       body))
     except (InvalidSignature, ValueError) as exc:
         raise DeviceAuthError("device signature does not verify") from exc
 
 
 class ReplayGuard:
-    """Nonces seen within the clock-skew window, per server process (bounded)."""
+    """Nonces seen within the clock-skew window, per device and per server process.
 
-    def __init__(self, limit: int = 1_000_000) -> None:
-        self._seen: dict[tuple[str, str], float] = {}
+    Bounded per device (`per_device`), so one device sending too much locks out only itself.
+    The memory does not survive a restart: a request captured (through TLS) could be replayed
+    in the 5 minutes after one; it would repeat what the device itself asked, nothing else."""
+
+    PRUNE_AT = 256  # a device's nonces are pruned from this many on (expired ones dropped)
+
+    def __init__(self, per_device: int = 5_000) -> None:
+        self._seen: dict[str, dict[str, float]] = {}
         self._lock = threading.Lock()
-        self._limit = limit
+        self._per_device = per_device
 
     def check(self, signed: SignedRequest, *, now: float | None = None) -> None:
         now = time.time() if now is None else now
-        key = (signed.device_id, signed.nonce)
         with self._lock:
-            if len(self._seen) >= self._limit or len(self._seen) % 4096 == 0:
-                self._seen = {k: t for k, t in self._seen.items() if t > now}
-                if len(self._seen) >= self._limit:
-                    raise DeviceAuthError("too many device requests in flight; retry shortly")
-            if key in self._seen:
+            seen = self._seen.setdefault(signed.device_id, {})
+            if signed.nonce in seen:
                 raise DeviceAuthError("replayed device request (nonce already used)")
-            self._seen[key] = signed.ts + MAX_SKEW_S
+            if len(seen) >= self.PRUNE_AT:
+                seen = {n: t for n, t in seen.items() if t > now}
+                self._seen[signed.device_id] = seen
+                if len(seen) >= self._per_device:
+                    raise DeviceAuthError("too many requests from this device in the last "
+                                          f"{MAX_SKEW_S} s; retry later")
+            seen[signed.nonce] = signed.ts + MAX_SKEW_S
 
 
 class DeviceAuth(httpx.Auth):

@@ -25,7 +25,7 @@ from pathlib import Path
 from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
 
-from ._errors import VerificationError
+from ._errors import KeyFileError, VerificationError
 from ._keys import load_signer, write_private
 from ._terms import ReleaseTerms
 
@@ -49,11 +49,17 @@ class DirectorMetadata:
 class DirectorRepository:
     """The director's key and root (files under `directory`) and per-device signing."""
 
-    def __init__(self, directory: Path | str) -> None:
+    def __init__(self, directory: Path | str, *, create: bool = True) -> None:
+        """`create=False`: the key must exist (devices trust its root already; a new key
+        would cut every enrolled device off from updates)."""
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         key_path, root_path = self.dir / "director.pem", self.dir / "1.root.json"
         if not key_path.exists():
+            if not create:
+                raise KeyFileError(f"the director key {key_path} is missing but devices are "
+                                   "enrolled: restore it from a backup (a new key would cut "
+                                   "every device off from updates), or re-enroll the fleet")
             write_private(key_path, CryptoSigner.generate_ed25519())
             root_path.unlink(missing_ok=True)
         self._signer = load_signer(key_path)

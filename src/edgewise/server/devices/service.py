@@ -40,7 +40,8 @@ def enroll(session: Session, *, token: str, public_key: str, name: str, hardware
     generated (the server never sees the private key)."""
     _check_timezone(timezone)
     if session.scalars(select(Device).where(Device.public_key == public_key)).first():
-        raise Conflict("this device key is already enrolled; generate a new key pair")
+        raise Conflict("this device key is already enrolled (as another device): enroll from "
+                       "a fresh state directory, which makes a new key pair")
     row = session.get(EnrollmentToken, hash_token(token))
     if row is None:
         raise Unauthorized("unknown enrollment token")

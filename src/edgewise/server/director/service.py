@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 from sqlalchemy.orm import Session
 from tuf.api.metadata import TargetFile
@@ -54,7 +55,9 @@ def current(session: Session, *, repo: ServerRepository, director: DirectorRepos
         (state.expires_at - now).total_seconds() > 12 * 3600
     if fresh:
         return state
-    version = (state.version if state else 0) + 1
+    # Versions only grow, even if this table is lost (a restored backup): devices refuse
+    # director metadata older than what they have seen.
+    version = max((state.version if state else 0) + 1, int(time.time()))
     md = director.sign(device_id=device.id, version=version, targets=targets)
     if state is None:
         state = DirectorState(device_id=device.id)
