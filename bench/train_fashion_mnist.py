@@ -72,6 +72,8 @@ def main() -> None:
     ap.add_argument("--small-test-per-class", type=int, default=300)
     ap.add_argument("--only", default="", help="comma-separated recipe names")
     ap.add_argument("--work", default=None, help="keep outputs here (default: temp dir)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads for every run (default: the cores the load leaves free)")
     args = ap.parse_args()
     budget, small_budget = parse_duration(args.budget), parse_duration(args.small_budget)
     only = {s for s in args.only.split(",") if s}
@@ -95,7 +97,7 @@ def main() -> None:
     ]
     for recipe, overrides in plan:
         if not only or recipe in only:
-            run(recipe, work, **overrides)
+            run(recipe, work, **overrides, **({"threads": args.threads} if args.threads else {}))
 
 
 if __name__ == "__main__":
