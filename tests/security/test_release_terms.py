@@ -153,15 +153,15 @@ def test_terms_counters_fallbacks_and_the_device_rule() -> None:
         targets.targets[path] = _info(path, ReleaseTerms(i, (hw,), ()))
     targets.targets["a/2+npu/edgewise.json"] = _info("a/2+npu/edgewise.json",
                                                      ReleaseTerms(3, ("npu",), ()))
-    new = terms_for(targets, "a/3/edgewise.json")
+    new = terms_for(targets.targets, "a/3/edgewise.json")
     assert new.counter == 4 and new.hardware_ids == ("*",)
     assert new.fallbacks == ("a/2+npu/edgewise.json", "a/2/edgewise.json")  # and its variant
-    assert terms_for(targets, "c/1/edgewise.json").fallbacks == ()  # a new model
-    variant = terms_for(targets, "a/2+gpu/edgewise.json", hardware_ids=["gpu"],
+    assert terms_for(targets.targets, "c/1/edgewise.json").fallbacks == ()  # a new model
+    variant = terms_for(targets.targets, "a/2+gpu/edgewise.json", hardware_ids=["gpu"],
                         same_counter_as="a/2/edgewise.json")
     assert (variant.counter, variant.hardware_ids) == (3, ("gpu",))
     with pytest.raises(VerificationError, match="must be published"):
-        terms_for(targets, "a/3/edgewise.json", fallbacks=["a/0/edgewise.json"])
+        terms_for(targets.targets, "a/3/edgewise.json", fallbacks=["a/0/edgewise.json"])
 
     rule = {"hardware": "pi4", "committed_counter": 3, "committed_fallbacks": ["a/1/edgewise.json"]}
     assert check_terms(_info("a/3/edgewise.json", ReleaseTerms(3, ("*",), ())), **rule)

@@ -17,17 +17,22 @@ from typing import Any
 from ._errors import AgentConfigError
 from ._machine import State
 
-__all__ = ["AgentRecord", "Identity", "ReleaseRef", "StateDir", "atomic_write_json"]
+__all__ = ["AgentRecord", "Identity", "ReleaseRef", "StateDir", "atomic_write_bytes",
+           "atomic_write_json"]
 
 HISTORY_LIMIT = 100
 OUTBOX_LIMIT = 500
 
 
 def atomic_write_json(path: Path, data: Any, *, mode: int = 0o644) -> None:
+    atomic_write_bytes(path, json.dumps(data, indent=1, sort_keys=True).encode(), mode=mode)
+
+
+def atomic_write_bytes(path: Path, data: bytes, *, mode: int = 0o644) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
@@ -138,17 +143,7 @@ class StateDir:
 
         if not self.device_key_path.exists():
             self.root.mkdir(parents=True, exist_ok=True)
-            _, pem = new_device_key()
-            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".device.key.")
-            try:
-                with os.fdopen(fd, "wb") as f:  # mkstemp files are 0600
-                    f.write(pem)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.device_key_path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            atomic_write_bytes(self.device_key_path, new_device_key()[1], mode=0o600)
         return self.device_key()
 
     def save_identity(self, identity: Identity, trusted_root: bytes, director_root: bytes,

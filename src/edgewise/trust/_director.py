@@ -27,6 +27,7 @@ from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Tar
 
 from ._errors import KeyFileError, VerificationError
 from ._keys import load_signer, write_private
+from ._repository import _atomic_write
 from ._terms import ReleaseTerms
 
 __all__ = ["DIRECTOR_FIELD", "DirectorMetadata", "DirectorRepository", "check_director"]
@@ -70,9 +71,7 @@ class DirectorRepository:
                 root.add_key(self._signer.public_key, role)
             md = Metadata(root)
             md.sign(self._signer)
-            tmp = root_path.with_suffix(".tmp")
-            tmp.write_bytes(md.to_bytes())
-            tmp.replace(root_path)
+            _atomic_write(root_path, md.to_bytes())
         self.root = root_path.read_bytes()
 
     def sign(self, *, device_id: str, version: int, targets: dict[str, TargetFile],

@@ -77,7 +77,7 @@ def sign_targets(
         targets = md.signed
         targets.version += 1
     _delegate_deltas(targets, root)
-    previous = Targets(targets=dict(targets.targets)) if current is not None else None
+    previous = dict(targets.targets)  # release terms count what existed before this call
     for path, info in add.items():
         if is_manifest_target(path) and path not in targets.targets:
             terms = terms_for(previous, path, hardware_ids=hardware_ids, fallbacks=fallbacks,

@@ -20,11 +20,11 @@ re-publish of the old model under a new version: a new, higher counter.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tuf.api.metadata import TargetFile, Targets
+from tuf.api.metadata import TargetFile
 
 from ._errors import VerificationError
 
@@ -71,21 +71,19 @@ class ReleaseTerms:
         return ANY_HARDWARE in self.hardware_ids or hardware in self.hardware_ids
 
 
-def _manifest_terms(targets: Targets | None) -> dict[str, ReleaseTerms]:
-    if targets is None:
-        return {}
+def _manifest_terms(targets: Mapping[str, TargetFile]) -> dict[str, ReleaseTerms]:
     out = {}
-    for path, info in targets.targets.items():
+    for path, info in targets.items():
         if is_manifest_target(path) and (terms := ReleaseTerms.of(info)) is not None:
             out[path] = terms
     return out
 
 
-def terms_for(current: Targets | None, manifest_path: str, *,
+def terms_for(current: Mapping[str, TargetFile], manifest_path: str, *,
               hardware_ids: Sequence[str] = (ANY_HARDWARE,),
               fallbacks: Sequence[str] | None = None,
               same_counter_as: str | None = None) -> ReleaseTerms:
-    """Terms for a new manifest target given the (verified) current targets.
+    """Terms for a new manifest target given the (verified) current targets, by path.
 
     `fallbacks` None: the previous release of the same model name (the highest counter below
     the new one) and its variants. `same_counter_as`: a variant shares its release's counter

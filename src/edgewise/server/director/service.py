@@ -2,8 +2,9 @@
 
 Invariant: a device's director metadata always names exactly the bundle the server assigns it
 (the build for its hardware) with the image repository's signed length, hashes and release
-counter, or nothing; it is re-signed, with every version one higher, when that changes or when
-its timestamp is in the second half of its lifetime.
+counter, or nothing; it is re-signed, with higher versions (at least the Unix time, so they
+grow even after a restored backup), when that changes or when its timestamp is in the second
+half of its lifetime.
 """
 
 from __future__ import annotations
@@ -77,8 +78,8 @@ def metadata(session: Session, *, repo: ServerRepository, director: DirectorRepo
         return director.root
     if filename not in ("timestamp.json", "snapshot.json", "targets.json"):
         raise NotFound(f"no director metadata {filename}")
-    state = current(session, repo=repo, director=director, device=device) \
-        if filename == "timestamp.json" else session.get(DirectorState, device.id)
+    # A refresh starts at the timestamp: that is when the instruction is brought up to date.
+    state = None if filename == "timestamp.json" else session.get(DirectorState, device.id)
     if state is None:
         state = current(session, repo=repo, director=director, device=device)
     return {"timestamp.json": state.timestamp, "snapshot.json": state.snapshot,
