@@ -1,4 +1,4 @@
-"""Delta format v1: byte-exact round trips per file format, and refusal of bad patches."""
+"""Delta format v1/v2: byte-exact round trips per file format, and refusal of bad patches."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from edgewise.artifacts.delta import (
     read_delta_header,
     write_gguf,
 )
+from edgewise.artifacts.delta._bits import decode_bits, encode_bits
 from edgewise.artifacts.delta._format import HEADER_SIZE, T_FSUB, T_NONE, T_SUB, T_XOR
 from edgewise.artifacts.delta._planes import (
     apply_transform,
@@ -37,6 +38,7 @@ from edgewise.artifacts.delta._planes import (
     split_planes,
     unapply_transform,
 )
+from edgewise.artifacts.delta._rans import choose_lanes, quantize_freqs, rans_decode, rans_encode
 
 _ST_DTYPE = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
              np.dtype(np.int64): "I64", np.dtype(np.int8): "I8"}
@@ -105,7 +107,7 @@ def test_safetensors_roundtrip_is_tensor_aware(tmp_path: Path, model_pair) -> No
     methods = info.methods
     # The renamed tensor is found by content, the unchanged one by name: both copied.
     assert methods["copy"]["in_bytes"] >= 300 * 64 * 2 + 64 * 4
-    assert any(m.startswith("planes-") for m in methods), methods
+    assert any(m.startswith(("planes-", "bits-")) for m in methods), methods
     # A dense small change must cost clearly less than compressing the new file.
     assert info.patch_size < 0.8 * len(zstandard.ZstdCompressor(level=19).compress(new))
 
@@ -161,7 +163,7 @@ def test_onnx_initializers_roundtrip(tmp_path: Path) -> None:
     assert all(s.elem == 4 and s.is_float for s in layout.spans)
     info = roundtrip(tmp_path, old, new)
     assert info.layout == "onnx"
-    assert info.methods.get("planes-fsub-grouped", info.methods.get("planes-fsub"))
+    assert {"planes-fsub-grouped", "planes-fsub", "bits-fsub"} & set(info.methods)
 
 
 def test_gguf_roundtrip(tmp_path: Path) -> None:
@@ -323,7 +325,7 @@ def test_unknown_version_is_refused(made: Path) -> None:
     patch = bytearray((made / "patch").read_bytes())
     struct.pack_into("<H", patch, 8, FORMAT_VERSION + 1)
     (made / "patch").write_bytes(bytes(patch))
-    with pytest.raises(DeltaVersionError, match="version 2"):
+    with pytest.raises(DeltaVersionError, match=f"version {FORMAT_VERSION + 1}"):
         apply_delta(made / "old", made / "patch", made / "out")
     with pytest.raises(DeltaVersionError):
         read_delta_header(made / "patch")
@@ -336,9 +338,9 @@ def test_unexpected_result_hash_is_refused(made: Path) -> None:
     _only_inputs_left(made)
 
 
-def _forge(old: bytes, body: bytes, result: bytes) -> bytes:
+def _forge(old: bytes, body: bytes, result: bytes, version: int = 1) -> bytes:
     """A patch whose checksums are all valid but whose records are hostile."""
-    head = struct.pack("<8sHHQ32sQ32sQ32s", b"\x89EWDLT\r\n", 1, 0, len(old),
+    head = struct.pack("<8sHHQ32sQ32sQ32s", b"\x89EWDLT\r\n", version, 0, len(old),
                        hashlib.sha256(old).digest(), len(result),
                        hashlib.sha256(result).digest(), len(body), hashlib.sha256(body).digest())
     return head + struct.pack("<I", zlib.crc32(head)) + body
@@ -431,10 +433,12 @@ def test_fuzzed_records_fail_cleanly(tmp_path: Path, model_pair, flips) -> None:
     (d / "new").write_bytes(new)
     if not (d / "good").exists():
         encode_delta(d / "old", d / "new", d / "good", level=1)
-    body = bytearray((d / "good").read_bytes()[HEADER_SIZE:])
+    good = (d / "good").read_bytes()
+    body = bytearray(good[HEADER_SIZE:])
     for pos, mask in flips:
         body[pos % len(body)] ^= mask
-    (d / "patch").write_bytes(_forge(old, bytes(body), new))
+    version = read_delta_header(d / "good").version
+    (d / "patch").write_bytes(_forge(old, bytes(body), new, version))
     try:
         apply_delta(d / "old", d / "patch", d / "out")
     except DeltaError:
@@ -443,3 +447,161 @@ def test_fuzzed_records_fail_cleanly(tmp_path: Path, model_pair, flips) -> None:
         assert (d / "out").read_bytes() == new
         (d / "out").unlink()
     assert not [p for p in d.iterdir() if p.name.startswith(".")]
+
+
+# --- bit-length coding (format v2) -------------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 5000), alphabet=st.integers(1, 256), seed=st.integers(0, 2**32 - 1))
+def test_rans_roundtrip(n: int, alphabet: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    sym = rng.choice(alphabet, size=n, p=rng.dirichlet(np.full(alphabet, 0.5))).astype(np.uint8)
+    freqs = quantize_freqs(np.bincount(sym))
+    lanes = choose_lanes(n)
+    data = rans_encode(sym, freqs, lanes)
+    assert np.array_equal(rans_decode(data, n, freqs, lanes), sym)
+
+
+def test_rans_codes_close_to_the_entropy() -> None:
+    rng = np.random.default_rng(1)
+    n = 200_000
+    sym = rng.choice(40, size=n, p=rng.dirichlet(np.full(40, 0.3))).astype(np.uint8)
+    counts = np.bincount(sym)
+    seen = counts[counts > 0]
+    entropy_bytes = -(seen * np.log2(seen / n)).sum() / 8
+    freqs = quantize_freqs(counts)
+    data = rans_encode(sym, freqs, choose_lanes(n))
+    assert len(data) < 1.01 * entropy_bytes + 4 * choose_lanes(n)
+
+
+def test_rans_refuses_corrupt_streams() -> None:
+    rng = np.random.default_rng(2)
+    sym = rng.choice(8, size=20_000, p=[0.5, 0.2, 0.1, 0.1, 0.05, 0.03, 0.01, 0.01]
+                     ).astype(np.uint8)
+    freqs = quantize_freqs(np.bincount(sym))
+    lanes = choose_lanes(len(sym))
+    data = rans_encode(sym, freqs, lanes)
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0x5A
+    bad_freqs = freqs.copy()
+    bad_freqs[0] += 1
+    for args in [(bytes(flipped), lanes, freqs), (data[:-2], lanes, freqs),
+                 (data + b"\0\0", lanes, freqs), (data, lanes + 1, freqs),
+                 (data, lanes, bad_freqs), (b"\0" * len(data), lanes, freqs)]:
+        with pytest.raises(DeltaFormatError):
+            rans_decode(args[0], len(sym), args[2], args[1])
+
+
+@settings(max_examples=80, deadline=None)
+@given(kind=st.sampled_from([(4, 23), (2, 10), (2, 7)]), data=st.data())
+def test_bit_length_coding_is_exact_for_any_bit_patterns(kind: tuple[int, int], data) -> None:
+    elem, mantissa = kind
+    n = data.draw(st.integers(1, 300)) * elem
+    old = data.draw(st.binary(min_size=n, max_size=n))
+    new = data.draw(st.binary(min_size=n, max_size=n))
+    if data.draw(st.booleans()):  # mostly near values, as after training
+        new = bytes(a if i % 7 else b for i, (a, b) in enumerate(zip(old, new, strict=True)))
+    z = apply_transform(T_FSUB, old, new, elem).view(np.uint16 if elem == 2 else np.uint32)
+    code = encode_bits(z, old, elem, mantissa)
+    if code is not None:  # None: residuals too wide for the alphabet, another coding is used
+        assert np.array_equal(decode_bits(code, old, elem, mantissa), z)
+
+
+def _adam_like(w: np.ndarray, rng: np.random.Generator, lr: float = 1e-4) -> np.ndarray:
+    # Adam moves every weight by up to steps * lr whatever its size.
+    return (w - lr * rng.uniform(-4, 4, size=w.shape)).astype(w.dtype)
+
+
+def test_dense_fine_tune_is_coded_by_bit_length(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    old = {"conv.weight": rng.normal(scale=0.05, size=(128, 64, 3, 3)).astype(np.float32),
+           "emb.weight": rng.normal(scale=0.1, size=(512, 64)).astype(np.float16),
+           "fc.bias": np.zeros(10, dtype=np.float32)}
+    new = {"conv.weight": _adam_like(old["conv.weight"], rng),
+           "emb.weight": _adam_like(old["emb.weight"], rng, lr=1e-3),
+           "fc.bias": old["fc.bias"]}
+    info = roundtrip(tmp_path, safetensors_bytes(old), safetensors_bytes(new))
+    assert info.version == 2
+    dense = old["conv.weight"].nbytes + old["emb.weight"].nbytes
+    assert info.methods["bits-fsub"]["in_bytes"] == dense
+    # Below the byte planes' size for the same residuals (what version 1 would send).
+    from edgewise.artifacts.delta._encode import _planes_record
+
+    planes = sum(len(_planes_record(T_FSUB | 0x80, old[k].itemsize, 0, new[k].tobytes(),
+                                    old[k].tobytes(), 19))
+                 for k in ("conv.weight", "emb.weight"))
+    assert info.methods["bits-fsub"]["out_bytes"] < 0.98 * planes
+
+
+def test_patch_without_bit_length_records_stays_version_1(tmp_path: Path, model_pair) -> None:
+    old, _ = model_pair
+    rng = np.random.default_rng(4)
+    new = safetensors_bytes({"fc.weight": rng.normal(size=(10, 64)).astype(np.float32)})
+    info = roundtrip(tmp_path, old, new)
+    assert "bits-fsub" not in info.methods
+    assert info.version == 1 == read_delta_header(tmp_path / "patch").version
+
+
+def test_bit_length_record_in_a_version_1_patch_is_refused(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    w = rng.normal(scale=0.05, size=50_000).astype(np.float32)
+    old, new = safetensors_bytes({"w": w}), safetensors_bytes({"w": _adam_like(w, rng)})
+    roundtrip(tmp_path, old, new)
+    body = (tmp_path / "patch").read_bytes()[HEADER_SIZE:]
+    (tmp_path / "forged").write_bytes(_forge(old, body, new, version=1))
+    with pytest.raises(DeltaFormatError, match="unknown record type 5"):
+        apply_delta(tmp_path / "old", tmp_path / "forged", tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()
+
+
+def _bits_patch_body(old_w: np.ndarray, **changes) -> tuple[bytes, bytes]:
+    """(body, result) of a patch holding one BITS record for old_w -> an Adam-like step,
+    with the record's fields replaced by `changes` (lo, freqs, lanes, symbols, raw; or
+    raw_extra: one raw byte more than the record needs)."""
+    from edgewise.artifacts.delta._format import put_varint
+
+    rng = np.random.default_rng(7)
+    new_w = _adam_like(old_w, rng)
+    old, new = old_w.tobytes(), new_w.tobytes()
+    z = apply_transform(T_FSUB, old, new, 4).view(np.uint32)
+    code = encode_bits(z, old, 4, 23)
+    fields = {"lo": code.lo, "freqs": list(code.freqs), "lanes": code.lanes,
+              "symbols": code.symbols, "raw": code.raw, **changes}
+    if fields.pop("raw_extra", False):
+        fields["raw"] += b"\0"
+    body = bytearray([0, 0, 5, T_FSUB, 4, 23])
+    for value in (0, len(new), fields["lo"], len(fields["freqs"]), *fields["freqs"],
+                  fields["lanes"], len(fields["symbols"])):
+        put_varint(body, int(value))
+    body += fields["symbols"]
+    put_varint(body, len(fields["raw"]))
+    body += fields["raw"] + b"\0"
+    return bytes(body), new
+
+
+@pytest.mark.parametrize("change", [
+    {},  # the untouched record decodes (the forged-patch machinery is right)
+    {"freqs": [2**63]},  # would overflow int64
+    {"freqs": [2**63 - 1, 2**63 - 1, 2**14 + 2]},  # would wrap to a valid-looking sum
+    {"freqs": []},
+    {"freqs": [0, 1 << 14]},  # every symbol decodes as 1: not a length
+    {"lo": 200},  # lengths beyond 32 bits
+    {"lanes": 1},  # a valid stream would need the encoder's lane count
+    {"raw": b""},  # raw bits missing
+    {"raw_extra": True},
+    {"symbols": b"\xff" * 40_000},  # longer than any stream for these elements
+])
+def test_hostile_bit_length_records_are_refused(tmp_path: Path, change: dict) -> None:
+    rng = np.random.default_rng(8)
+    old_w = rng.normal(scale=0.05, size=70_000).astype(np.float32)
+    body, new = _bits_patch_body(old_w, **change)
+    (tmp_path / "old").write_bytes(old_w.tobytes())
+    (tmp_path / "patch").write_bytes(_forge(old_w.tobytes(), body, new, version=2))
+    if not change:
+        apply_delta(tmp_path / "old", tmp_path / "patch", tmp_path / "out")
+        assert (tmp_path / "out").read_bytes() == new
+        return
+    with pytest.raises(DeltaFormatError):
+        apply_delta(tmp_path / "old", tmp_path / "patch", tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old", "patch"]

@@ -34,7 +34,8 @@ def test_create_then_apply(files: Path) -> None:
                    "-o", files / "p.delta")
     assert made.exit_code == 0, made.output
     info = json.loads(made.stdout.strip().splitlines()[-1])
-    assert info["layout"] == "safetensors" and info["version"] == 1
+    assert info["layout"] == "safetensors" and "bits-fsub" in info["methods"]
+    assert info["version"] == 2  # the bit-length records need format v2
 
     shown = _invoke("info", files / "p.delta")
     assert shown.exit_code == 0

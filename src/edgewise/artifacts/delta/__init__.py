@@ -1,4 +1,4 @@
-"""Delta patches for model files: tensor-aware, streaming, verified (format v1).
+"""Delta patches for model files: tensor-aware, streaming, verified (format v2).
 
     info = encode_delta(old_path, new_path, patch_path)      # server / operator side
     apply_delta(old_path, patch_path, out_path, expected_sha256=signed_hash)   # device side
@@ -7,7 +7,8 @@
 The encoder understands safetensors, ONNX (initializers stored as raw_data) and GGUF, matches
 tensors by name (then by content), and codes each tensor, or each piece of a large one, as the
 smallest of: copy, XOR / arithmetic difference of the bit patterns split into byte planes then
-zstd, raw byte planes then zstd, plain zstd. Bytes between tensors (and whole files of any
+zstd, the float difference coded by bit length (rANS-coded lengths plus raw low bits; format
+v2), raw byte planes then zstd, plain zstd. Bytes between tensors (and whole files of any
 other format) are zstd-compressed against the old file's bytes. The decoder needs no parser;
 it streams record by record with memory independent of the file size, and it refuses a wrong
 base, a corrupt or truncated patch and an unknown version with a `DeltaError` subclass,

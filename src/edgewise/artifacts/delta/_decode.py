@@ -26,6 +26,7 @@ from .._errors import (
     DeltaResultError,
     DeltaTruncatedError,
 )
+from ._bits import BitsCode, decode_bits
 from ._format import (
     ELEM_SIZES,
     HEADER_SIZE,
@@ -34,6 +35,7 @@ from ._format import (
     MAX_RANGES,
     MAX_REF,
     MAX_WINDOW_LOG,
+    OP_BITS,
     OP_COPY,
     OP_END,
     OP_GAP,
@@ -50,6 +52,7 @@ from ._format import (
     sha256_of,
 )
 from ._planes import group_order, join_planes, unapply_transform
+from ._rans import SCALE_BITS, choose_lanes
 
 __all__ = ["apply_delta", "read_delta_header"]
 
@@ -103,7 +106,8 @@ class _Limited:
 
 class _Decoder:
     def __init__(self, old: BinaryIO, old_size: int, body: BodyReader, out: BinaryIO,
-                 result_size: int) -> None:
+                 result_size: int, version: int) -> None:
+        self.version = version
         self.old = old
         self.old_size = old_size
         self.body = body
@@ -172,6 +176,47 @@ class _Decoder:
         self.emit(unapply_transform(base, old, residual, elem))
         self.emit(self.body.read_exact(out_len - body_len))
 
+    def bits(self) -> None:
+        transform, elem, mantissa = self.body.u8(), self.body.u8(), self.body.u8()
+        if transform != T_FSUB or elem not in (2, 4) or not 1 <= mantissa <= elem * 8 - 2:
+            raise DeltaFormatError(f"unknown bit-length record (transform {transform}, "
+                                   f"element {elem}, mantissa {mantissa})")
+        old_offset = self.body.varint()
+        out_len = self.piece_len()
+        body_len = out_len - out_len % elem
+        count = body_len // elem
+        if count == 0:
+            raise DeltaFormatError("bit-length record without whole elements")
+        lo = self.body.varint()
+        if lo > elem * 8 + (1 << (elem * 8 - 1 - mantissa)):
+            raise DeltaFormatError(f"bit-length record offset {lo} is out of range")
+        n_freqs = self.body.varint()
+        if n_freqs > 256:
+            raise DeltaFormatError("bit-length record has too many symbols")
+        freqs = []
+        for _ in range(n_freqs):
+            freqs.append(self.body.varint())
+            if freqs[-1] > 1 << SCALE_BITS:
+                raise DeltaFormatError("bit-length record has a frequency out of range")
+        lanes = self.body.varint()
+        if lanes != choose_lanes(count):  # the encoder's choice, so no record is slow to decode
+            raise DeltaFormatError(f"bit-length record has {lanes} lanes, expected "
+                                   f"{choose_lanes(count)}")
+        # At most one 16-bit word per symbol plus the lanes' states; at most bits - 2 raw
+        # bits per element (plus a padding byte per group).
+        streams = []
+        for limit in (4 * lanes + 2 * count, count * (elem * 8 - 2) // 8 + elem * 8):
+            size = self.body.varint()
+            if size > limit:
+                raise DeltaFormatError("bit-length record payload exceeds the limit")
+            streams.append(self.body.read_exact(size))
+        old = self.read_old(old_offset, body_len)
+        z = decode_bits(BitsCode(lo, np.array(freqs, dtype=np.int64), lanes, *streams), old,
+                        elem, mantissa)
+        residual = (z.astype(np.uint16) if elem == 2 else z).view(np.uint8)
+        self.emit(unapply_transform(transform, old, residual, elem))
+        self.emit(self.body.read_exact(out_len - body_len))
+
     def zref(self) -> None:
         ref_offset, ref_len = self.body.varint(), self.body.varint()
         if ref_len > MAX_REF or ref_len == 0:
@@ -207,6 +252,8 @@ class _Decoder:
                 self.planes()
             elif op == OP_ZREF:
                 self.zref()
+            elif op == OP_BITS and self.version >= 2:
+                self.bits()
             else:
                 raise DeltaFormatError(f"unknown record type {op}")
         if self.body.remaining:
@@ -282,7 +329,8 @@ def apply_delta(old_path: str | os.PathLike[str], patch_path: str | os.PathLike[
         tmp = Path(tmp_name)
         try:
             with os.fdopen(fd, "wb") as out, open(patch_path, "rb") as gap_file:
-                decoder = _Decoder(old, decoder_old_size, body, out, header.result_size)
+                decoder = _Decoder(old, decoder_old_size, body, out, header.result_size,
+                                   header.version)
                 gap_stream = None
                 if gap_size:
                     gap_dict = b"".join(decoder.read_old(a, b - a) for a, b in ranges)

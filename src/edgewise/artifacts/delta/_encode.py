@@ -20,12 +20,13 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
+from ._bits import encode_bits
 from ._format import (
-    FORMAT_VERSION,
     HEADER_SIZE,
     MAX_GAP_DICT,
     MAX_PIECE,
     MAX_REF,
+    OP_BITS,
     OP_COPY,
     OP_END,
     OP_GAP,
@@ -168,6 +169,24 @@ def _planes_record(transform: int, elem: int, old_offset: int, new: bytes, old: 
     return bytes(rec)
 
 
+def _bits_record(transform: int, elem: int, mantissa: int, old_offset: int, new: bytes,
+                 old: bytes) -> bytes | None:
+    body_len = len(new) - len(new) % elem
+    if body_len == 0:
+        return None
+    residual = apply_transform(transform, old[:body_len], new[:body_len], elem)
+    z = residual.view(np.uint16 if elem == 2 else np.uint32)
+    code = encode_bits(z, old[:body_len], elem, mantissa)
+    if code is None:
+        return None
+    rec = bytearray([OP_BITS, transform, elem, mantissa])
+    put_varint(rec, old_offset)
+    put_varint(rec, len(new))
+    code.pack(rec)
+    rec += new[body_len:]
+    return bytes(rec)
+
+
 def _zref_record(ref_offset: int, ref: bytes, new: bytes, level: int) -> bytes:
     packed = _zstd(new, level, _raw_dict(ref))
     rec = bytearray([OP_ZREF])
@@ -183,11 +202,17 @@ class _Candidate:
     elem: int = 1
     ref_offset: int = 0  # old offset of the aligned bytes (planes) or of the window (zref)
     ref_len: int = 0
+    mantissa: int = 0  # bits: the float type's mantissa width
 
-    def build(self, new: bytes, old_buf, level: int) -> bytes:
+    def build(self, new: bytes, old_buf, level: int) -> bytes | None:
+        """The record, or None where this coding does not apply to these bytes."""
         if self.method == "zref":
             ref = bytes(old_buf[self.ref_offset:self.ref_offset + self.ref_len])
             return _zref_record(self.ref_offset, ref, new, level)
+        if self.method.startswith("bits"):
+            old_bytes = bytes(old_buf[self.ref_offset:self.ref_offset + len(new)])
+            return _bits_record(self.transform, self.elem, self.mantissa, self.ref_offset, new,
+                                old_bytes)
         old = (bytes(old_buf[self.ref_offset:self.ref_offset + len(new)])
                if self.transform != T_NONE else None)
         return _planes_record(self.transform, self.elem, self.ref_offset, new, old, level)
@@ -259,10 +284,15 @@ class _Encoder:
         if len(candidates) == 1:
             cand = candidates[0]
         else:
-            sized = [(len(c.build(new, self.old, _PROBE_LEVEL)), i, c)
+            built = [(c.build(new, self.old, _PROBE_LEVEL), i, c)
                      for i, c in enumerate(candidates)]
-            cand = min(sized)[2]
-        return cand.build(new, self.old, self.level), cand.method
+            data, _, cand = min((b for b in built if b[0] is not None),
+                                key=lambda b: (len(b[0]), b[1]))
+            if cand.method.startswith("bits"):  # no zstd inside: the probe is the record
+                return data, cand.method
+        data = cand.build(new, self.old, self.level)
+        assert data is not None  # the last candidate (plain zstd) always applies
+        return data, cand.method
 
     def tensor(self, span: Span, old_span: Span | None) -> None:
         step = max(span.elem, self.piece_bytes - self.piece_bytes % span.elem)
@@ -281,6 +311,9 @@ class _Encoder:
                 if span.is_float and span.elem > 1:
                     cands.append(_Candidate("planes-fsub-grouped", T_FSUB | T_GROUPED,
                                             span.elem, old_pos))
+                if span.is_float and span.elem in (2, 4) and span.mantissa:
+                    cands.append(_Candidate("bits-fsub", T_FSUB, span.elem, old_pos,
+                                            mantissa=span.mantissa))
             if span.elem > 1:
                 cands.append(_Candidate("planes", T_NONE, span.elem))
             cands.append(_Candidate("zstd", T_NONE, 1))
@@ -384,7 +417,10 @@ def encode_delta(old_path: str | os.PathLike[str], new_path: str | os.PathLike[s
                     else:
                         enc.generic(*item)
                 body_sha = out.finish()
-                header = Header(FORMAT_VERSION, len(old), base_sha, len(new), result_sha,
+                # The oldest version that can read it: decoders from before BITS records
+                # still apply patches that do not use them.
+                version = 2 if any(m.startswith("bits") for m in stats.methods) else 1
+                header = Header(version, len(old), base_sha, len(new), result_sha,
                                 out.size, body_sha)
                 f.seek(0)
                 f.write(header.pack())
@@ -395,7 +431,7 @@ def encode_delta(old_path: str | os.PathLike[str], new_path: str | os.PathLike[s
             tmp.unlink(missing_ok=True)
             raise
         old_size, new_size = len(old), len(new)
-    return DeltaInfo(FORMAT_VERSION, old_size, base_sha, new_size, result_sha,
+    return DeltaInfo(version, old_size, base_sha, new_size, result_sha,
                      HEADER_SIZE + out.size, layout=new_layout.kind, methods=stats.methods)
 
 

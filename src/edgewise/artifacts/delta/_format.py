@@ -1,10 +1,10 @@
-"""Delta format v1: the fixed header, record opcodes and the limits a decoder enforces.
+"""Delta format v1/v2: the fixed header, record opcodes and the limits a decoder enforces.
 
 Layout of a patch file::
 
     header (HEADER_SIZE bytes, little-endian)
         magic            8   b"\\x89EWDLT\\r\\n"
-        version          u16 (1)
+        version          u16 (1, or 2 when the patch holds BITS records)
         flags            u16 (0)
         base_size        u64   base_sha256    32
         result_size      u64   result_sha256  32
@@ -25,6 +25,9 @@ Records (opcode u8, then varints unless noted):
            elem x (codec u8, payload_len, payload), tail bytes (out_len % elem, stored)
     ZREF   ref_offset, ref_len, out_len, payload_len, payload
            one zstd frame whose raw-content dictionary is old[ref_offset:ref_offset+ref_len]
+    BITS   (version 2) transform u8 (T_FSUB), elem u8 (2 or 4), mantissa u8, old_offset,
+           out_len, lo, n_freqs, n_freqs x freq, lanes, symbols_len, symbols, raw_len, raw,
+           tail bytes (out_len % elem, stored): the residual coded by bit length (`_bits`)
 
 Invariant: the magic and version occupy the same first 10 bytes in every version, so any
 decoder can tell "not a patch" from "a patch of another version"; every record produces at
@@ -45,13 +48,15 @@ from .._errors import DeltaFormatError, DeltaTruncatedError, DeltaVersionError
 __all__ = [
     "FORMAT_VERSION",
     "HEADER_SIZE",
+    "READABLE_VERSIONS",
     "MAGIC",
     "DeltaInfo",
     "Header",
 ]
 
 MAGIC = b"\x89EWDLT\r\n"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version this code writes and reads
+READABLE_VERSIONS = (1, 2)  # a patch without BITS records is written as version 1
 _HEADER = struct.Struct("<8sHHQ32sQ32sQ32s")
 HEADER_SIZE = _HEADER.size + 4
 
@@ -61,6 +66,7 @@ OP_COPY = 1
 OP_GAP = 2
 OP_PLANES = 3
 OP_ZREF = 4
+OP_BITS = 5  # version 2 and later
 
 # PLANES transforms: how the new bit patterns relate to the old ones before the byte split.
 T_NONE = 0  # raw byte planes (no old bytes)
@@ -106,9 +112,9 @@ class Header:
                 raise DeltaTruncatedError("patch is truncated inside its header")
             raise DeltaFormatError("not an edgewise delta patch (bad magic)")
         (version,) = struct.unpack_from("<H", raw, 8)
-        if version != FORMAT_VERSION:
-            raise DeltaVersionError(f"unknown delta format version {version} "
-                                    f"(this decoder reads version {FORMAT_VERSION})")
+        if version not in READABLE_VERSIONS:
+            raise DeltaVersionError(f"unknown delta format version {version} (this decoder "
+                                    f"reads versions {', '.join(map(str, READABLE_VERSIONS))})")
         if len(raw) < HEADER_SIZE:
             raise DeltaTruncatedError("patch is truncated inside its header")
         (crc,) = struct.unpack_from("<I", raw, _HEADER.size)

@@ -19,6 +19,7 @@ __all__ = ["GGML_TYPES", "read_gguf_spans", "write_gguf"]
 # ggml type id -> (element size for byte planes, is float); quantized types are byte streams.
 GGML_TYPES = {0: (4, True), 1: (2, True), 24: (1, False), 25: (2, False), 26: (4, False),
               27: (8, False), 28: (8, True), 30: (2, True)}
+GGML_MANTISSA = {0: 23, 1: 10, 30: 7}  # F32, F16, BF16
 _NUMPY_TO_GGML = {np.dtype(np.float32): 0, np.dtype(np.float16): 1, np.dtype(np.int8): 24,
                   np.dtype(np.int16): 25, np.dtype(np.int32): 26, np.dtype(np.int64): 27,
                   np.dtype(np.float64): 28}
@@ -99,7 +100,7 @@ def read_gguf_spans(buf) -> list[Span] | None:
         elem, is_float = GGML_TYPES.get(ggml_type, (1, False))
         if (end - start) % elem:  # padding that is not whole elements: keep it in the gap
             end -= (end - start) % elem
-        spans.append(Span(name, start, end, elem, is_float))
+        spans.append(Span(name, start, end, elem, is_float, GGML_MANTISSA.get(ggml_type, 0)))
     return spans
 
 

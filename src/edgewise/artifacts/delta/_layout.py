@@ -25,6 +25,7 @@ class Span:
     end: int
     elem: int  # element size in bytes (1 for quantized blocks and unknown types)
     is_float: bool
+    mantissa: int = 0  # mantissa bits of a 16/32-bit float type (exponent above them); else 0
 
     @property
     def size(self) -> int:
@@ -43,6 +44,7 @@ _ST_DTYPES = {
     "U64": (8, False), "U32": (4, False), "U16": (2, False), "U8": (1, False),
     "BOOL": (1, False), "F8_E4M3": (1, True), "F8_E5M2": (1, True),
 }
+_ST_MANTISSA = {"F32": 23, "F16": 10, "BF16": 7}
 
 
 def _safetensors(buf: mmap.mmap | bytes) -> list[Span] | None:
@@ -61,7 +63,8 @@ def _safetensors(buf: mmap.mmap | bytes) -> list[Span] | None:
             continue
         begin, end = entry["data_offsets"]
         elem, is_float = _ST_DTYPES.get(entry["dtype"], (1, False))
-        spans.append(Span(name, base + int(begin), base + int(end), elem, is_float))
+        spans.append(Span(name, base + int(begin), base + int(end), elem, is_float,
+                          _ST_MANTISSA.get(entry["dtype"], 0)))
     return spans
 
 
@@ -72,6 +75,7 @@ _ONNX_TYPES = {
     7: (8, False), 9: (1, False), 10: (2, True), 11: (8, True), 12: (4, False),
     13: (8, False), 16: (2, True),
 }
+_ONNX_MANTISSA = {1: 23, 10: 10, 16: 7}  # FLOAT, FLOAT16, BFLOAT16
 
 
 def _pb_varint(buf, pos: int, end: int) -> tuple[int, int]:
@@ -129,8 +133,8 @@ def _onnx_tensor(buf, start: int, end: int) -> Span | None:
         return None
     elem, is_float = _ONNX_TYPES.get(dtype, (1, False))
     if (raw[1] - raw[0]) % elem:
-        elem, is_float = 1, False
-    return Span(name, raw[0], raw[1], elem, is_float)
+        return Span(name, raw[0], raw[1], 1, False)
+    return Span(name, raw[0], raw[1], elem, is_float, _ONNX_MANTISSA.get(dtype, 0))
 
 
 def _onnx(buf) -> list[Span] | None:
