@@ -1,4 +1,4 @@
-"""Delta benchmark: edgewise delta format v1 against generic diff tools, on real model pairs.
+"""Delta benchmark: edgewise delta format (v2) against generic diff tools, on real model pairs.
 
     python bench/delta.py [--workdir DIR] [--skip-1gb] [--pairs a,b,c,d,e] > delta.jsonl
 
@@ -241,7 +241,7 @@ def patch_from_params(old_size: int, new_size: int) -> zstandard.ZstdCompression
 
 
 def encode_method(method: str, old: Path, new: Path, patch: Path) -> None:
-    if method == "edgewise-delta-v1":
+    if method == "edgewise-delta":
         encode_delta(old, new, patch)
     elif method == "zstd-19":
         patch.write_bytes(zstandard.ZstdCompressor(level=19).compress(new.read_bytes()))
@@ -270,7 +270,7 @@ def encode_method(method: str, old: Path, new: Path, patch: Path) -> None:
 
 def decode_argv(method: str, old: Path, patch: Path, out: Path) -> list[str]:
     o, p, n = repr(str(old)), repr(str(patch)), repr(str(out))
-    if method == "edgewise-delta-v1":
+    if method == "edgewise-delta":
         return py_decoder(f"from edgewise.artifacts.delta import apply_delta\nSTART\n"
                           f"apply_delta({o}, {p}, {n})")
     if method == "zstd-19":
@@ -294,7 +294,7 @@ def decode_argv(method: str, old: Path, patch: Path, out: Path) -> list[str]:
 
 
 METHODS = ["zstd-19", "zstd-patch-from", "xdelta3", "bsdiff4", "hdiffpatch-zstd",
-           "hdiffpatch-lzma2", "edgewise-delta-v1"]
+           "hdiffpatch-lzma2", "edgewise-delta"]
 
 
 def measure(pair: str, method: str, old: Path, new: Path, work: Path) -> dict:
@@ -365,7 +365,7 @@ def main() -> None:
                 f"dec {row['decode_s']:.2f}s rss {row['decode_peak_rss_mb']} MB")
     if not args.skip_1gb:
         old, new = big_pair(work)
-        for method in ("edgewise-delta-v1",):
+        for method in ("edgewise-delta",):
             row = measure("1gb_synthetic", method, old, new, work)
             print(json.dumps(row), flush=True)
             rows.append(row)
@@ -385,15 +385,15 @@ def summarize(rows: list[dict]) -> None:
 
     checks = []
     for pair in ("c_all_layers", "c2_all_layers_sgd"):
-        if (pair, "edgewise-delta-v1") in by:
-            ours = by[(pair, "edgewise-delta-v1")]
+        if (pair, "edgewise-delta") in by:
+            ours = by[(pair, "edgewise-delta")]
             tag = pair.split("_")[0]
             checks.append((f"({tag}) <= 0.6x best of zstd/xdelta3/bsdiff",
                            ours / best(pair, generic), 0.6))
             checks.append((f"({tag}) <= 0.75x HDiffPatch", ours / best(pair, hdiff), 0.75))
     for pair in ("a_new_head", "b_last_blocks"):
-        if (pair, "edgewise-delta-v1") in by:
-            ours = by[(pair, "edgewise-delta-v1")]
+        if (pair, "edgewise-delta") in by:
+            ours = by[(pair, "edgewise-delta")]
             checks.append((f"({pair[0]}) <= best baseline", ours / best(pair, generic + hdiff),
                            1.0))
             checks.append((f"({pair[0]}) <= 1.02x zstd of changed tensors",
