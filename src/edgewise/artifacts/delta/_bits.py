@@ -27,8 +27,8 @@ from __future__ import annotations
 import numpy as np
 
 from .._errors import DeltaFormatError
-from ._format import put_varint
-from ._rans import choose_lanes, quantize_freqs, rans_decode, rans_encode
+from ._format import BodyReader, put_varint
+from ._rans import SCALE_BITS, choose_lanes, quantize_freqs, rans_decode, rans_encode
 
 __all__ = ["BitsCode", "decode_bits", "encode_bits", "exponents"]
 
@@ -65,6 +65,35 @@ class BitsCode:
         rec += self.symbols
         put_varint(rec, len(self.raw))
         rec += self.raw
+
+    @classmethod
+    def read(cls, body: BodyReader, count: int, elem: int, mantissa: int) -> BitsCode:
+        """The fields `pack` wrote, for `count` elements, each checked against what an encoder
+        can write (DeltaFormatError otherwise), so that no record is large or slow to decode."""
+        lo = body.varint()
+        if lo > elem * 8 + (1 << (elem * 8 - 1 - mantissa)):
+            raise DeltaFormatError(f"bit-length record offset {lo} is out of range")
+        n_freqs = body.varint()
+        if n_freqs > 256:
+            raise DeltaFormatError("bit-length record has too many symbols")
+        freqs = []
+        for _ in range(n_freqs):
+            freqs.append(body.varint())
+            if freqs[-1] > 1 << SCALE_BITS:
+                raise DeltaFormatError("bit-length record has a frequency out of range")
+        lanes = body.varint()
+        if lanes != choose_lanes(count):
+            raise DeltaFormatError(f"bit-length record has {lanes} lanes, expected "
+                                   f"{choose_lanes(count)}")
+        # At most one 16-bit word per symbol plus the lanes' states; at most bits - 2 raw
+        # bits per element (plus a padding byte per group).
+        streams = []
+        for limit in (4 * lanes + 2 * count, count * (elem * 8 - 2) // 8 + elem * 8):
+            size = body.varint()
+            if size > limit:
+                raise DeltaFormatError("bit-length record payload exceeds the limit")
+            streams.append(body.read_exact(size))
+        return cls(lo, np.array(freqs, dtype=np.int64), lanes, *streams)
 
 
 def encode_bits(z: np.ndarray, old: bytes, elem: int, mantissa: int) -> BitsCode | None:

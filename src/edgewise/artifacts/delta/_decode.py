@@ -52,7 +52,6 @@ from ._format import (
     sha256_of,
 )
 from ._planes import group_order, join_planes, unapply_transform
-from ._rans import SCALE_BITS, choose_lanes
 
 __all__ = ["apply_delta", "read_delta_header"]
 
@@ -187,32 +186,9 @@ class _Decoder:
         count = body_len // elem
         if count == 0:
             raise DeltaFormatError("bit-length record without whole elements")
-        lo = self.body.varint()
-        if lo > elem * 8 + (1 << (elem * 8 - 1 - mantissa)):
-            raise DeltaFormatError(f"bit-length record offset {lo} is out of range")
-        n_freqs = self.body.varint()
-        if n_freqs > 256:
-            raise DeltaFormatError("bit-length record has too many symbols")
-        freqs = []
-        for _ in range(n_freqs):
-            freqs.append(self.body.varint())
-            if freqs[-1] > 1 << SCALE_BITS:
-                raise DeltaFormatError("bit-length record has a frequency out of range")
-        lanes = self.body.varint()
-        if lanes != choose_lanes(count):  # the encoder's choice, so no record is slow to decode
-            raise DeltaFormatError(f"bit-length record has {lanes} lanes, expected "
-                                   f"{choose_lanes(count)}")
-        # At most one 16-bit word per symbol plus the lanes' states; at most bits - 2 raw
-        # bits per element (plus a padding byte per group).
-        streams = []
-        for limit in (4 * lanes + 2 * count, count * (elem * 8 - 2) // 8 + elem * 8):
-            size = self.body.varint()
-            if size > limit:
-                raise DeltaFormatError("bit-length record payload exceeds the limit")
-            streams.append(self.body.read_exact(size))
+        code = BitsCode.read(self.body, count, elem, mantissa)
         old = self.read_old(old_offset, body_len)
-        z = decode_bits(BitsCode(lo, np.array(freqs, dtype=np.int64), lanes, *streams), old,
-                        elem, mantissa)
+        z = decode_bits(code, old, elem, mantissa)
         residual = (z.astype(np.uint16) if elem == 2 else z).view(np.uint8)
         self.emit(unapply_transform(transform, old, residual, elem))
         self.emit(self.body.read_exact(out_len - body_len))

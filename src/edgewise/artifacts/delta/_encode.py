@@ -209,12 +209,12 @@ class _Candidate:
         if self.method == "zref":
             ref = bytes(old_buf[self.ref_offset:self.ref_offset + self.ref_len])
             return _zref_record(self.ref_offset, ref, new, level)
-        if self.method.startswith("bits"):
-            old_bytes = bytes(old_buf[self.ref_offset:self.ref_offset + len(new)])
-            return _bits_record(self.transform, self.elem, self.mantissa, self.ref_offset, new,
-                                old_bytes)
         old = (bytes(old_buf[self.ref_offset:self.ref_offset + len(new)])
                if self.transform != T_NONE else None)
+        if self.method.startswith("bits"):
+            assert old is not None
+            return _bits_record(self.transform, self.elem, self.mantissa, self.ref_offset, new,
+                                old)
         return _planes_record(self.transform, self.elem, self.ref_offset, new, old, level)
 
 

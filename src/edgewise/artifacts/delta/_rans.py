@@ -42,20 +42,16 @@ def quantize_freqs(counts: np.ndarray) -> np.ndarray:
     if total <= 0 or int(np.count_nonzero(counts)) > _TOTAL:
         raise ValueError("cannot model an empty or too large alphabet")
     freqs = np.where(counts > 0, np.maximum(1, (counts * _TOTAL + total // 2) // total), 0)
+    # Rounding leaves the sum off by at most the alphabet size: settle the difference on the
+    # most frequent symbols (where it costs the fewest bits). One pass always suffices, as
+    # the seen symbols are at most _TOTAL.
     diff = _TOTAL - int(freqs.sum())
-    while diff:
-        # Give or take from the most frequent symbols (where it costs the fewest bits).
-        order = np.argsort(-freqs, kind="stable")
-        for i in order:
-            if diff > 0:
-                freqs[i] += diff
-                diff = 0
-            elif freqs[i] > 1:
-                take = min(-diff, int(freqs[i]) - 1)
-                freqs[i] -= take
-                diff += take
-            if diff == 0:
-                break
+    for i in np.argsort(-freqs, kind="stable"):
+        change = diff if diff > 0 else -min(-diff, int(freqs[i]) - 1)
+        freqs[i] += change
+        diff -= change
+        if diff == 0:
+            break
     return freqs.astype(np.int64)
 
 
