@@ -258,6 +258,16 @@ def test_cli_train_then_eval(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["wall_s"] <= 30
+    # On the clock, the first half of the schedule is validated every other epoch only; the
+    # second half and the last epoch always are (the shipped weights are the best validated).
+    run = json.loads((out / "run" / "summary.json").read_text())
+    history = run["history"]
+    assert len(history) >= 8
+    assert history[0]["val_accuracy"] is None and history[-1]["val_accuracy"] is not None
+    assert all(h["val_accuracy"] is not None for h in history if h["epoch"] % 2 == 0)
+    assert all(h["val_accuracy"] is not None for h in history[-(len(history) // 4):])
+    best = history[run["metrics"]["best_epoch"] - 1]
+    assert best["val_accuracy"] == pytest.approx(summary["val_accuracy"], abs=1e-4)
     validate_bundle(out / "bundle")
     scored = runner.invoke(app, ["eval", str(out / "bundle"), "--data", data])
     assert scored.exit_code == 0, scored.output

@@ -29,14 +29,16 @@ def _pyplot():
     return plt
 
 
-def plot_curves(history: list[dict[str, float]], path: Path) -> None:
+def plot_curves(history: list[dict[str, float | None]], path: Path) -> None:
     plt = _pyplot()
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    epochs = [h["epoch"] for h in history]
-    for key, style in (("train_loss", "-"), ("val_loss", "--")):
-        ax_loss.plot(epochs, [h[key] for h in history], style, marker="o", label=key)
-    for key, style in (("train_accuracy", "-"), ("val_accuracy", "--")):
-        ax_acc.plot(epochs, [h[key] for h in history], style, marker="o", label=key)
+    for ax, keys in ((ax_loss, ("train_loss", "val_loss")),
+                     (ax_acc, ("train_accuracy", "val_accuracy"))):
+        for key, style in zip(keys, ("-", "--"), strict=True):
+            # Epochs that were not validated have None there (see `train._fit`).
+            points = [(h["epoch"], h[key]) for h in history if h.get(key) is not None]
+            ax.plot([e for e, _ in points], [v for _, v in points], style, marker="o",
+                    label=key)
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
     for ax in (ax_loss, ax_acc):
