@@ -34,3 +34,34 @@ def test_demo_ships_v1_everywhere_and_every_device_rolls_back_v2(tmp_path: Path)
     v1 = validate_bundle(tmp_path / "fashion-mnist-1.0.0")
     assert v1.metrics["test_accuracy"] > 0.8
     assert "v1 installed on 3/3 devices; broken v2 rolled back on 3/3" in result.stderr
+
+
+@pytest.mark.slow
+def test_demo_ships_a_bundle_the_user_trained(tmp_path: Path) -> None:
+    """`edgewise train --out DIR` then `edgewise demo --bundle DIR`: that bundle is v1, its
+    broken copy the next major version; a directory that is not a bundle is refused first."""
+    from edgewise.ml.train import TrainConfig, train
+
+    trained = train(TrainConfig(data="fashion-mnist", out_dir=str(tmp_path / "model"),
+                                name="shoes", version="3.1.0", strategy="from-scratch",
+                                backbone="small-cnn", epochs=1, train_per_class=50,
+                                test_per_class=20, track=False, threads=1))
+    bad = subprocess.run(edgewise_command("demo", "--workdir", str(tmp_path / "bad"),
+                                          "--bundle", str(tmp_path / "model" / "run")),
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "--bundle" in bad.stderr and "not a bundle" in bad.stderr
+    assert not (tmp_path / "bad" / "server").exists()
+
+    result = subprocess.run(edgewise_command("demo", "--workdir", str(tmp_path / "demo"),
+                                             "--devices", "2",
+                                             "--bundle", str(tmp_path / "model")),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    devices = json.loads(result.stdout.strip().splitlines()[-1])["devices"]
+    assert len(devices) == 2
+    for device in devices:
+        assert device["release"] == "shoes@3.1.0" and device["state"] == "rolled-back"
+        assert [(h["release"], h["outcome"]) for h in device["history"]] == [
+            ("shoes@3.1.0", "committed"), ("shoes@4.0.0", "rolled-back")]
+    shipped = validate_bundle(tmp_path / "demo" / "shoes-3.1.0")
+    assert shipped.files == trained.manifest.files  # the trained bundle, byte for byte

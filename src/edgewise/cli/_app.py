@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 from ._agent import agent_app
@@ -47,8 +49,11 @@ app.command()(events)
 def demo(
     workdir: str = typer.Option(None, help="keep everything here (default: a temp dir)"),
     devices: int = typer.Option(3, min=1, max=20, help="number of simulated devices"),
+    bundle: Path = typer.Option(None, help="ship this bundle as v1 instead of training one: "
+                                           "an `edgewise train --out DIR` result (DIR or "
+                                           "DIR/bundle)"),
 ) -> None:
     """Build a model, serve it, update 3 agents to v1, then watch them reject a broken v2."""
     from ._demo import run_demo
 
-    run_demo(workdir=workdir, n_devices=devices)
+    run_demo(workdir=workdir, n_devices=devices, bundle=bundle)

@@ -18,13 +18,13 @@ import typer
 from rich.live import Live
 from rich.table import Table
 
-from ._common import console, out, print_json, stage_progress
+from ._common import console, fail, out, print_json, stage_progress
 
 NAME = "fashion-mnist"
 WAIT_S = 240.0
 
 
-def run_demo(*, workdir: str | None, n_devices: int) -> None:
+def run_demo(*, workdir: str | None, n_devices: int, bundle: Path | None = None) -> None:
     from ..agent import enroll
     from ..server.client import OperatorClient, publish_bundle
     from ..sim import AgentProcess, ServerProcess
@@ -36,13 +36,22 @@ def run_demo(*, workdir: str | None, n_devices: int) -> None:
     console.print(f"working directory: {work}")
     started = time.monotonic()
 
-    # ---- 1. build: a real model, and a bad release of it ----------------------------------
-    v1_dir, v2_dir = work / f"{NAME}-1.0.0", work / f"{NAME}-2.0.0"
-    manifest = _build(v1_dir)
-    console.print(f"[green]built[/] {manifest.release_name}: test accuracy "
-                  f"{manifest.metrics.get('test_accuracy', float('nan')):.3f}")
-    _make_broken_release(v1_dir, v2_dir, version="2.0.0")
-    console.print(f"[yellow]built[/] {NAME}@2.0.0: the same model with a broken export "
+    # ---- 1. build: a real model (or the user's bundle), and a bad release of it ----------
+    if bundle is not None:
+        manifest = _adopt(bundle, work)
+        v1_dir = work / f"{manifest.name}-{manifest.version}"
+        console.print(f"[green]shipping[/] {manifest.release_name} from {bundle}: test accuracy "
+                      f"{manifest.metrics.get('test_accuracy', float('nan')):.3f}")
+    else:
+        v1_dir = work / f"{NAME}-1.0.0"
+        manifest = _build(v1_dir)
+        console.print(f"[green]built[/] {manifest.release_name}: test accuracy "
+                      f"{manifest.metrics.get('test_accuracy', float('nan')):.3f}")
+    name, v1_version, v2_version = manifest.name, manifest.version, _next_major(manifest.version)
+    v1_name, v2_name = f"{name}@{v1_version}", f"{name}@{v2_version}"
+    v2_dir = work / f"{name}-{v2_version}"
+    _make_broken_release(v1_dir, v2_dir, version=v2_version)
+    console.print(f"[yellow]built[/] {v2_name}: the same model with a broken export "
                   "(class weights scrambled), which its golden set must catch")
 
     # ---- 2. keys: root/targets stay here, the online key goes to the server -------------
@@ -75,7 +84,7 @@ def run_demo(*, workdir: str | None, n_devices: int) -> None:
         v1 = publish_bundle(client, v1_dir, root_path=keys.root_json,
                             targets_key_path=keys.targets_key)
         client.assign(v1["id"])
-        console.print(f"[green]published[/] {NAME}@1.0.0 as {v1['id']} (signed here, "
+        console.print(f"[green]published[/] {v1_name} as {v1['id']} (signed here, "
                       "verified on each device) and assigned it to all devices")
         _wait(client, lambda d: d["state"] == "committed" and d["release_id"] == v1["id"],
               "installing v1")
@@ -87,12 +96,12 @@ def run_demo(*, workdir: str | None, n_devices: int) -> None:
         v2 = publish_bundle(client, v2_dir, root_path=keys.root_json,
                             targets_key_path=keys.targets_key)
         client.assign(v2["id"])
-        console.print(f"[yellow]published[/] {NAME}@2.0.0 as {v2['id']} and assigned it")
+        console.print(f"[yellow]published[/] {v2_name} as {v2['id']} and assigned it")
         _wait(client, lambda d: d["state"] == "rolled-back" and d["release_id"] == v1["id"],
               "v2 health checks")
 
         # ---- 7. summary ----------------------------------------------------------------------
-        summary = _summary(client, {v1["id"]: "1.0.0", v2["id"]: "2.0.0"})
+        summary = _summary(client, {v1["id"]: v1_version, v2["id"]: v2_version})
         client.close()
     finally:
         for agent in agents:
@@ -100,8 +109,8 @@ def run_demo(*, workdir: str | None, n_devices: int) -> None:
         server.stop()
 
     v2_downloads = [h["download"] for d in summary for h in d["history"]
-                    if h["release"].endswith("@2.0.0") and h.get("download")]
-    ok_v1 = sum(1 for d in summary if d["release"] == f"{NAME}@1.0.0")
+                    if h["release"] == v2_name and h.get("download")]
+    ok_v1 = sum(1 for d in summary if d["release"] == v1_name)
     ok_v2 = sum(1 for d in summary if d["state"] == "rolled-back")
     _print_table(summary)
     if v2_downloads:
@@ -135,6 +144,32 @@ def _build(out_dir: Path):
         shutil.rmtree(out_dir)
     shutil.copytree(result.bundle_dir, out_dir)
     return result.manifest
+
+
+def _adopt(bundle: Path, work: Path):
+    """The user's bundle (`edgewise train --out DIR`: DIR or DIR/bundle), checked, copied
+    into the working directory as v1."""
+    import shutil
+
+    from ..artifacts import ArtifactError, validate_bundle
+
+    src = bundle / "bundle" if (bundle / "bundle" / "edgewise.json").is_file() else bundle
+    try:
+        manifest = validate_bundle(src)
+    except ArtifactError as exc:
+        fail(f"--bundle {bundle}: not a bundle Edgewise can ship ({exc})")
+    dest = work / f"{manifest.name}-{manifest.version}"
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(src, dest)
+    return manifest
+
+
+def _next_major(version: str) -> str:
+    """The broken release's version: the major one after v1's (1.0.0 -> 2.0.0); a version
+    that does not start with a number gets "-broken" appended."""
+    head = version.partition(".")[0]
+    return f"{int(head) + 1}.0.0" if head.isdigit() else f"{version}-broken"
 
 
 def _make_broken_release(good: Path, out_dir: Path, *, version: str) -> None:
