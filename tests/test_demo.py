@@ -42,19 +42,25 @@ def test_demo_ships_a_bundle_the_user_trained(tmp_path: Path) -> None:
     broken copy the next major version; a directory that is not a bundle is refused first."""
     from edgewise.ml.train import TrainConfig, train
 
-    trained = train(TrainConfig(data="fashion-mnist", out_dir=str(tmp_path / "model"),
+    model = tmp_path / "shoes-3.1.0"  # where the demo would copy it with --workdir tmp_path
+    trained = train(TrainConfig(data="fashion-mnist", out_dir=str(model),
                                 name="shoes", version="3.1.0", strategy="from-scratch",
                                 backbone="small-cnn", epochs=1, train_per_class=50,
                                 test_per_class=20, track=False, threads=1))
     bad = subprocess.run(edgewise_command("demo", "--workdir", str(tmp_path / "bad"),
-                                          "--bundle", str(tmp_path / "model" / "run")),
+                                          "--bundle", str(model / "run")),
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "--bundle" in bad.stderr and "not a bundle" in bad.stderr
     assert not (tmp_path / "bad" / "server").exists()
+    overlap = subprocess.run(edgewise_command("demo", "--workdir", str(tmp_path),
+                                              "--bundle", str(model)),
+                             capture_output=True, text=True, timeout=120)
+    assert overlap.returncode == 1 and "overlaps" in overlap.stderr
+    assert (model / "bundle" / "edgewise.json").is_file()  # the training output is untouched
 
     result = subprocess.run(edgewise_command("demo", "--workdir", str(tmp_path / "demo"),
                                              "--devices", "2",
-                                             "--bundle", str(tmp_path / "model")),
+                                             "--bundle", str(model)),
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     devices = json.loads(result.stdout.strip().splitlines()[-1])["devices"]

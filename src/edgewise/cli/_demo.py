@@ -158,7 +158,16 @@ def _adopt(bundle: Path, work: Path):
         manifest = validate_bundle(src)
     except ArtifactError as exc:
         fail(f"--bundle {bundle}: not a bundle Edgewise can ship ({exc})")
+    if manifest.kind != "image-classifier" or manifest.detector is not None:
+        what = "an image classifier with an anomaly detector" if manifest.detector \
+            else f"a {manifest.kind}"
+        fail(f"--bundle {bundle}: the demo ships image classifiers (`edgewise train`); this "
+             f"bundle is {what}")
     dest = work / f"{manifest.name}-{manifest.version}"
+    a, b = src.resolve(), dest.resolve()
+    if a == b or a.is_relative_to(b) or b.is_relative_to(a):
+        fail(f"--bundle {bundle}: the demo copies it to {dest}, which overlaps it; pass "
+             "another --workdir")
     if dest.exists():
         shutil.rmtree(dest)
     shutil.copytree(src, dest)
