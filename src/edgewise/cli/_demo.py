@@ -38,8 +38,7 @@ def run_demo(*, workdir: str | None, n_devices: int, bundle: Path | None = None)
 
     # ---- 1. build: a real model (or the user's bundle), and a bad release of it ----------
     if bundle is not None:
-        manifest = _adopt(bundle, work)
-        v1_dir = work / f"{manifest.name}-{manifest.version}"
+        manifest, v1_dir = _adopt(bundle, work)
         console.print(f"[green]shipping[/] {manifest.release_name} from {bundle}: test accuracy "
                       f"{manifest.metrics.get('test_accuracy', float('nan')):.3f}")
     else:
@@ -148,7 +147,7 @@ def _build(out_dir: Path):
 
 def _adopt(bundle: Path, work: Path):
     """The user's bundle (`edgewise train --out DIR`: DIR or DIR/bundle), checked, copied
-    into the working directory as v1."""
+    into the working directory as v1; returns its manifest and the copy."""
     import shutil
 
     from ..artifacts import ArtifactError, validate_bundle
@@ -171,7 +170,7 @@ def _adopt(bundle: Path, work: Path):
     if dest.exists():
         shutil.rmtree(dest)
     shutil.copytree(src, dest)
-    return manifest
+    return manifest, dest
 
 
 def _next_major(version: str) -> str:
