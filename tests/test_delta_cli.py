@@ -47,6 +47,22 @@ def test_create_then_apply(files: Path) -> None:
     assert (files / "out").read_bytes() == (files / "v2.safetensors").read_bytes()
 
 
+def test_format_version_1_for_old_decoders(files: Path) -> None:
+    made = _invoke("create", files / "v1.safetensors", files / "v2.safetensors",
+                   "-o", files / "p1.delta", "--format-version", 1)
+    assert made.exit_code == 0, made.output
+    info = json.loads(made.stdout.strip().splitlines()[-1])
+    assert info["version"] == 1 and not any(m.startswith("bits") for m in info["methods"])
+    applied = _invoke("apply", files / "v1.safetensors", files / "p1.delta", "-o", files / "out")
+    assert applied.exit_code == 0, applied.output
+    assert (files / "out").read_bytes() == (files / "v2.safetensors").read_bytes()
+
+    bad = _invoke("create", files / "v1.safetensors", files / "v2.safetensors",
+                  "-o", files / "p9.delta", "--format-version", 9)
+    assert bad.exit_code == 1 and "--format-version must be one of 1, 2" in bad.output
+    assert not (files / "p9.delta").exists()
+
+
 def test_apply_errors_write_nothing(files: Path) -> None:
     assert _invoke("create", files / "v1.safetensors", files / "v2.safetensors",
                    "-o", files / "p.delta").exit_code == 0

@@ -14,15 +14,17 @@ from tuf.api import exceptions as tuf_exc
 
 from edgewise.agent import agent_status
 from edgewise.artifacts import Preprocessing, write_bundle
+from edgewise.artifacts.delta import READABLE_VERSIONS, apply_delta, read_delta_header
 from edgewise.trust import HttpxFetcher, client_tls
 from tests.test_e2e_update import run_once
 
 PRE = Preprocessing(input_size=(64, 64), channels=1, mean=(0.5,), std=(0.25,))
 
 
-def weighty_bundle(out: Path, version: str, *, tweak: float = 0.0) -> Path:
+def weighty_bundle(out: Path, version: str, *, tweak: float = 0.0, dense: int = 0) -> Path:
     """A 4096x3 linear model (48 KiB of weights plus a 256 KiB unused-looking tensor) whose
-    later versions nudge a few weights, like a short fine-tune."""
+    later versions nudge a few weights, like a short fine-tune (`tweak`), or move every
+    weight a little, like a dense one (`dense`: the number of such fine-tunes applied)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -32,6 +34,10 @@ def weighty_bundle(out: Path, version: str, *, tweak: float = 0.0) -> Path:
     if tweak:
         w[:64] += tweak
         emb[:8] += tweak
+    for step in range(dense):
+        moves = np.random.default_rng(100 + step)
+        w += moves.normal(scale=1e-3, size=w.shape).astype(np.float32)
+        emb += moves.normal(scale=1e-3, size=emb.shape).astype(np.float32)
     graph = helper.make_graph(
         [helper.make_node("Flatten", ["input"], ["flat"], axis=1),
          helper.make_node("MatMul", ["flat", "W"], ["logits0"]),
@@ -82,6 +88,10 @@ def test_second_release_arrives_as_a_delta_and_bad_deltas_fall_back(
         downloaded = [e for e in c.events(device_id=device_id) if e["kind"] == "downloaded"]
     stats = downloaded[-1]["detail"]["download"]
     assert stats["delta_files"] == len(made) and stats["delta_fallbacks"] == 0
+    # The agent said which patch formats it reads; the server keeps it with the device.
+    with live_server.client() as c:
+        device = next(d for d in c.devices() if d["id"] == device_id)
+    assert device["status"]["delta_versions"] == list(READABLE_VERSIONS)
     assert stats["sent_bytes"] < stats["full_bytes"] / 2
     assert stats["reused_files"] == 1  # the unchanged model card: copied locally, not sent
 
@@ -118,6 +128,60 @@ def test_second_release_arrives_as_a_delta_and_bad_deltas_fall_back(
                  if e["kind"] == "downloaded"][-1]["detail"]["download"]
     assert stats["delta_fallbacks"] == 1  # model.onnx: corrupted delta refused
     assert stats["delta_files"] == len(v3["deltas"]) - 1
+
+
+def _report_running(api, creds, release_id: str, **extra) -> None:
+    body = {"state": "committed", "event": "committed", "release_id": release_id, **extra}
+    assert api.post("/api/v1/device/reports", auth=creds, json=body).status_code == 204
+
+
+def test_patch_format_suits_every_device_on_the_base(api, keys, tmp_path: Path) -> None:
+    """Agents say which delta formats they read; a base with any agent that never said (one
+    from before format v2) gets version 1 patches, which every agent reads."""
+    from edgewise.server.client import publish_bundle
+    from tests.test_server_api import _operator, enroll
+
+    def publish(version: str, dense: int) -> dict:
+        return publish_bundle(_operator(api), weighty_bundle(tmp_path / version, version,
+                                                             dense=dense),
+                              root_path=keys.root_json, targets_key_path=keys.targets_key)
+
+    def deltas(release: dict) -> dict[str, dict]:
+        return {m["base_release_id"]: m for m in release["deltas"] if m["file"] == "model.onnx"}
+
+    v1 = publish("1.0.0", 0)
+    _, new_agent = enroll(api, "new")
+    _report_running(api, new_agent, v1["id"], delta_versions=[1, 2, 99])
+    v2 = publish("2.0.0", 1)  # every weight moved: the bit-length coding of format 2 pays
+    assert deltas(v2)[v1["id"]]["format_version"] == 2
+
+    _, old_agent = enroll(api, "old")
+    _report_running(api, old_agent, v1["id"])  # an agent that predates delta_versions
+    _report_running(api, new_agent, v2["id"], delta_versions=[1, 2])
+    v3 = publish("3.0.0", 2)
+    made = deltas(v3)
+    assert made[v1["id"]]["format_version"] == 1 and made[v2["id"]]["format_version"] == 2
+
+    # The version 1 patch is what the TUF metadata signs, and it rebuilds v3's model.
+    srv = tmp_path / "srv" / "tuf"
+    meta = json.loads(max((srv / "metadata").glob("*.deltas.json"),
+                          key=lambda p: int(p.name.split(".")[0])).read_text())
+    files = {r["id"]: r["manifest"]["files"]["model.onnx"] for r in (v1, v3)}
+    target = meta["signed"]["targets"][f"deltas/{files[v3['id']]['sha256']}."
+                                       f"{files[v1['id']]['sha256']}"]
+    assert target["custom"]["format_version"] == 1
+    patch = srv / "objects" / target["hashes"]["sha256"]
+    assert read_delta_header(patch).version == 1
+    apply_delta(srv / "objects" / files[v1["id"]]["sha256"], patch, tmp_path / "rebuilt",
+                expected_sha256=files[v3["id"]]["sha256"])
+
+    # A report without the field keeps what the agent said before.
+    _report_running(api, new_agent, v2["id"])
+    with api.app.state.ctx.sessions() as session:
+        from edgewise.server.devices.models import Device
+
+        said = [d.status.get("delta_versions") for d in session.query(Device).all()]
+    assert sorted(said, key=str) == [None, [1, 2]]
 
 
 def test_server_honours_range_requests(live_server, tmp_path: Path) -> None:

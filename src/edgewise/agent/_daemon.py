@@ -26,7 +26,7 @@ from ..artifacts import (
     read_manifest,
     validate_bundle,
 )
-from ..artifacts.delta import DeltaError, apply_delta
+from ..artifacts.delta import READABLE_VERSIONS, DeltaError, apply_delta
 from ..trust import (
     DELTAS_ROLE,
     DirectorClient,
@@ -240,7 +240,8 @@ class Agent:
         sent = 0
         for item in list(rec.outbox):
             try:
-                self.client.report(item)
+                # What this agent reads now (the server picks delta patch formats from it).
+                self.client.report({**item, "delta_versions": list(READABLE_VERSIONS)})
             except AgentTransportError as exc:
                 if exc.status_code is not None and 400 <= exc.status_code < 500:
                     log.warning("server refused a report, dropping it: %s", exc)

@@ -37,15 +37,22 @@ def create(
     out: Annotated[Path, typer.Option("-o", "--out", help="patch file to write")],
     level: Annotated[int, typer.Option(min=1, max=22, help="zstd level of the final coding")]
     = 19,
+    format_version: Annotated[int | None, typer.Option(
+        "--format-version",
+        help="newest patch format to use (1: no bit-length records, for decoders that read "
+             "only version 1); default: the newest")] = None,
 ) -> None:
     """Make a patch that turns OLD into NEW (tensor-aware for safetensors, ONNX, GGUF)."""
-    from ..artifacts.delta import encode_delta
+    from ..artifacts.delta import FORMAT_VERSION, READABLE_VERSIONS, encode_delta
 
+    if format_version is not None and format_version not in READABLE_VERSIONS:
+        fail(f"--format-version must be one of {', '.join(map(str, READABLE_VERSIONS))}")
     _existing_file(old, "old file")
     _existing_file(new, "new file")
     _check_out(out, old, new)
     try:
-        info = encode_delta(old, new, out, level=level)
+        info = encode_delta(old, new, out, level=level,
+                            max_version=format_version or FORMAT_VERSION)
     except OSError as exc:
         fail(f"cannot create the patch: {exc}")
     console.print(f"[green]patch written[/] {out}: {info.patch_size} bytes, "

@@ -25,12 +25,13 @@ from .._errors import (
 )
 from ._decode import apply_delta, read_delta_header
 from ._encode import encode_delta
-from ._format import FORMAT_VERSION, DeltaInfo
+from ._format import FORMAT_VERSION, READABLE_VERSIONS, DeltaInfo
 from ._gguf import write_gguf
 from ._layout import parse_layout
 
 __all__ = [
     "FORMAT_VERSION",
+    "READABLE_VERSIONS",
     "DeltaBaseError",
     "DeltaError",
     "DeltaFormatError",

@@ -22,6 +22,7 @@ import zstandard
 
 from ._bits import encode_bits
 from ._format import (
+    FORMAT_VERSION,
     HEADER_SIZE,
     MAX_GAP_DICT,
     MAX_PIECE,
@@ -34,6 +35,7 @@ from ._format import (
     OP_ZREF,
     PLANE_STORED,
     PLANE_ZSTD,
+    READABLE_VERSIONS,
     T_FSUB,
     T_GROUPED,
     T_NONE,
@@ -270,11 +272,13 @@ class _AnchorIndex:
 
 
 class _Encoder:
-    def __init__(self, old, new, level: int, piece_bytes: int, writer: _BodyWriter) -> None:
+    def __init__(self, old, new, level: int, piece_bytes: int, writer: _BodyWriter,
+                 max_version: int) -> None:
         self.old = old
         self.new = new
         self.level = level
         self.piece_bytes = piece_bytes
+        self.max_version = max_version
         self.out = writer
         self._anchor_index: _AnchorIndex | None = None
 
@@ -311,7 +315,8 @@ class _Encoder:
                 if span.is_float and span.elem > 1:
                     cands.append(_Candidate("planes-fsub-grouped", T_FSUB | T_GROUPED,
                                             span.elem, old_pos))
-                if span.is_float and span.elem in (2, 4) and span.mantissa:
+                if span.is_float and span.elem in (2, 4) and span.mantissa \
+                        and self.max_version >= 2:
                     cands.append(_Candidate("bits-fsub", T_FSUB, span.elem, old_pos,
                                             mantissa=span.mantissa))
             if span.elem > 1:
@@ -361,15 +366,19 @@ def _gaps(spans: tuple[Span, ...], size: int) -> list[tuple[int, int]]:
 
 def encode_delta(old_path: str | os.PathLike[str], new_path: str | os.PathLike[str],
                  patch_path: str | os.PathLike[str], *, level: int = 19,
-                 piece_bytes: int = 2 << 20) -> DeltaInfo:
+                 piece_bytes: int = 2 << 20, max_version: int = FORMAT_VERSION) -> DeltaInfo:
     """Write a patch that turns `old_path` into `new_path`; return what it holds.
 
     `level` is the zstd level of the final coding (candidates are ranked at level 3);
     `piece_bytes` (1-8 MiB) is how large tensors are cut so that each piece picks its own
-    coding and the decoder's memory stays bounded. Raises OSError for unreadable inputs.
+    coding and the decoder's memory stays bounded; `max_version` is the newest format the
+    patch may use (1: no bit-length records, for decoders that read only version 1).
+    Raises OSError for unreadable inputs.
     """
     if not (1 << 16) <= piece_bytes <= MAX_PIECE:
         raise ValueError(f"piece_bytes must be within 64 KiB..{MAX_PIECE} bytes")
+    if max_version not in READABLE_VERSIONS:
+        raise ValueError(f"max_version must be one of {READABLE_VERSIONS}")
     old_path, new_path, patch_path = Path(old_path), Path(new_path), Path(patch_path)
     stats = _Stats({})
     with _mapped(old_path) as old, _mapped(new_path) as new:
@@ -403,7 +412,7 @@ def encode_delta(old_path: str | os.PathLike[str], new_path: str | os.PathLike[s
                 out.write(bytes(pre) + gap_frame)
                 stats.add("gap", len(gap_data), len(pre) + len(gap_frame))
 
-                enc = _Encoder(old, new, level, piece_bytes, out)
+                enc = _Encoder(old, new, level, piece_bytes, out, max_version)
                 events = [(s.start, 1, s, m)
                           for s, m in zip(new_layout.spans, matches, strict=True)]
                 events += [(a, 0, (a, b), None) for a, b in new_gaps]

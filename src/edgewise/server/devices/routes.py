@@ -86,6 +86,10 @@ class ReportIn(BaseModel):
     target_release_id: str | None = Field(default=None, description="release being installed")
     message: str = Field(default="", max_length=2000)
     detail: dict[str, Any] = Field(default_factory=dict)
+    delta_versions: list[Annotated[int, Field(ge=1, le=1000)]] | None = Field(
+        default=None, max_length=16,
+        description="delta patch format versions the agent reads (agents that send none are "
+                    "sent version 1 patches)")
 
 
 @router.post("/enrollment-tokens", response_model=EnrollmentTokenOut,
@@ -153,7 +157,8 @@ def report(body: ReportIn, device: DeviceDep, session: SessionDep, request: Requ
     request.app.state.metrics.reports.labels(event=body.event).inc()
     service.report(session, device=device, state=body.state, event=body.event,
                    release_id=body.release_id, target_release_id=body.target_release_id,
-                   message=body.message, detail=body.detail)
+                   message=body.message, detail=body.detail,
+                   delta_versions=body.delta_versions)
 
 
 @router.post("/devices/{device_id}/revoke", response_model=DeviceOut)

@@ -121,6 +121,7 @@ def report(
     target_release_id: str | None,
     message: str,
     detail: dict[str, Any],
+    delta_versions: list[int] | None = None,
 ) -> None:
     if state not in AGENT_STATES:
         raise Conflict(f"unknown agent state {state!r}")
@@ -132,6 +133,8 @@ def report(
     device.last_seen_at = utcnow()
     device.status = {**(device.status or {}), "last_event": event, "message": message,
                      "target_release_id": target_release_id}
+    if delta_versions is not None:  # kept from the last report that said (older agents never do)
+        device.status["delta_versions"] = sorted(set(delta_versions))
     events.record(session, kind=event, device_id=device.id,
                   release_id=target_release_id or release_id, state=state, message=message,
                   detail=detail)

@@ -196,6 +196,15 @@ def build_for(session: Session, *, release: Release, hardware: str | None
 MIN_DELTA_FILE_BYTES = 64 << 10  # below this a delta is not worth a second round trip
 
 
+def readable_delta_version(status: dict[str, Any] | None) -> int:
+    """The newest delta format this server writes that a device said it reads; 1 for agents
+    that never said (they predate the report field, and every agent reads version 1)."""
+    from ...artifacts.delta import READABLE_VERSIONS
+
+    said = (status or {}).get("delta_versions") or []
+    return max((v for v in said if v in READABLE_VERSIONS), default=1)
+
+
 def delta_target_path(result_sha256: str, base_sha256: str) -> str:
     return f"{DELTAS_ROLE}/{result_sha256}.{base_sha256}"
 
@@ -203,16 +212,22 @@ def delta_target_path(result_sha256: str, base_sha256: str) -> str:
 def make_deltas(session: Session, *, repo: ServerRepository, release: Release
                 ) -> list[dict[str, Any]]:
     """Delta patches to `release` from every release devices actually run (their reports),
-    published as targets of the online `deltas` role. Best effort: a failure here only means
-    devices download full files."""
-    from ...artifacts.delta import DeltaError, encode_delta
+    published as targets of the online `deltas` role, each in the newest format that every
+    device on its base reads. Best effort: a failure here only means devices download full
+    files."""
+    from ...artifacts.delta import FORMAT_VERSION, DeltaError, encode_delta
     from ..devices.models import Device
 
-    bases = session.scalars(select(Device.release_id).where(
-        Device.release_id.is_not(None), Device.release_id != release.id).distinct()).all()
+    # base release -> the newest patch format all of its devices read
+    bases: dict[str, int] = {}
+    for base_id, status in session.execute(select(Device.release_id, Device.status).where(
+            Device.release_id.is_not(None), Device.release_id != release.id,
+            Device.revoked_at.is_(None))):
+        bases[base_id] = min(bases.get(base_id, FORMAT_VERSION), readable_delta_version(status))
     made: list[dict[str, Any]] = []
     add: dict[str, TargetFile] = {}
-    for base_id in bases:
+    # Lowest version first: a patch two bases share (same old file) suits all their devices.
+    for base_id, version in sorted(bases.items(), key=lambda kv: (kv[1], kv[0])):
         base = session.get(Release, base_id)
         if base is None:
             continue
@@ -231,7 +246,7 @@ def make_deltas(session: Session, *, repo: ServerRepository, release: Release
             with tempfile.TemporaryDirectory(dir=repo.dir) as tmp:
                 patch = Path(tmp) / "patch"
                 try:
-                    info = encode_delta(old_obj, new_obj, patch)
+                    info = encode_delta(old_obj, new_obj, patch, max_version=version)
                 except (DeltaError, OSError) as exc:
                     log.warning("no delta %s -> %s for %s: %s", base.id, release.id, rel, exc)
                     continue
@@ -245,9 +260,10 @@ def make_deltas(session: Session, *, repo: ServerRepository, release: Release
                                        "result_sha256": entry["sha256"],
                                        "result_length": entry["size"],
                                        "file": rel, "base_release_id": base.id,
-                                       "release_id": release.id}})
+                                       "release_id": release.id,
+                                       "format_version": info.version}})
             made.append({"base_release_id": base.id, "file": rel, "delta_bytes": size,
-                         "full_bytes": entry["size"]})
+                         "full_bytes": entry["size"], "format_version": info.version})
     if add:
         repo.publish_deltas(add)
         events.record(session, kind="deltas-published", release_id=release.id,
