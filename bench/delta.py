@@ -198,9 +198,9 @@ def changed_tensors_bytes(old: Path, new: Path) -> bytes:
 
 
 def iid_floor_bytes(old: Path, new: Path, top_bits: int = 4) -> int:
-    """A lower bound on any per-weight lossless code of `new`'s changed float tensors given
-    `old`, if the moves are independent (what the analysis of pairs (c)/(c2) found: no
-    correlation between neighbours, channels or old values): per tensor, the empirical
+    """An estimate of the least any per-weight lossless code of `new`'s changed float tensors
+    given `old` can take, if the moves are independent (what the analysis of pairs (c)/(c2)
+    found: no correlation between neighbours, channels or old values): per tensor, the empirical
     conditional entropy of (bit length, `top_bits` bits below the leading one) of the residual
     in units of the old value's last place, given the old value's exponent, plus the bits below
     those as raw bits, no tables counted. Other changed tensors count as their zstd -19 size.

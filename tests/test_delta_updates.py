@@ -139,7 +139,7 @@ def test_patch_format_suits_every_device_on_the_base(api, keys, tmp_path: Path) 
     """Agents say which delta formats they read; a base with any agent that never said (one
     from before format v2) gets version 1 patches, which every agent reads."""
     from edgewise.server.client import publish_bundle
-    from tests.test_server_api import _operator, enroll
+    from tests.test_server_api import _operator, admin, enroll
 
     def publish(version: str, dense: int) -> dict:
         return publish_bundle(_operator(api), weighty_bundle(tmp_path / version, version,
@@ -152,6 +152,10 @@ def test_patch_format_suits_every_device_on_the_base(api, keys, tmp_path: Path) 
     v1 = publish("1.0.0", 0)
     _, new_agent = enroll(api, "new")
     _report_running(api, new_agent, v1["id"], delta_versions=[1, 2, 99])
+    gone_id, gone = enroll(api, "gone")  # an old agent, revoked: it gets nothing any more
+    _report_running(api, gone, v1["id"])
+    assert api.post(f"/api/v1/devices/{gone_id}/revoke",
+                    headers=admin(api)).status_code == 200
     v2 = publish("2.0.0", 1)  # every weight moved: the bit-length coding of format 2 pays
     assert deltas(v2)[v1["id"]]["format_version"] == 2
 
@@ -181,7 +185,39 @@ def test_patch_format_suits_every_device_on_the_base(api, keys, tmp_path: Path) 
         from edgewise.server.devices.models import Device
 
         said = [d.status.get("delta_versions") for d in session.query(Device).all()]
-    assert sorted(said, key=str) == [None, [1, 2]]
+    assert sorted(said, key=str) == [None, None, [1, 2]]
+
+    # The field only advises: junk in it is ignored and never costs the report.
+    _report_running(api, new_agent, v2["id"], delta_versions=[0, 5000, "2", 2.5, None, 1])
+    _report_running(api, new_agent, v2["id"], delta_versions="all of them")
+    _report_running(api, new_agent, v2["id"], delta_versions=list(range(1, 100)))
+    with api.app.state.ctx.sessions() as session:
+        said = [d.status.get("delta_versions") for d in session.query(Device).all()]
+    assert sorted(said, key=str) == [None, None, list(range(1, 17))]
+
+
+def test_a_patch_two_bases_share_suits_the_devices_of_both(api, keys, tmp_path: Path) -> None:
+    """Two releases with the same model file share one patch path: it is made in the format
+    the older agent reads, whichever base comes first."""
+    from edgewise.server.client import publish_bundle
+    from tests.test_server_api import _operator, enroll
+
+    def publish(version: str, dense: int) -> dict:
+        return publish_bundle(_operator(api), weighty_bundle(tmp_path / version, version,
+                                                             dense=dense),
+                              root_path=keys.root_json, targets_key_path=keys.targets_key)
+
+    bases = sorted([publish("1.0.0", 0), publish("1.0.1", 0)], key=lambda r: r["id"])
+    model = {r["manifest"]["files"]["model.onnx"]["sha256"] for r in bases}
+    assert len(model) == 1
+    # The base first by id has the agent that reads v2, the later one an old agent.
+    _, new_agent = enroll(api, "new")
+    _report_running(api, new_agent, bases[0]["id"], delta_versions=[1, 2])
+    _, old_agent = enroll(api, "old")
+    _report_running(api, old_agent, bases[1]["id"])
+    v2 = publish("2.0.0", 1)
+    made = [m for m in v2["deltas"] if m["file"] == "model.onnx"]
+    assert [m["format_version"] for m in made] == [1]
 
 
 def test_server_honours_range_requests(live_server, tmp_path: Path) -> None:

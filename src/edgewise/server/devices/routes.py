@@ -5,7 +5,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from .._deps import ContextDep, DeviceDep, Operator, OperatorDep, SessionDep, ViewerDep
 from ..releases import service as releases
@@ -86,10 +86,20 @@ class ReportIn(BaseModel):
     target_release_id: str | None = Field(default=None, description="release being installed")
     message: str = Field(default="", max_length=2000)
     detail: dict[str, Any] = Field(default_factory=dict)
-    delta_versions: list[Annotated[int, Field(ge=1, le=1000)]] | None = Field(
-        default=None, max_length=16,
+    delta_versions: list[int] | None = Field(
+        default=None,
         description="delta patch format versions the agent reads (agents that send none are "
-                    "sent version 1 patches)")
+                    "sent version 1 patches); values that are not whole numbers 1-1000 are "
+                    "ignored, and at most 16 are kept")
+
+    @field_validator("delta_versions", mode="before")
+    @classmethod
+    def _usable_versions(cls, value: Any) -> list[int] | None:
+        # Advisory only: junk here must never cost the report it rides on (agents drop
+        # reports the server refuses), so it is filtered, not refused.
+        if not isinstance(value, list):
+            return None
+        return [v for v in value if type(v) is int and 1 <= v <= 1000][:16]
 
 
 @router.post("/enrollment-tokens", response_model=EnrollmentTokenOut,
