@@ -130,21 +130,38 @@ def test_second_release_arrives_as_a_delta_and_bad_deltas_fall_back(
     assert stats["delta_files"] == len(v3["deltas"]) - 1
 
 
+def _publisher(api, keys, tmp_path: Path):
+    """publish(version, dense): a weighty bundle published in-process; the release."""
+    from edgewise.server.client import publish_bundle
+    from tests.test_server_api import _operator
+
+    def publish(version: str, dense: int) -> dict:
+        return publish_bundle(_operator(api), weighty_bundle(tmp_path / version, version,
+                                                             dense=dense),
+                              root_path=keys.root_json, targets_key_path=keys.targets_key)
+    return publish
+
+
+def _said_versions(api) -> list:
+    """Every device's stored delta_versions (None where never said), in a stable order."""
+    from edgewise.server.devices.models import Device
+
+    with api.app.state.ctx.sessions() as session:
+        said = [d.status.get("delta_versions") for d in session.query(Device).all()]
+    return sorted(said, key=str)
+
+
 def _report_running(api, creds, release_id: str, **extra) -> None:
     body = {"state": "committed", "event": "committed", "release_id": release_id, **extra}
     assert api.post("/api/v1/device/reports", auth=creds, json=body).status_code == 204
 
 
 def test_patch_format_suits_every_device_on_the_base(api, keys, tmp_path: Path) -> None:
-    """Agents say which delta formats they read; a base with any agent that never said (one
-    from before format v2) gets version 1 patches, which every agent reads."""
-    from edgewise.server.client import publish_bundle
-    from tests.test_server_api import _operator, admin, enroll
+    """Agents say which delta formats they read; a base with any agent that never said (an
+    older agent) gets version 1 patches, which every agent reads."""
+    from tests.test_server_api import admin, enroll
 
-    def publish(version: str, dense: int) -> dict:
-        return publish_bundle(_operator(api), weighty_bundle(tmp_path / version, version,
-                                                             dense=dense),
-                              root_path=keys.root_json, targets_key_path=keys.targets_key)
+    publish = _publisher(api, keys, tmp_path)
 
     def deltas(release: dict) -> dict[str, dict]:
         return {m["base_release_id"]: m for m in release["deltas"] if m["file"] == "model.onnx"}
@@ -181,32 +198,21 @@ def test_patch_format_suits_every_device_on_the_base(api, keys, tmp_path: Path) 
 
     # A report without the field keeps what the agent said before.
     _report_running(api, new_agent, v2["id"])
-    with api.app.state.ctx.sessions() as session:
-        from edgewise.server.devices.models import Device
-
-        said = [d.status.get("delta_versions") for d in session.query(Device).all()]
-    assert sorted(said, key=str) == [None, None, [1, 2]]
+    assert _said_versions(api) == [None, None, [1, 2]]
 
     # The field only advises: junk in it is ignored and never costs the report.
     _report_running(api, new_agent, v2["id"], delta_versions=[0, 5000, "2", 2.5, None, 1])
     _report_running(api, new_agent, v2["id"], delta_versions="all of them")
     _report_running(api, new_agent, v2["id"], delta_versions=list(range(1, 100)))
-    with api.app.state.ctx.sessions() as session:
-        said = [d.status.get("delta_versions") for d in session.query(Device).all()]
-    assert sorted(said, key=str) == [None, None, list(range(1, 17))]
+    assert _said_versions(api) == [None, None, list(range(1, 17))]
 
 
 def test_a_patch_two_bases_share_suits_the_devices_of_both(api, keys, tmp_path: Path) -> None:
     """Two releases with the same model file share one patch path: it is made in the format
     the older agent reads, whichever base comes first."""
-    from edgewise.server.client import publish_bundle
-    from tests.test_server_api import _operator, enroll
+    from tests.test_server_api import enroll
 
-    def publish(version: str, dense: int) -> dict:
-        return publish_bundle(_operator(api), weighty_bundle(tmp_path / version, version,
-                                                             dense=dense),
-                              root_path=keys.root_json, targets_key_path=keys.targets_key)
-
+    publish = _publisher(api, keys, tmp_path)
     bases = sorted([publish("1.0.0", 0), publish("1.0.1", 0)], key=lambda r: r["id"])
     model = {r["manifest"]["files"]["model.onnx"]["sha256"] for r in bases}
     assert len(model) == 1
