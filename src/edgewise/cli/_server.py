@@ -29,6 +29,14 @@ def run(
                                                     help="default: DATA/admin.token")] = None,
     rollout_tick_s: Annotated[float, typer.Option(help="rollout engine period")] = 2.0,
     max_upload_gb: Annotated[float, typer.Option(help="largest artifact file accepted")] = 16.0,
+    db_slots: Annotated[int, typer.Option(min=1, help="requests that may use the database at "
+                                          "once (sizes the connection pool); the rest wait")]
+    = 16,
+    queue_timeout_s: Annotated[float, typer.Option(help="how long a request waits for a "
+                                                   "database slot before a 503 with "
+                                                   "Retry-After")] = 5.0,
+    shutdown_timeout_s: Annotated[int, typer.Option(help="on SIGTERM, how long requests in "
+                                                    "flight may take to finish")] = 3,
     mqtt_url: Annotated[str | None, typer.Option(envvar="EDGEWISE_MQTT_URL",
                                                  help="mqtts://HOST:PORT of the broker")] = None,
     mqtt_ca: Annotated[Path | None, typer.Option(help="CA certificate of the broker")] = None,
@@ -65,13 +73,14 @@ def run(
         app = create_app(ServerConfig(data_dir=data, root_path=root, online_key_path=online_key,
                                       admin_token=token, db_url=db,
                                       rollout_tick_s=rollout_tick_s, mqtt=mqtt,
-                                      max_upload_bytes=int(max_upload_gb * 2**30)))
+                                      max_upload_bytes=int(max_upload_gb * 2**30),
+                                      db_slots=db_slots, queue_timeout_s=queue_timeout_s))
     except (ValueError, TrustError) as exc:
         fail(str(exc))
     if admin_token is None:
         console.print(f"admin token: {data / 'admin.token'}")
     uvicorn.run(app, host=host, port=port, log_level="debug" if verbose else "warning",
-                log_config=None,
+                log_config=None, timeout_graceful_shutdown=shutdown_timeout_s,
                 ssl_certfile=str(tls_cert) if tls_cert else None,
                 ssl_keyfile=str(tls_key) if tls_key else None)
 

@@ -2,17 +2,22 @@
 
 Operators authenticate with bearer API tokens that carry a role; devices sign every request
 with the key pair they generated at enrollment. `require_role(...)` guards every operator route.
+
+Nothing here blocks the event loop: the only `async` dependencies wait (for a database slot,
+for the request body) and never touch the database, files or keys; everything that does is a
+plain `def`, which FastAPI runs in its thread pool.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
 
 from ..trust import ServerRepository
 from ..trust._device_auth import (
@@ -24,11 +29,13 @@ from ..trust._device_auth import (
 from ..trust._director import DirectorRepository
 from ._auth import ROLES, check_admin_token, hash_token
 from ._errors import Forbidden, Unauthorized
+from ._gate import DbGate
 from .devices.models import Device
 from .tokens.models import ApiToken
 
 __all__ = [
     "AdminDep",
+    "BodyDep",
     "ContextDep",
     "DeviceDep",
     "Operator",
@@ -46,6 +53,7 @@ class ServerContext:
     director: DirectorRepository
     admin_token_hash: str
     max_upload_bytes: int
+    db_gate: DbGate
     replay_guard: ReplayGuard = field(default_factory=ReplayGuard)
 
 
@@ -59,9 +67,21 @@ def _context(request: Request) -> ServerContext:
     return request.app.state.ctx
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    with _context(request).sessions() as session:
-        yield session
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    """A session for this request once it holds one of the server's database slots (`_gate`);
+    closed, and the slot freed, as soon as the endpoint's answer is ready."""
+    ctx = _context(request)
+    async with ctx.db_gate.slot():
+        session = ctx.sessions()
+        try:
+            yield session
+        finally:
+            await run_in_threadpool(session.close)  # returns the connection (a rollback)
+
+
+async def request_body(request: Request) -> bytes:
+    """The raw body, read without blocking (Starlette caches it for later readers)."""
+    return await request.body()
 
 
 def get_repo(request: Request) -> ServerRepository:
@@ -79,7 +99,8 @@ def bearer_token(request: Request) -> str:
     raise Unauthorized("missing bearer token (Authorization: Bearer ...)")
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+BodyDep = Annotated[bytes, Depends(request_body)]
 
 
 def current_operator(request: Request, session: SessionDep) -> Operator:
@@ -111,7 +132,7 @@ def require_role(*roles: str) -> Any:
     return Depends(check)
 
 
-async def require_device(request: Request, session: SessionDep) -> Device:
+def require_device(request: Request, body: BodyDep, session: SessionDep) -> Device:
     """The device whose key signed this request (`trust._device_auth`), else 401."""
     ctx = _context(request)
     try:
@@ -124,7 +145,7 @@ async def require_device(request: Request, session: SessionDep) -> Device:
         if query:
             target += b"?" + query
         verify_request(signed, device.public_key, request.method, target.decode("latin-1"),
-                       await request.body())
+                       body)
         ctx.replay_guard.check(signed)
     except DeviceAuthError as exc:
         raise Unauthorized(str(exc)) from exc

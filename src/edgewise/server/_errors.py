@@ -6,6 +6,7 @@ __all__ = [
     "Forbidden",
     "InvalidInput",
     "NotFound",
+    "ServiceBusy",
     "Unauthorized",
 ]
 
@@ -38,3 +39,13 @@ class NotFound(DomainError):
 
 class Conflict(DomainError):
     status_code = 409
+
+
+class ServiceBusy(DomainError):
+    """Too many requests need the database at once: come back after `retry_after_s`."""
+
+    status_code = 503
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

@@ -10,8 +10,11 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
 from ..trust import ServerRepository, load_root, load_signer
@@ -19,7 +22,8 @@ from ..trust._director import DirectorRepository
 from ._auth import WEAK_TOKENS, hash_token, new_token
 from ._db import Base, make_engine, make_sessionmaker
 from ._deps import ServerContext
-from ._errors import DomainError
+from ._errors import DomainError, ServiceBusy
+from ._gate import DbGate
 from .audit import models as _audit_models  # noqa: F401
 from .audit.routes import AuditMiddleware
 from .audit.routes import router as audit_router
@@ -65,6 +69,11 @@ class ServerConfig:
     rollout_tick_s: float = 2.0  # how often the rollout engine decides
     notify_tick_s: float = 0.5  # how often events become MQTT messages and webhook calls
     mqtt: MqttConfig | None = None
+    # Requests that may use the database at once (`_gate`); the rest wait in line up to
+    # `queue_timeout_s`, then get 503 with Retry-After. Sizes the connection pool.
+    db_slots: int = 16
+    queue_timeout_s: float = 5.0
+    retry_after_s: int = 2
 
     @property
     def resolved_db_url(self) -> str:
@@ -87,9 +96,21 @@ def resolve_admin_token(data_dir: Path, given: str | None) -> str:
     return token
 
 
+# Sessions opened outside the gate: the rollout and notification loops, a metrics scrape and
+# the audit record written after a mutating request's answer.
+BACKGROUND_SESSIONS = 4
+# Threads for plain-def endpoints beyond the database slots (TUF metadata and targets, health).
+SPARE_THREADS = 24
+SHUTDOWN_JOIN_S = 2.0  # how long shutdown waits for a background loop's current tick
+
+
 def create_app(config: ServerConfig) -> FastAPI:
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    engine = make_engine(config.resolved_db_url)
+    # Every slot holder gets a connection at once; the overflow covers the sessions the gate
+    # does not count, and a checkout that still waits answers 503 instead of stalling.
+    engine = make_engine(config.resolved_db_url,
+                         pool_size=config.db_slots + BACKGROUND_SESSIONS,
+                         max_overflow=config.db_slots, pool_timeout_s=config.queue_timeout_s)
     Base.metadata.create_all(engine)
     repo = ServerRepository(
         config.data_dir / "tuf",
@@ -100,9 +121,15 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        limiter = anyio.to_thread.current_default_thread_limiter()
+        limiter.total_tokens = max(limiter.total_tokens, config.db_slots + SPARE_THREADS)
         stop = threading.Event()
-        with sessions() as session:
-            notify.init_cursor(session)
+
+        def init_notify() -> None:
+            with sessions() as session:
+                notify.init_cursor(session)
+
+        await run_in_threadpool(init_notify)
         mqtt = MqttPublisher(config.mqtt) if config.mqtt else None
         threads = [
             threading.Thread(target=_rollout_loop, args=(sessions, config.rollout_tick_s, stop),
@@ -117,8 +144,11 @@ def create_app(config: ServerConfig) -> FastAPI:
             yield
         finally:
             stop.set()
+            # Daemon threads: a tick still running after this is cut off by the exit, and
+            # the next start decides again (ticks are idempotent).
+            deadline = time.monotonic() + SHUTDOWN_JOIN_S
             for thread in threads:
-                thread.join(timeout=10)
+                thread.join(timeout=max(0.0, deadline - time.monotonic()))
             if mqtt is not None:
                 mqtt.close()
 
@@ -137,13 +167,24 @@ def create_app(config: ServerConfig) -> FastAPI:
                                     create=not _has_devices(sessions)),
         admin_token_hash=hash_token(config.admin_token),
         max_upload_bytes=config.max_upload_bytes,
+        db_gate=DbGate(slots=config.db_slots, queue_timeout_s=config.queue_timeout_s,
+                       retry_after_s=config.retry_after_s),
     )
 
     app.add_middleware(AuditMiddleware)
 
     @app.exception_handler(DomainError)
     async def _domain_error(_request: Request, exc: DomainError) -> JSONResponse:
-        return JSONResponse(status_code=exc.status_code, content={"detail": exc.message})
+        headers = ({"Retry-After": str(exc.retry_after_s)} if isinstance(exc, ServiceBusy)
+                   else None)
+        return JSONResponse(status_code=exc.status_code, content={"detail": exc.message},
+                            headers=headers)
+
+    @app.exception_handler(PoolTimeout)
+    async def _pool_timeout(request: Request, _exc: PoolTimeout) -> JSONResponse:
+        return await _domain_error(request, ServiceBusy(
+            "the server is busy (no database connection free); retry later",
+            retry_after_s=config.retry_after_s))
 
     @app.get("/healthz", tags=["ops"])
     def healthz() -> dict[str, str]:

@@ -47,6 +47,7 @@ class ServerProcess:
     tls_key: Path | None = None
     ca_path: Path | None = None  # what clients pin (to check readiness over TLS)
     log_path: Path | None = None
+    extra_args: tuple[str, ...] = ()  # more `edgewise server run` options
     proc: subprocess.Popen | None = None
 
     @property
@@ -68,6 +69,7 @@ class ServerProcess:
             args += ["--mqtt-url", self.mqtt_url]
             if self.mqtt_ca:
                 args += ["--mqtt-ca", str(self.mqtt_ca)]
+        args += self.extra_args
         log = open(self.log_path or os.devnull, "ab")
         env = {**os.environ, "EDGEWISE_ADMIN_TOKEN": self.admin_token}
         self.proc = subprocess.Popen(edgewise_command(*args), stdout=log, stderr=log, env=env)

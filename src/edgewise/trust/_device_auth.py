@@ -23,6 +23,8 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import math
+import random
 import re
 import secrets
 import threading
@@ -43,6 +45,7 @@ __all__ = [
     "DeviceAuthError",
     "ReplayGuard",
     "SignedRequest",
+    "busy_delay_s",
     "load_device_key",
     "new_device_key",
     "parse_device_auth",
@@ -166,22 +169,53 @@ class ReplayGuard:
             seen[signed.nonce] = signed.ts + MAX_SKEW_S
 
 
+def busy_delay_s(response: httpx.Response) -> float | None:
+    """Seconds a 503/429 answer asks the client to wait (`Retry-After` in seconds or as an
+    HTTP date), or None when the answer is something else or names no usable time."""
+    if response.status_code not in (429, 503):
+        return None
+    value = response.headers.get("retry-after", "").strip()
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    if not math.isfinite(seconds):
+        return None
+    return min(max(seconds, 0.0), 3600.0)
+
+
 class DeviceAuth(httpx.Auth):
     """httpx signs every request of a device's client with its key.
 
     Edge devices often boot with a wrong clock (no battery-backed RTC). When the server
     refuses a request and its `Date` header shows our clock is off by more than half the
     allowed skew, the request is signed again once with the server's time (the timestamp only
-    bounds replays; the server is the one checking it)."""
+    bounds replays; the server is the one checking it).
+
+    A server too busy to take a request (503 or 429 with `Retry-After`) is asked again after
+    that many seconds times 1-2 (jitter, so a fleet told the same thing does not come back in
+    one burst), signed anew (a nonce is never sent twice), at most `busy_retries` times and
+    `max_busy_wait_s` in all; after that the caller sees the 503."""
 
     requires_request_body = True
 
     def __init__(self, device_id: str, key: Ed25519PrivateKey, *,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, busy_retries: int = 3,
+                 max_busy_wait_s: float = 30.0, sleep: Callable[[float], None] = time.sleep,
+                 jitter: Callable[[], float] = random.random) -> None:
         self.device_id = device_id
         self._key = key
         self._clock = clock
         self.offset_s = 0.0  # server time - our clock, learnt from a refused request
+        self._busy_retries = busy_retries
+        self._max_busy_wait_s = max_busy_wait_s
+        self._sleep = sleep
+        self._jitter = jitter
 
     def _sign(self, request: httpx.Request) -> None:
         request.headers["Authorization"] = sign_request(
@@ -191,6 +225,18 @@ class DeviceAuth(httpx.Auth):
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         self._sign(request)
         response = yield request
+        waited = 0.0
+        for _ in range(self._busy_retries):
+            delay = busy_delay_s(response)
+            if delay is None:
+                break
+            delay *= 1 + self._jitter()
+            if waited + delay > self._max_busy_wait_s:
+                break
+            self._sleep(delay)
+            waited += delay
+            self._sign(request)
+            response = yield request
         date = response.headers.get("date")
         if response.status_code != 401 or not date:
             return

@@ -3,12 +3,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from fastapi import APIRouter, File, Form, Request, Response, UploadFile
+from fastapi import APIRouter, File, Form, Response, UploadFile
 from pydantic import BaseModel
 from tuf.api.metadata import Metadata, Targets
 
 from ...trust import VerificationError
-from .._deps import AdminDep, ContextDep, PublisherDep, RepoDep, SessionDep, ViewerDep
+from .._deps import AdminDep, BodyDep, ContextDep, PublisherDep, RepoDep, SessionDep, ViewerDep
 from .._errors import InvalidInput
 from . import service
 from .models import Release, ReleaseVariant
@@ -52,13 +52,15 @@ class ReleaseOut(BaseModel):
 
 @router.post("/releases", response_model=ReleaseOut, status_code=201,
              dependencies=[PublisherDep])
-async def publish(
+def publish(
     ctx: ContextDep,
     session: SessionDep,
     targets: UploadFile = File(description="targets metadata signed with the offline key"),
     files: list[UploadFile] = File(description="the bundle's files, in any order"),
 ) -> ReleaseOut:
-    signed = await targets.read()
+    # A plain def: hashing, verifying, storing and delta-encoding the files take seconds to
+    # minutes and run in the thread pool, never on the event loop that answers devices.
+    signed = targets.file.read()
     release = service.publish(
         session, repo=ctx.repo, signed_targets=signed, uploads=[f.file for f in files],
         max_upload_bytes=ctx.max_upload_bytes,
@@ -78,7 +80,7 @@ def get_release(release_id: str, session: SessionDep) -> ReleaseOut:
 
 @router.post("/releases/{release_id}/variants", response_model=ReleaseOut, status_code=201,
              dependencies=[PublisherDep])
-async def add_variant(
+def add_variant(
     release_id: str,
     ctx: ContextDep,
     session: SessionDep,
@@ -88,7 +90,7 @@ async def add_variant(
 ) -> ReleaseOut:
     """Another build of a release (e.g. an int8 candidate) for devices of some hardware."""
     service.add_variant(session, repo=ctx.repo, release_id=release_id, hardware=hardware,
-                        signed_targets=await targets.read(), uploads=[f.file for f in files],
+                        signed_targets=targets.file.read(), uploads=[f.file for f in files],
                         max_upload_bytes=ctx.max_upload_bytes)
     return ReleaseOut.of(service.get_release(session, release_id=release_id), session)
 
@@ -104,20 +106,19 @@ def current_targets_metadata(repo: RepoDep) -> Response:
 
 
 @router.post("/tuf/root", dependencies=[AdminDep], status_code=201)
-async def rotate_root(request: Request, repo: RepoDep) -> dict[str, int]:
+def rotate_root(body: BodyDep, repo: RepoDep) -> dict[str, int]:
     """Publish the next root version (key rotation), signed offline by old and new keys."""
     try:
-        root = repo.add_root(await request.body())
+        root = repo.add_root(body)
     except VerificationError as exc:
         raise InvalidInput(str(exc)) from None
     return {"version": root.version}
 
 
 @router.post("/tuf/targets", dependencies=[PublisherDep], status_code=201)
-async def resign_targets(request: Request, repo: RepoDep) -> dict[str, int]:
+def resign_targets(body: BodyDep, repo: RepoDep) -> dict[str, int]:
     """Publish re-signed targets metadata with no new release (after a targets-key rotation)."""
     current = repo.current_targets()
-    body = await request.body()
     try:
         new = Metadata[Targets].from_bytes(body).signed
         old = Metadata[Targets].from_bytes(current).signed if current else None
