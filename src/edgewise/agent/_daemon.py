@@ -7,6 +7,8 @@ or its new release, and a restarted agent resumes from `resume_state(saved)`.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import logging
 import os
 import shutil
@@ -21,6 +23,8 @@ from typing import TYPE_CHECKING, Literal
 from ..artifacts import (
     MANIFEST_NAME,
     BundleError,
+    LlmManifest,
+    Manifest,
     file_sha256,
     parse_manifest,
     read_manifest,
@@ -40,7 +44,13 @@ from ..trust import (
 from ..windows import in_window
 from ._anomaly import flush_drift
 from ._client import ServerClient
-from ._errors import AgentConfigError, AgentTransportError, HealthCheckFailed, UpdateRejected
+from ._errors import (
+    AgentConfigError,
+    AgentTransportError,
+    HealthCheckFailed,
+    InsufficientDisk,
+    UpdateRejected,
+)
 from ._machine import (
     MAX_STATE_ENTRIES,
     REST_STATES,
@@ -63,6 +73,8 @@ if TYPE_CHECKING:
 __all__ = ["Agent", "AgentConfig", "FaultPoint"]
 
 log = logging.getLogger("edgewise.agent")
+
+DISK_MARGIN_BYTES = 16 << 20  # left free after an install (logs, state, the next report)
 
 
 @dataclass(frozen=True)
@@ -90,6 +102,8 @@ class AgentConfig:
     request_timeout_s: float = 15.0
     fault: FaultPoint | None = None
     drift_report_interval_s: float = 300.0  # input-drift aggregates go up at most this often
+    # RAM a new model may use (LLM health checks); None: what the kernel says is available.
+    ram_limit_mb: float | None = None
     # Seams for the fleet simulator (edgewise.sim); None keeps the real default. The network
     # (an httpx transport), the slot backend, the health check, the device clock, and a hook
     # called where `fault` would cut power (it may raise to abandon this Agent mid-state).
@@ -336,15 +350,36 @@ class Agent:
             rec.target_terms = {"counter": terms.counter, "fallbacks": list(terms.fallbacks)}
             trusted.download(manifest_target, dest / MANIFEST_NAME)
             manifest = parse_manifest((dest / MANIFEST_NAME).read_bytes())
+            self._check_can_install(manifest, dest)
             base = self._installed_files()
             for rel, entry in manifest.files.items():
                 stats["full_bytes"] += entry.size
                 stats["sent_bytes"] += self._fetch_file(trusted, prefix + rel, dest / rel,
                                                         entry.sha256, base.get(rel), stats)
-        except (VerificationError, TransportError, BundleError, OSError) as exc:
+        except (VerificationError, TransportError, BundleError, OSError, UpdateRejected,
+                InsufficientDisk) as exc:
             return self._fail(rec, exc)
         rec.last_download = stats
         return Event.DOWNLOADED
+
+    def _check_can_install(self, manifest: Manifest, dest: Path) -> None:
+        """Before any file is fetched: this device can run the release's kind, and its disk
+        holds the download plus the slot copy it is installed as (the committed slot stays)."""
+        if isinstance(manifest, LlmManifest) and importlib.util.find_spec("llama_cpp") is None:
+            raise UpdateRejected(f"{manifest.release_name} is an LLM, and this device has no "
+                                 "LLM runtime: update the agent with pip install "
+                                 "'edgewise[llm]'")
+        total = sum(e.size for e in manifest.files.values())
+        have = sum(min((dest / rel).stat().st_size, e.size)
+                   for rel, e in manifest.files.items() if (dest / rel).is_file())
+        need = (total - have) + total + DISK_MARGIN_BYTES
+        free = shutil.disk_usage(self.paths.root).free
+        if free < need:
+            raise InsufficientDisk(
+                f"not enough free disk for {manifest.release_name}: it needs "
+                f"{need / 2**20:.0f} MB (download {max(0, total - have) / 2**20:.0f} MB + "
+                f"its slot copy {total / 2**20:.0f} MB + margin), {free / 2**20:.0f} MB free; "
+                "the current release keeps running")
 
     def _installed_files(self) -> dict[str, tuple[str, Path]]:
         """rel path -> (sha256, path) of the committed release's files: delta bases."""
@@ -456,8 +491,9 @@ class Agent:
     def _health_check(self, rec: AgentRecord) -> Event:
         assert rec.target is not None and rec.pending_slot is not None
         try:
-            report = (self.config.health_check or health_check)(
-                self.slots.path(rec.pending_slot))
+            check = self.config.health_check or functools.partial(
+                health_check, ram_limit_mb=self.config.ram_limit_mb)
+            report = check(self.slots.path(rec.pending_slot))
         except (HealthCheckFailed, UpdateRejected, OSError) as exc:
             rec.last_health = {"passed": False, "reason": str(exc)}
             self._reject(rec, str(exc))

@@ -11,6 +11,7 @@ __all__ = [
     "AgentError",
     "AgentTransportError",
     "HealthCheckFailed",
+    "InsufficientDisk",
     "NoModelError",
     "UpdateRejected",
 ]
@@ -32,6 +33,10 @@ class AgentTransportError(AgentError):
 
 class UpdateRejected(AgentError):
     pass
+
+
+class InsufficientDisk(AgentError):
+    """The update does not fit on this device's disk now; nothing was downloaded."""
 
 
 class HealthCheckFailed(AgentError):

@@ -14,10 +14,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from ..artifacts import BundleError, LlmManifest, read_manifest
+from ..llm import LlamaModel
 from ..trust import client_tls, load_root, public_key_hex
 from ._anomaly import DriftLog, detector_identity, local_threshold
+from ._chat import ChatError, chat_completion, chat_stream, models_list
 from ._client import enroll_device
 from ._errors import AgentConfigError, NoModelError
+from ._llm import load_llm
 from ._runtime import OnnxModel, Prediction
 from ._slots import SlotStore
 from ._store import Identity, StateDir
@@ -26,6 +30,7 @@ __all__ = ["LocalApi", "LocalModel", "agent_status", "enroll"]
 
 log = logging.getLogger("edgewise.agent.api")
 MAX_IMAGE_BYTES = 16 << 20
+MAX_CHAT_BYTES = 1 << 20
 
 
 def enroll(state_dir: Path, *, server_url: str, token: str, root_path: Path, name: str,
@@ -120,22 +125,50 @@ def _upcoming(paths: StateDir, rec) -> dict[str, Any] | None:
 
 
 class LocalModel:
-    """The active slot's model, reloaded when the active slot changes."""
+    """The active slot's model (an `OnnxModel`, or a `LlamaModel` for an LLM release), loaded
+    on first use and reloaded when the active slot or the release in it changes."""
 
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = Path(state_dir)
         self.slots = SlotStore(StateDir(state_dir).slots_dir)
-        self._loaded: tuple[str, OnnxModel] | None = None
+        self._loaded: tuple[tuple[str, str | None], Any, Any] | None = None
         self._lock = threading.Lock()
 
-    def model(self) -> OnnxModel:
+    def _active(self) -> tuple[Any, Any]:
         with self._lock:
             slot = self.slots.active()
             if slot is None:
                 raise NoModelError("no model installed yet on this device")
-            if self._loaded is None or self._loaded[0] != slot:
-                self._loaded = (slot, OnnxModel(self.slots.path(slot)))
-            return self._loaded[1]
+            key = (slot, (self.slots.meta(slot) or {}).get("release_id"))
+            if self._loaded is None or self._loaded[0] != key:
+                old = self._loaded[1] if self._loaded is not None else None
+                if isinstance(old, LlamaModel):
+                    with old.lock:  # an answer still streaming from it finishes first
+                        old.close()
+                self._loaded = None
+                path = self.slots.path(slot)
+                try:
+                    manifest = read_manifest(path)
+                except BundleError as exc:
+                    raise NoModelError(f"the active slot holds no readable bundle: {exc}"
+                                       ) from exc
+                loaded = (load_llm(path, manifest) if isinstance(manifest, LlmManifest)
+                          else OnnxModel(path))
+                self._loaded = (key, loaded, manifest)
+            return self._loaded[1], self._loaded[2]
+
+    def model(self) -> OnnxModel:
+        model, manifest = self._active()
+        if not isinstance(model, OnnxModel):
+            raise NoModelError(f"the active release {manifest.release_name} is an LLM: use "
+                               "POST /v1/chat/completions or `edgewise agent chat`")
+        return model
+
+    def llm(self) -> tuple[LlamaModel, LlmManifest]:
+        model, manifest = self._active()
+        if not isinstance(model, LlamaModel):
+            raise NoModelError(f"the active release {manifest.release_name} is not an LLM")
+        return model, manifest
 
     def predict(self, image: bytes, *, top_k: int = 3) -> tuple[Prediction, dict[str, Any]]:
         model = self.model()
@@ -185,10 +218,55 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, agent_status(self.server.state_dir))
         elif self.path == "/healthz":
             self._send(200, {"status": "ok"})
+        elif self.path == "/v1/models":
+            self._send(200, models_list(self.server.model))
         else:
             self._send(404, {"detail": "not found"})
 
+    def _chat(self) -> None:
+        """OpenAI-style chat completions; `stream: true` answers as server-sent events. The
+        request and the answer exist only in this process's memory."""
+        length = int(self.headers.get("Content-Length") or 0)
+        if length <= 0 or length > MAX_CHAT_BYTES:
+            self._send(413 if length else 400, {"error": {"message": "send a JSON body of at "
+                                                          f"most {MAX_CHAT_BYTES} bytes"}})
+            return
+        try:
+            request = json.loads(self.rfile.read(length))
+            if isinstance(request, dict) and request.get("stream"):
+                chunks = chat_stream(self.server.model, request)
+                first = next(chunks)  # errors surface before the 200 is sent
+            else:
+                self._send(200, chat_completion(self.server.model, request))
+                return
+        except (ValueError, ChatError) as exc:
+            self._send(getattr(exc, "status", 400), {"error": {"message": str(exc)}})
+            return
+        except NoModelError as exc:
+            self._send(503, {"error": {"message": str(exc)}})
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.end_headers()
+        try:
+            for chunk in _chain(first, chunks):
+                self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+                self.wfile.flush()
+            self.wfile.write(b"data: [DONE]\n\n")
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client went away: stop generating
+        except ChatError as exc:  # after the 200 has gone out: an error event ends the stream
+            self.wfile.write(b"data: " + json.dumps({"error": {"message": str(exc)}}).encode()
+                             + b"\n\n")
+        finally:
+            chunks.close()  # frees the model for the next request
+
     def do_POST(self) -> None:
+        if self.path == "/v1/chat/completions":
+            self._chat()
+            return
         if self.path != "/predict":
             self._send(404, {"detail": "not found"})
             return
@@ -208,6 +286,11 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, {**prediction.to_json(), "release": meta})
 
 
+def _chain(first: dict[str, Any], rest) -> Any:
+    yield first
+    yield from rest
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
@@ -220,7 +303,8 @@ class _Server(ThreadingHTTPServer):
 class LocalApi:
     """On a loopback address only: `GET /status`, `POST /predict` (raw image body),
     `POST /defer` ({"seconds": N}), `POST /feedback` ({"rating", "comment", "predicted",
-    "correct"})."""
+    "correct"}); for an LLM release `GET /v1/models` and `POST /v1/chat/completions`
+    (OpenAI's API, `stream: true` as server-sent events)."""
 
     def __init__(self, state_dir: Path, *, host: str = "127.0.0.1", port: int = 8787) -> None:
         if not ipaddress.ip_address(host).is_loopback:

@@ -1,4 +1,7 @@
-"""On-device inference (the runtime seam: onnxruntime) and the golden-set health check.
+"""On-device inference and the health check, per bundle kind (the runtime seam).
+
+Image models run on onnxruntime (here); LLMs on llama.cpp (`_llm`). `health_check` is the one
+entry point the update state machine calls, whatever the kind.
 
 Invariant: inputs are prepared exactly as the bundle's preprocessing contract says, and
 nothing here sends data anywhere: images stay on the device.
@@ -8,13 +11,21 @@ from __future__ import annotations
 
 import io
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..artifacts import BundleError, BundleManifest, Preprocessing, load_golden, read_manifest
+from ..artifacts import (
+    BundleError,
+    BundleManifest,
+    LlmManifest,
+    Preprocessing,
+    load_golden,
+    read_manifest,
+)
+from ..llm import rss_mb
 from ._errors import HealthCheckFailed, UpdateRejected
 
 __all__ = ["HealthReport", "OnnxModel", "Prediction", "health_check", "preprocess_image"]
@@ -73,9 +84,13 @@ class OnnxModel:
 
         self.dir = Path(bundle_dir)
         try:
-            self.manifest: BundleManifest = read_manifest(self.dir)
+            manifest = read_manifest(self.dir)
         except BundleError as exc:
             raise UpdateRejected(str(exc)) from exc
+        if not isinstance(manifest, BundleManifest):
+            raise UpdateRejected(f"{manifest.release_name} is an {manifest.kind} bundle, not an "
+                                 "image model")
+        self.manifest: BundleManifest = manifest
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
@@ -137,17 +152,31 @@ class HealthReport:
     p95_latency_ms: float
     reason: str
     memory_mb: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # figures of one bundle kind
 
     def to_json(self) -> dict[str, Any]:
-        return {"passed": self.passed, "max_abs_diff": self.max_abs_diff,
+        return {**self.extra, "passed": self.passed, "max_abs_diff": self.max_abs_diff,
                 "top1_agreement": self.top1_agreement, "p95_latency_ms": self.p95_latency_ms,
                 "memory_mb": self.memory_mb, "reason": self.reason}
 
 
-def health_check(bundle_dir: Path) -> HealthReport:
+def health_check(bundle_dir: Path, *, ram_limit_mb: float | None = None) -> HealthReport:
+    """The health check of whatever kind of bundle `bundle_dir` holds."""
+    try:
+        manifest = read_manifest(Path(bundle_dir))
+    except BundleError as exc:
+        raise UpdateRejected(str(exc)) from exc
+    if isinstance(manifest, LlmManifest):
+        from ._llm import llm_health_check
+
+        return llm_health_check(Path(bundle_dir), manifest, ram_limit_mb=ram_limit_mb)
+    return onnx_health_check(bundle_dir)
+
+
+def onnx_health_check(bundle_dir: Path) -> HealthReport:
     """Load the model and run its golden set at batch 1: outputs within `atol`, same top-1
     class, p95 latency under the manifest's limit."""
-    rss_before = _rss_mb()
+    rss_before = rss_mb()
     model = OnnxModel(bundle_dir)
     spec = model.manifest.golden
     try:
@@ -170,7 +199,7 @@ def health_check(bundle_dir: Path) -> HealthReport:
     diff = float(np.max(np.abs(got - golden.outputs)))
     agree = float(np.mean(got.argmax(-1) == golden.outputs.argmax(-1))) if got.ndim == 2 else 1.0
     p95 = float(np.percentile(latencies, 95))
-    memory = _rss_mb() - rss_before if rss_before is not None else None
+    memory = rss_mb() - rss_before if rss_before is not None else None
     reasons = []
     if not np.isfinite(diff) or diff > spec.atol:
         reasons.append(f"outputs differ from the golden set by {diff:.4g} > atol {spec.atol:g}")
@@ -180,15 +209,3 @@ def health_check(bundle_dir: Path) -> HealthReport:
         reasons.append(f"p95 latency {p95:.1f} ms > limit {spec.max_latency_ms:g} ms")
     return HealthReport(not reasons, diff, agree, p95, "; ".join(reasons) or "ok",
                         memory_mb=round(memory, 2) if memory is not None else None)
-
-
-def _rss_mb() -> float | None:
-    """Resident memory of this process (Linux); the model's cost is the growth around it."""
-    try:
-        with open("/proc/self/statm") as f:
-            pages = int(f.read().split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    import os
-
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20

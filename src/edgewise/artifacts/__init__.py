@@ -9,6 +9,7 @@ from ._bundle import (
     read_manifest,
     validate_bundle,
     write_bundle,
+    write_llm_bundle,
 )
 from ._errors import (
     ArtifactError,
@@ -21,19 +22,26 @@ from ._errors import (
     DeltaVersionError,
 )
 from ._manifest import (
+    FEATURES,
     FORMAT_VERSION,
     MANIFEST_NAME,
     BundleManifest,
     DetectorSpec,
     FileEntry,
+    GenerationDefaults,
     GeneratorSpec,
+    GoldenPrompt,
     GoldenSpec,
+    LlmManifest,
+    LlmSpec,
+    Manifest,
     Preprocessing,
     check_relative_path,
     parse_manifest,
 )
 
 __all__ = [
+    "FEATURES",
     "FORMAT_VERSION",
     "GOLDEN_NAME",
     "MANIFEST_NAME",
@@ -49,9 +57,14 @@ __all__ = [
     "DeltaVersionError",
     "DetectorSpec",
     "FileEntry",
+    "GenerationDefaults",
     "GeneratorSpec",
+    "GoldenPrompt",
     "GoldenSet",
     "GoldenSpec",
+    "LlmManifest",
+    "LlmSpec",
+    "Manifest",
     "Preprocessing",
     "check_relative_path",
     "file_sha256",
@@ -60,4 +73,5 @@ __all__ = [
     "read_manifest",
     "validate_bundle",
     "write_bundle",
+    "write_llm_bundle",
 ]

@@ -29,6 +29,9 @@ from ._manifest import (
     FileEntry,
     GeneratorSpec,
     GoldenSpec,
+    LlmManifest,
+    LlmSpec,
+    Manifest,
     Preprocessing,
     check_relative_path,
     parse_manifest,
@@ -43,6 +46,7 @@ __all__ = [
     "read_manifest",
     "validate_bundle",
     "write_bundle",
+    "write_llm_bundle",
 ]
 
 MODEL_NAME = "model.onnx"
@@ -87,7 +91,19 @@ def _zip_holds_pickle(path: Path) -> bool:
         return False
 
 
-def _check_file_kind(rel: str, path: Path, manifest: BundleManifest) -> None:
+def _onnx_files(manifest: Manifest) -> set[str]:
+    if not isinstance(manifest, BundleManifest):
+        return set()
+    onnx_files = {manifest.model}
+    for spec in (manifest.detector, manifest.generator):
+        if spec is not None:
+            onnx_files.add(spec.model)
+    if manifest.generator is not None and manifest.generator.denoiser is not None:
+        onnx_files.add(manifest.generator.denoiser)
+    return onnx_files
+
+
+def _check_file_kind(rel: str, path: Path, manifest: Manifest) -> None:
     suffix = Path(rel).suffix.lower()
     if suffix in _PICKLE_SUFFIXES:
         raise BundleError(f"{rel}: {suffix} files may hold pickles and are not allowed in a bundle")
@@ -102,13 +118,7 @@ def _check_file_kind(rel: str, path: Path, manifest: BundleManifest) -> None:
         raise BundleError(f"{rel}: file is a Python pickle; pickles are not allowed in a bundle")
     if head.startswith(b"PK") and _zip_holds_pickle(path):
         raise BundleError(f"{rel}: archive contains a pickle (torch checkpoint?); not allowed")
-    onnx_files = {manifest.model}
-    for spec in (manifest.detector, manifest.generator):
-        if spec is not None:
-            onnx_files.add(spec.model)
-    if manifest.generator is not None and manifest.generator.denoiser is not None:
-        onnx_files.add(manifest.generator.denoiser)
-    if rel in onnx_files or suffix == ".onnx":
+    if rel in _onnx_files(manifest) or suffix == ".onnx":
         _check_onnx(rel, path, head)
     elif suffix == ".safetensors":
         _check_safetensors(rel, path)
@@ -154,7 +164,7 @@ def _check_onnx(rel: str, path: Path, head: bytes) -> None:
             raise BundleError(f"{rel}: not an ONNX model (unexpected protobuf field {field})")
 
 
-def read_manifest(bundle_dir: Path) -> BundleManifest:
+def read_manifest(bundle_dir: Path) -> Manifest:
     path = Path(bundle_dir) / MANIFEST_NAME
     if path.is_symlink():
         raise BundleError(f"{MANIFEST_NAME} is a symlink; symlinks are not allowed in a bundle")
@@ -163,7 +173,7 @@ def read_manifest(bundle_dir: Path) -> BundleManifest:
     return parse_manifest(path.read_bytes())
 
 
-def validate_bundle(bundle_dir: Path | str) -> BundleManifest:
+def validate_bundle(bundle_dir: Path | str) -> Manifest:
     """Fully validate a bundle directory and return its manifest, or raise `BundleError`."""
     bundle_dir = Path(bundle_dir)
     if not bundle_dir.is_dir():
@@ -199,7 +209,8 @@ def validate_bundle(bundle_dir: Path | str) -> BundleManifest:
         if sha != entry.sha256:
             raise BundleError(f"{rel}: sha256 mismatch; the file was modified or corrupted")
         _check_file_kind(rel, path, manifest)
-    load_golden(bundle_dir, manifest)
+    if isinstance(manifest, BundleManifest):  # an LLM's golden prompts are in the manifest
+        load_golden(bundle_dir, manifest)
     return manifest
 
 
@@ -222,6 +233,55 @@ def load_golden(bundle_dir: Path, manifest: BundleManifest) -> GoldenSet:
         raise BundleError(f"{manifest.golden.file}: {outputs.shape[0]} outputs for "
                           f"{manifest.golden.count} inputs")
     return GoldenSet(inputs=inputs, outputs=outputs)
+
+
+def _write_files(out_dir: Path, contents: Mapping[str, Path | bytes]) -> dict[str, FileEntry]:
+    """Write each file (bytes, or a copy of a file, streamed) and return its manifest entry."""
+    files: dict[str, FileEntry] = {}
+    for rel, src in contents.items():
+        dest = out_dir / check_relative_path(rel)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(src, bytes):
+            dest.write_bytes(src)
+            files[rel] = FileEntry(sha256=hashlib.sha256(src).hexdigest(), size=len(src))
+            continue
+        digest, size = hashlib.sha256(), 0
+        with open(src, "rb") as fin, open(dest, "wb") as fout:
+            while chunk := fin.read(_CHUNK):
+                digest.update(chunk)
+                fout.write(chunk)
+                size += len(chunk)
+        files[rel] = FileEntry(sha256=digest.hexdigest(), size=size)
+    return files
+
+
+def write_llm_bundle(
+    out_dir: Path | str,
+    *,
+    name: str,
+    version: str,
+    llm: LlmSpec,
+    gguf: Path,
+    eval_text: str,
+    extra_files: Mapping[str, Path | bytes] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    provenance: Mapping[str, Any] | None = None,
+) -> LlmManifest:
+    """Write a complete, self-validated LLM bundle directory and return its manifest. `llm`
+    names the GGUF and evaluation-text files as they will be called inside the bundle."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    contents: dict[str, Path | bytes] = {llm.model: Path(gguf),
+                                         llm.eval_text: eval_text.encode()}
+    contents.update(extra_files or {})
+    manifest = LlmManifest(
+        format_version=FORMAT_VERSION, name=name, version=version, llm=llm,
+        files=_write_files(out_dir, contents),
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        metrics=dict(metrics or {}), provenance=dict(provenance or {}))
+    (out_dir / MANIFEST_NAME).write_text(manifest.to_json())
+    validate_bundle(out_dir)
+    return manifest
 
 
 def write_bundle(
@@ -253,13 +313,7 @@ def write_bundle(
     for rel, src in (extra_files or {}).items():
         contents[check_relative_path(rel)] = src
 
-    files: dict[str, FileEntry] = {}
-    for rel, src in contents.items():
-        dest = out_dir / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        data = src if isinstance(src, bytes) else Path(src).read_bytes()
-        dest.write_bytes(data)
-        files[rel] = FileEntry(sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+    files = _write_files(out_dir, contents)
 
     manifest = BundleManifest(
         format_version=FORMAT_VERSION,

@@ -1,8 +1,13 @@
 """The bundle manifest, `edgewise.json`, format version 1.
 
-Invariant: a `BundleManifest` that parsed is internally consistent: every path it names is a
-safe relative path inside the bundle, the model is listed among the files, and the golden set
+Invariant: a manifest that parsed is internally consistent: every path it names is a safe
+relative path inside the bundle, the model is listed among the files, and the golden set
 describes a health check the device can run without any other information.
+
+Two kinds of bundle share the format: image models (`BundleManifest`: ONNX, a golden set of
+input tensors) and LLMs (`LlmManifest`: a GGUF file, golden prompts, a perplexity bound).
+A manifest names the reader features it needs in `requires`; a reader that lacks one refuses
+the manifest with a message that says to update, before any other file is fetched.
 """
 
 from __future__ import annotations
@@ -16,9 +21,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ._errors import BundleError
 
 __all__ = [
+    "FEATURES",
     "FORMAT_VERSION",
     "MANIFEST_NAME",
     "BundleManifest",
+    "GenerationDefaults",
+    "GoldenPrompt",
+    "LlmManifest",
+    "LlmSpec",
+    "Manifest",
     "DetectorSpec",
     "FileEntry",
     "GeneratorSpec",
@@ -30,6 +41,9 @@ __all__ = [
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "edgewise.json"
+# Reader features a manifest may require (`requires`); image bundles require none, so readers
+# that predate the field still read them.
+FEATURES = frozenset({"llm-gguf"})
 
 
 def check_relative_path(path: str) -> str:
@@ -151,25 +165,17 @@ class GeneratorSpec(_Strict):
         return None if v is None else check_relative_path(v)
 
 
-class BundleManifest(_Strict):
+class _ManifestBase(_Strict):
+    """What every bundle kind has: identity, files, provenance."""
+
     format_version: int
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
     version: str = Field(pattern=r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}$")
-    # "generator": `model` computes the anomaly score (the health check runs it); the decoder
-    # is named by `generator`.
-    kind: Literal["image-classifier", "generator"] = "image-classifier"
-    model: str = "model.onnx"
-    labels: tuple[str, ...]
-    preprocessing: Preprocessing
-    golden: GoldenSpec
     files: dict[str, FileEntry]
     created_at: str | None = None
     metrics: dict[str, Any] = Field(default_factory=dict)
     provenance: dict[str, Any] = Field(default_factory=dict)
-    # Optional sections: absent from manifests that do not use them, so bundles written before
-    # they existed (and agents that predate them) are unaffected.
-    detector: DetectorSpec | None = None
-    generator: GeneratorSpec | None = None
+    requires: tuple[str, ...] = ()
 
     @field_validator("format_version")
     @classmethod
@@ -187,6 +193,31 @@ class BundleManifest(_Strict):
             if path == MANIFEST_NAME:
                 raise ValueError(f"{MANIFEST_NAME} must not list itself")
         return files
+
+    @property
+    def release_name(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    def _listed(self, role: str, path: str, suffix: str) -> None:
+        check_relative_path(path)
+        if not path.endswith(suffix):
+            raise ValueError(f"{role} file {path!r} must be a {suffix} file")
+        if path not in self.files:
+            raise ValueError(f"{role} file {path!r} is not listed in files")
+
+
+class BundleManifest(_ManifestBase):
+    # "generator": `model` computes the anomaly score (the health check runs it); the decoder
+    # is named by `generator`.
+    kind: Literal["image-classifier", "generator"] = "image-classifier"
+    model: str = "model.onnx"
+    labels: tuple[str, ...]
+    preprocessing: Preprocessing
+    golden: GoldenSpec
+    # Optional sections: absent from manifests that do not use them, so bundles written before
+    # they existed (and agents that predate them) are unaffected.
+    detector: DetectorSpec | None = None
+    generator: GeneratorSpec | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> BundleManifest:
@@ -211,21 +242,81 @@ class BundleManifest(_Strict):
             raise ValueError("a classifier needs at least one label")
         return self
 
-    @property
-    def release_name(self) -> str:
-        return f"{self.name}@{self.version}"
-
     def to_json(self) -> str:
         data = self.model_dump(mode="json")
         for optional in ("detector", "generator"):
             if data[optional] is None:
                 del data[optional]
+        if not data["requires"]:
+            del data["requires"]  # readable by agents that predate the field
         if data.get("generator", {}).get("denoiser", "") is None:
             del data["generator"]["denoiser"]  # readable by agents that predate denoisers
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
-def parse_manifest(data: bytes | str) -> BundleManifest:
+class GoldenPrompt(_Strict):
+    """One health-check question: the greedy answer must contain one of `accept` (any case)."""
+
+    prompt: str = Field(min_length=1, max_length=4000)
+    accept: tuple[str, ...] = Field(min_length=1)
+    max_tokens: int = Field(default=48, ge=1, le=1024)
+
+
+class GenerationDefaults(_Strict):
+    temperature: float = Field(default=0.7, ge=0, le=2)
+    top_p: float = Field(default=0.95, gt=0, le=1)
+    max_tokens: int = Field(default=256, ge=1)
+
+
+class LlmSpec(_Strict):
+    """A GGUF model and the contract its device health check enforces.
+
+    `ram_mb` is what running it at `n_ctx` needs (GGUF block arithmetic + KV cache + runtime,
+    checked at build time against the measured peak RSS); the health check refuses a model
+    that does not fit the device, answers a golden prompt wrongly, generates slower than
+    `min_gen_tok_s` or scores a perplexity above `max_perplexity` on `eval_text`."""
+
+    model: str
+    architecture: str
+    n_params: int = Field(ge=1)
+    file_type: str
+    tensor_types: dict[str, int]
+    context_length: int = Field(ge=0)  # what the model was trained for
+    n_ctx: int = Field(ge=64)  # what the device runs it with
+    chat_template: str = Field(min_length=1)
+    chat_template_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    tokenizer_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    generation: GenerationDefaults = GenerationDefaults()
+    ram_mb: float = Field(gt=0)
+    min_gen_tok_s: float = Field(ge=0)
+    golden: tuple[GoldenPrompt, ...] = Field(min_length=1)
+    eval_text: str
+    max_perplexity: float = Field(gt=1)
+    # Build-time measurements (rss, tokens/s, perplexity, threads, machine): for the record.
+    reference: dict[str, Any] = Field(default_factory=dict)
+
+
+class LlmManifest(_ManifestBase):
+    kind: Literal["llm"] = "llm"
+    requires: tuple[str, ...] = ("llm-gguf",)
+    llm: LlmSpec
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LlmManifest:
+        self._listed("model", self.llm.model, ".gguf")
+        self._listed("evaluation text", self.llm.eval_text, ".txt")
+        if "llm-gguf" not in self.requires:
+            raise ValueError("an LLM bundle must require the reader feature 'llm-gguf'")
+        return self
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
+
+
+Manifest = BundleManifest | LlmManifest
+
+
+def parse_manifest(data: bytes | str) -> Manifest:
     """Parse and validate manifest bytes; every failure is a `BundleError` with a clear message."""
     try:
         raw = json.loads(data)
@@ -238,8 +329,17 @@ def parse_manifest(data: bytes | str) -> BundleManifest:
         raise BundleError(
             f"unknown bundle format version {version!r} (this Edgewise reads {FORMAT_VERSION})"
         )
+    requires = raw.get("requires", [])
+    if not isinstance(requires, list) or not all(isinstance(f, str) for f in requires):
+        raise BundleError(f"invalid {MANIFEST_NAME}: requires must be a list of feature names")
+    missing = sorted(set(requires) - FEATURES)
+    if missing:
+        raise BundleError(f"{raw.get('name', '?')}@{raw.get('version', '?')} needs features "
+                          f"this Edgewise does not have ({', '.join(missing)}): update the "
+                          "agent to install it")
+    cls = LlmManifest if raw.get("kind") == "llm" else BundleManifest
     try:
-        return BundleManifest.model_validate(raw)
+        return cls.model_validate(raw)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or 'manifest'}: {err['msg']}"

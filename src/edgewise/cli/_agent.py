@@ -62,17 +62,21 @@ def run(
                                                  help="mqtts://HOST:PORT for push wake-ups")]
     = None,
     mqtt_ca: Annotated[Path | None, typer.Option(help="CA certificate to pin for MQTT")] = None,
+    ram_limit_mb: Annotated[float | None, typer.Option(help="RAM a new model may use (LLM "
+                                                       "health checks) [default: what the "
+                                                       "kernel reports available]")] = None,
     log_json: Annotated[bool, typer.Option("--log-json", help="structured JSON logs")] = False,
     verbose: bool = False,
 ) -> None:
-    """Run the update loop (and the localhost-only inference API)."""
+    """Run the update loop (and the localhost-only inference and chat API)."""
     from ..agent import Agent, AgentConfig, AgentError, FaultPoint, LocalApi
 
     setup_logging(verbose, json_lines=log_json)
     fault_spec = os.environ.get("EDGEWISE_FAULT")  # fault injection, for tests and the simulator
     try:
         fault = FaultPoint.parse(fault_spec) if fault_spec else None
-        agent = Agent(AgentConfig(state_dir=state, poll_interval_s=poll_interval_s, fault=fault))
+        agent = Agent(AgentConfig(state_dir=state, poll_interval_s=poll_interval_s, fault=fault,
+                                  ram_limit_mb=ram_limit_mb))
     except (AgentError, ValueError) as exc:
         fail(str(exc))
     try:
@@ -147,6 +151,55 @@ def predict(
                     "release": f"{meta.get('name')}@{meta.get('version')}"})
     if failed:
         raise typer.Exit(1)
+
+
+@agent_app.command("chat")
+def chat(
+    state: StateOpt,
+    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="ask once and exit "
+                                               "[default: an interactive session]")] = None,
+    system: Annotated[str | None, typer.Option(help="a system message")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="[default: the release's]")] = None,
+    temperature: Annotated[float | None, typer.Option(help="[default: the release's]")]
+    = None,
+) -> None:
+    """Chat with the device's LLM release, on this device (nothing is sent anywhere)."""
+    import sys
+
+    from ..agent import AgentError, LocalModel
+    from ..agent._chat import ChatError, chat_stream
+
+    model = LocalModel(state)
+    messages = [{"role": "system", "content": system}] if system else []
+
+    def ask(text: str) -> None:
+        messages.append({"role": "user", "content": text})
+        request = {"messages": messages, "max_tokens": max_tokens,
+                   "temperature": temperature}
+        parts = []
+        try:
+            for chunk in chat_stream(model, {k: v for k, v in request.items() if v is not None}):
+                piece = chunk["choices"][0]["delta"].get("content") or ""
+                parts.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except (AgentError, ChatError) as exc:
+            fail(str(exc))
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(parts)})
+
+    if prompt is not None:
+        ask(prompt)
+        return
+    console.print("chatting with the device's model; an empty line or Ctrl-D ends")
+    while True:
+        try:
+            text = input("> ")
+        except EOFError:
+            break
+        if not text.strip():
+            break
+        ask(text)
 
 
 @agent_app.command("defer")

@@ -35,7 +35,7 @@ app.add_typer(tokens_app, name="tokens")
 app.add_typer(audit_app, name="audit")
 app.command()(publish)
 # Commands owned by other modules register themselves (train/eval, delta, compress, ...).
-for _module in ("_rollouts", "_ml", "_delta", "_compress", "_sim", "_gen"):
+for _module in ("_rollouts", "_ml", "_delta", "_compress", "_llm", "_sim", "_gen"):
     try:
         __import__(f"{__package__}.{_module}", fromlist=["register"]).register(app)
     except ModuleNotFoundError as _exc:
@@ -52,8 +52,19 @@ def demo(
     bundle: Path = typer.Option(None, help="ship this bundle as v1 instead of training one: "
                                            "an `edgewise train --out DIR` result (DIR or "
                                            "DIR/bundle)"),
+    llm: bool = typer.Option(False, "--llm", help="ship an LLM instead (SmolLM2-135M): v1, "
+                             "a new chat template as a delta, a collapsed quant rolled back"),
 ) -> None:
     """Build a model, serve it, update 3 agents to v1, then watch them reject a broken v2."""
+    if llm:
+        if bundle is not None:
+            from ._common import fail
+
+            fail("--llm builds its own model; --bundle is for image classifiers")
+        from ._demo_llm import run_llm_demo
+
+        run_llm_demo(workdir=workdir, n_devices=devices)
+        return
     from ._demo import run_demo
 
     run_demo(workdir=workdir, n_devices=devices, bundle=bundle)

@@ -11,7 +11,7 @@ from ._common import console, fail, out, print_json
 
 __all__ = ["register"]
 
-llm_app = typer.Typer(help="Memory needed to run a quantized LLM (GGUF types).",
+llm_app = typer.Typer(help="LLMs: GGUF bundles (build), llama.cpp quantization, memory sizing.",
                       no_args_is_help=True)
 
 
@@ -114,8 +114,11 @@ def fit(
     slowdown: float = typer.Option(None, help="device latency / this machine's latency "
                                    "[default: 1.0]"),
     max_size_mb: float = typer.Option(None, help="model file size budget, MB"),
+    min_tok_s: float = typer.Option(None, "--min-tok-s", help="LLMs: generation tokens/s "
+                                    "the device needs"),
     report_path: Path = typer.Option(None, "--report", help="compression report (default: "
-                                     "BUNDLE-compressed/report.json)"),
+                                     "BUNDLE-compressed/report.json; for an LLM bundle "
+                                     "BUNDLE-quantized/report.json)"),
     json_out: bool = typer.Option(False, "--json", help="print the decision as JSON"),
     group: str = typer.Option(None, help="take the device profile stored for this group on "
                               "the server (options given here override its fields)"),
@@ -128,6 +131,11 @@ def fit(
 ) -> None:
     """Pick the best measured candidate of BUNDLE for a device profile, and say why."""
     from edgewise.ml.compress import CompressError, DeviceProfile, fit_bundle, load_report
+
+    if _is_llm_bundle(bundle):
+        _fit_llm(bundle, report_path, max_ram=max_ram, min_tok_s=min_tok_s,
+                 max_size_mb=max_size_mb, slowdown=slowdown, json_out=json_out)
+        return
 
     given = {"max_ram_mb": max_ram, "max_latency_ms": max_latency_ms,
              "min_accuracy": min_accuracy, "max_size_mb": max_size_mb, "threads": threads,
@@ -170,6 +178,39 @@ def fit(
     if published:
         out.print(f"published as the variant of {variant_of} for {', '.join(hardware)}: "
                   f"{published['version']}")
+
+
+def _is_llm_bundle(bundle: Path) -> bool:
+    from edgewise.artifacts import BundleError, LlmManifest, read_manifest
+
+    try:
+        return isinstance(read_manifest(bundle), LlmManifest)
+    except (BundleError, OSError):
+        return False
+
+
+def _fit_llm(bundle: Path, report_path: Path | None, *, max_ram: float | None,
+             min_tok_s: float | None, max_size_mb: float | None, slowdown: float | None,
+             json_out: bool) -> None:
+    """The quant of an LLM bundle for a device: best quality that fits, never a collapsed
+    one (`edgewise llm quantize` measured them)."""
+    from edgewise.ml.errors import MLError
+    from edgewise.ml.llm import fit_llm, load_llm_report
+
+    try:
+        report = load_llm_report(report_path or
+                                 bundle.with_name(bundle.name + "-quantized") / "report.json")
+        decision = fit_llm(report, max_ram_mb=max_ram, min_gen_tok_s=min_tok_s,
+                           max_size_mb=max_size_mb, slowdown=slowdown or 1.0)
+    except MLError as exc:
+        fail(str(exc))
+    if json_out:
+        print_json({"chosen": decision.chosen.quant, "bundle": decision.chosen.bundle,
+                    "fitting": decision.fitting, "explanation": decision.explanation})
+        return
+    out.print(f"[bold]{decision.chosen.quant}[/] -> {decision.chosen.bundle}")
+    for line in decision.explanation:
+        out.print(f"  {line}")
 
 
 def _server_call(server: str, token: str, call):

@@ -11,6 +11,8 @@ import io
 import secrets
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,40 +26,18 @@ NAME = "fashion-mnist"
 WAIT_S = 240.0
 
 
-def run_demo(*, workdir: str | None, n_devices: int, bundle: Path | None = None) -> None:
+@contextmanager
+def demo_fleet(work: Path, n_devices: int) -> Iterator[tuple[Any, Any, list[Path]]]:
+    """Keys (root/targets stay here, the online key goes to the server), a real server over
+    TLS (private CA) and `n_devices` enrolled, running agents; yields (operator client, keys,
+    device state directories) and stops everything after."""
     from ..agent import enroll
-    from ..server.client import OperatorClient, publish_bundle
+    from ..server.client import OperatorClient
     from ..sim import AgentProcess, ServerProcess
     from ..trust import init_certs, init_keys
 
-    work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="edgewise-demo-"))
-    work.mkdir(parents=True, exist_ok=True)
-    console.rule("[bold]Edgewise demo")
-    console.print(f"working directory: {work}")
-    started = time.monotonic()
-
-    # ---- 1. build: a real model (or the user's bundle), and a bad release of it ----------
-    if bundle is not None:
-        manifest, v1_dir = _adopt(bundle, work)
-        console.print(f"[green]shipping[/] {manifest.release_name} from {bundle}: test accuracy "
-                      f"{manifest.metrics.get('test_accuracy', float('nan')):.3f}")
-    else:
-        v1_dir = work / f"{NAME}-1.0.0"
-        manifest = _build(v1_dir)
-        console.print(f"[green]built[/] {manifest.release_name}: test accuracy "
-                      f"{manifest.metrics.get('test_accuracy', float('nan')):.3f}")
-    name, v1_version, v2_version = manifest.name, manifest.version, _next_major(manifest.version)
-    v1_name, v2_name = f"{name}@{v1_version}", f"{name}@{v2_version}"
-    v2_dir = work / f"{name}-{v2_version}"
-    _make_broken_release(v1_dir, v2_dir, version=v2_version)
-    console.print(f"[yellow]built[/] {v2_name}: the same model with a broken export "
-                  "(class weights scrambled), which its golden set must catch")
-
-    # ---- 2. keys: root/targets stay here, the online key goes to the server -------------
     keys = init_keys(work / "keys")
-    certs = init_certs(work / "certs", hostnames=["127.0.0.1", "localhost"])  # TLS, private CA
-
-    # ---- 3. a real server and real agents ------------------------------------------------
+    certs = init_certs(work / "certs", hostnames=["127.0.0.1", "localhost"])
     admin_token = secrets.token_urlsafe(24)
     server = ServerProcess(data_dir=work / "server", root_path=keys.root_json,
                            online_key_path=keys.online_key, admin_token=admin_token,
@@ -78,7 +58,39 @@ def run_demo(*, workdir: str | None, n_devices: int, bundle: Path | None = None)
             agents.append(AgentProcess(state_dir=state, poll_interval_s=1.0,
                                        log_path=work / f"device-{i + 1}.log").start())
         console.print(f"[green]enrolled[/] {n_devices} devices, agents running")
+        with client:
+            yield client, keys, states
+    finally:
+        for agent in agents:
+            agent.stop()
+        server.stop()
 
+
+def run_demo(*, workdir: str | None, n_devices: int, bundle: Path | None = None) -> None:
+    from ..server.client import publish_bundle
+
+    work = demo_workdir(workdir)
+    started = time.monotonic()
+
+    # ---- 1. build: a real model (or the user's bundle), and a bad release of it ----------
+    if bundle is not None:
+        manifest, v1_dir = _adopt(bundle, work)
+        console.print(f"[green]shipping[/] {manifest.release_name} from {bundle}: test accuracy "
+                      f"{manifest.metrics.get('test_accuracy', float('nan')):.3f}")
+    else:
+        v1_dir = work / f"{NAME}-1.0.0"
+        manifest = _build(v1_dir)
+        console.print(f"[green]built[/] {manifest.release_name}: test accuracy "
+                      f"{manifest.metrics.get('test_accuracy', float('nan')):.3f}")
+    name, v1_version, v2_version = manifest.name, manifest.version, _next_major(manifest.version)
+    v1_name, v2_name = f"{name}@{v1_version}", f"{name}@{v2_version}"
+    v2_dir = work / f"{name}-{v2_version}"
+    _make_broken_release(v1_dir, v2_dir, version=v2_version)
+    console.print(f"[yellow]built[/] {v2_name}: the same model with a broken export "
+                  "(class weights scrambled), which its golden set must catch")
+
+    # ---- 2-3. keys, a real server over TLS, real agents ---------------------------------
+    with demo_fleet(work, n_devices) as (client, keys, states):
         # ---- 4. ship v1: every device installs it ----------------------------------------
         v1 = publish_bundle(client, v1_dir, root_path=keys.root_json,
                             targets_key_path=keys.targets_key)
@@ -101,11 +113,6 @@ def run_demo(*, workdir: str | None, n_devices: int, bundle: Path | None = None)
 
         # ---- 7. summary ----------------------------------------------------------------------
         summary = _summary(client, {v1["id"]: v1_version, v2["id"]: v2_version})
-        client.close()
-    finally:
-        for agent in agents:
-            agent.stop()
-        server.stop()
 
     v2_downloads = [h["download"] for d in summary for h in d["history"]
                     if h["release"] == v2_name and h.get("download")]
@@ -123,6 +130,14 @@ def run_demo(*, workdir: str | None, n_devices: int, bundle: Path | None = None)
     print_json({"devices": summary})
     if ok_v1 != n_devices or ok_v2 != n_devices:
         raise typer.Exit(1)
+
+
+def demo_workdir(workdir: str | None) -> Path:
+    work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="edgewise-demo-"))
+    work.mkdir(parents=True, exist_ok=True)
+    console.rule("[bold]Edgewise demo")
+    console.print(f"working directory: {work}")
+    return work
 
 
 def _build(out_dir: Path):

@@ -1,0 +1,41 @@
+"""LLMs on the workstation: GGUF files become bundles (`build`), quantized candidates are
+measured against their reference (`quantize`). The runtime itself is `edgewise.llm`."""
+
+from ._build import (
+    BuildConfig,
+    LlmBuildError,
+    build_llm_bundle,
+    inspect_gguf,
+    ram_needed_mb,
+    with_chat_template,
+)
+from ._data import DEFAULT_EVAL_TEXT, DEFAULT_GOLDEN
+from ._quantize import (
+    QUANT_TYPES,
+    LlmCandidate,
+    LlmFit,
+    LlmQuantReport,
+    fit_llm,
+    load_llm_report,
+    quantize_bundle,
+    quantize_gguf,
+)
+
+__all__ = [
+    "DEFAULT_EVAL_TEXT",
+    "DEFAULT_GOLDEN",
+    "QUANT_TYPES",
+    "BuildConfig",
+    "LlmBuildError",
+    "LlmCandidate",
+    "LlmFit",
+    "LlmQuantReport",
+    "build_llm_bundle",
+    "fit_llm",
+    "inspect_gguf",
+    "load_llm_report",
+    "quantize_bundle",
+    "quantize_gguf",
+    "ram_needed_mb",
+    "with_chat_template",
+]
