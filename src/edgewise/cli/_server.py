@@ -75,7 +75,7 @@ def run(
                                       rollout_tick_s=rollout_tick_s, mqtt=mqtt,
                                       max_upload_bytes=int(max_upload_gb * 2**30),
                                       db_slots=db_slots, queue_timeout_s=queue_timeout_s))
-    except (ValueError, TrustError) as exc:
+    except (ValueError, TrustError) as exc:  # SchemaError is a ValueError
         fail(str(exc))
     if admin_token is None:
         console.print(f"admin token: {data / 'admin.token'}")
@@ -83,6 +83,36 @@ def run(
                 log_config=None, timeout_graceful_shutdown=shutdown_timeout_s,
                 ssl_certfile=str(tls_cert) if tls_cert else None,
                 ssl_keyfile=str(tls_key) if tls_key else None)
+
+
+@server_app.command("migrate")
+def migrate(
+    data: Annotated[Path, typer.Option(help="data directory (its SQLite file is migrated "
+                                       "unless --db is given)")] = Path("edgewise-data"),
+    db: Annotated[str | None, typer.Option(help="SQLAlchemy URL, e.g. postgresql://...")]
+    = None,
+) -> None:
+    """Bring the database's schema to this version's (back the database up first)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from ..server._db import make_engine
+    from ..server._schema import SchemaError, migrate as migrate_schema
+
+    url = db or f"sqlite:///{(data / 'edgewise.db').resolve()}"
+    if db is None and not (data / "edgewise.db").is_file():
+        fail(f"no database at {data / 'edgewise.db'} (give --data or --db)")
+    engine = make_engine(url)
+    try:
+        before, after = migrate_schema(engine)
+    except (SchemaError, SQLAlchemyError) as exc:
+        fail(f"migration failed, the database is unchanged: {exc}")
+    finally:
+        engine.dispose()
+    if before == after:
+        console.print(f"the schema is already at revision {after}")
+    else:
+        console.print(f"[green]migrated[/] from {before or 'before migrations (0.1.0)'} to "
+                      f"revision {after}")
 
 
 certs_app = typer.Typer(help="A private CA and server certificate for self-hosting.",

@@ -20,10 +20,11 @@ from .. import __version__
 from ..trust import ServerRepository, load_root, load_signer
 from ..trust._director import DirectorRepository
 from ._auth import WEAK_TOKENS, hash_token, new_token
-from ._db import Base, make_engine, make_sessionmaker
+from ._db import make_engine, make_sessionmaker
 from ._deps import ServerContext
 from ._errors import DomainError, ServiceBusy
 from ._gate import DbGate
+from ._schema import ensure_schema
 from .audit import models as _audit_models  # noqa: F401
 from .audit.routes import AuditMiddleware
 from .audit.routes import router as audit_router
@@ -111,7 +112,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     engine = make_engine(config.resolved_db_url,
                          pool_size=config.db_slots + BACKGROUND_SESSIONS,
                          max_overflow=config.db_slots, pool_timeout_s=config.queue_timeout_s)
-    Base.metadata.create_all(engine)
+    ensure_schema(engine)  # an empty database gets the schema; an old one is refused
     repo = ServerRepository(
         config.data_dir / "tuf",
         root=load_root(config.root_path).to_bytes(),

@@ -1,0 +1,139 @@
+"""The database schema's version: Alembic migrations (`migrations/`), checked at start-up.
+
+Invariant: a server serves only a database whose schema is at the head revision. An empty
+database is brought there when the server starts; a database at an older revision, or one
+written before migrations existed (no `alembic_version` table), is refused with the command
+that upgrades it (`edgewise server migrate`), which never drops data. On PostgreSQL every
+schema change holds an advisory lock, so replicas starting together migrate once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import Connection, Engine, MetaData, create_engine, inspect, text
+
+__all__ = ["FIRST_REVISION", "SchemaError", "current_revision", "ensure_schema",
+           "head_revision", "migrate", "target_metadata"]
+
+FIRST_REVISION = "0001"  # the schema of Edgewise 0.1.0, before migrations existed
+_LOCK_KEY = 0x45646765  # "Edge": the advisory lock every schema change takes (PostgreSQL)
+
+
+class SchemaError(ValueError):
+    """The database's schema is not the one this server needs (the message says what to do)."""
+
+
+def _models_metadata() -> MetaData:
+    # Every domain's models module registers its tables on Base.metadata.
+    from ._db import Base
+    from .audit import models as _audit  # noqa: F401
+    from .devices import models as _devices  # noqa: F401
+    from .director import models as _director  # noqa: F401
+    from .events import models as _events  # noqa: F401
+    from .feedback import models as _feedback  # noqa: F401
+    from .groups import models as _groups  # noqa: F401
+    from .notify import models as _notify  # noqa: F401
+    from .releases import models as _releases  # noqa: F401
+    from .rollouts import models as _rollouts  # noqa: F401
+    from .tokens import models as _tokens  # noqa: F401
+
+    return Base.metadata
+
+
+target_metadata = _models_metadata()
+
+
+def _config(connection: Connection):
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", "edgewise.server:migrations")
+    config.attributes["connection"] = connection
+    return config
+
+
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    config = _config(None)  # type: ignore[arg-type]
+    return ScriptDirectory.from_config(config).get_current_head() or FIRST_REVISION
+
+
+def current_revision(connection: Connection) -> str | None:
+    """The revision the database says it is at; None when it has no `alembic_version`."""
+    from alembic.runtime.migration import MigrationContext
+
+    if "alembic_version" not in inspect(connection).get_table_names():
+        return None
+    return MigrationContext.configure(connection).get_current_revision()
+
+
+@contextmanager
+def _schema_lock(engine: Engine) -> Iterator[Connection]:
+    with engine.connect() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _LOCK_KEY})
+            connection.commit()
+        try:
+            yield connection
+        finally:
+            if connection.dialect.name == "postgresql":
+                connection.rollback()
+                connection.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _LOCK_KEY})
+                connection.commit()
+
+
+def _upgrade(connection: Connection, revision: str = "head") -> None:
+    from alembic import command
+
+    command.upgrade(_config(connection), revision)
+    connection.commit()
+
+
+def _user_tables(connection: Connection) -> set[str]:
+    return set(inspect(connection).get_table_names()) - {"alembic_version"}
+
+
+def ensure_schema(engine: Engine) -> None:
+    """At server start: create the schema in an empty database, accept one at head, and refuse
+    anything else with the command to run."""
+    with _schema_lock(engine) as connection:
+        if not _user_tables(connection):
+            _upgrade(connection)
+            return
+        current, head = current_revision(connection), head_revision()
+        if current == head:
+            return
+        what = ("was written by an Edgewise before schema migrations" if current is None
+                else f"is at schema revision {current}")
+        raise SchemaError(f"the database {what}; this server needs revision {head}. Back it "
+                          "up, then run `edgewise server migrate` with the same --data/--db")
+
+
+def _first_revision_tables() -> set[str]:
+    """The tables revision 0001 creates, found by applying it to a scratch database."""
+    scratch = create_engine("sqlite://")
+    with scratch.connect() as connection:
+        _upgrade(connection, FIRST_REVISION)
+        return _user_tables(connection)
+
+
+def migrate(engine: Engine) -> tuple[str | None, str]:
+    """Bring the database to the head revision; returns (revision before, revision after).
+    A database from before migrations is recognised as revision 0001 when it has its tables."""
+    with _schema_lock(engine) as connection:
+        tables = _user_tables(connection)
+        before = current_revision(connection)
+        if before is None and tables:
+            missing = _first_revision_tables() - tables
+            if missing:
+                raise SchemaError("this database is not an Edgewise server database (no "
+                                  f"{', '.join(sorted(missing)[:5])}); nothing was changed")
+            from alembic import command
+
+            command.stamp(_config(connection), FIRST_REVISION)
+            connection.commit()
+        _upgrade(connection)
+        return before, current_revision(connection) or head_revision()
