@@ -167,6 +167,11 @@ def test_quantize_measures_every_candidate_and_fit_never_picks_a_collapsed_one(
 
     chosen = fit_llm(report, max_ram_mb=10_000)
     assert chosen.chosen.quant == "Q8_0" and chosen.fitting == ["Q8_0"]
+    # RAM is judged by what the candidate's bundle says it needs: what its devices check.
+    q8_ram = validate_bundle(Path(by["Q8_0"].bundle)).llm.ram_mb
+    assert by["Q8_0"].ram_mb == q8_ram
+    with pytest.raises(MLError, match="needs .* MB of RAM"):
+        fit_llm(report, max_ram_mb=q8_ram - 1)
     with pytest.raises(MLError, match="collapsed"):  # only Q4_0 is small enough: refused
         fit_llm(report, max_size_mb=120)
     result = CliRunner().invoke(app, ["fit", str(smollm2_v1), "--report",

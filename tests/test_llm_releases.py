@@ -98,6 +98,8 @@ def test_llm_release_is_served_then_a_collapsed_quant_rolls_back(
                          if e["release_id"] == v2["id"] and e["kind"] == "unhealthy"]
         assert unhealthy and unhealthy[0]["detail"]["health"]["golden_passed"] < 3
         # The device still answers, with v1.
+        assert [m["release"] for m in httpx.get(f"{url}/v1/models", timeout=30).json()[
+            "data"]] == ["smollm2@1.0.0"]
         assert "Berlin" in chat(url, "What is the capital of Germany?").json()[
             "choices"][0]["message"]["content"]
     finally:
@@ -132,6 +134,25 @@ def test_a_device_without_room_for_the_update_keeps_its_release(
         assert not (state / "partial").exists() or not any((state / "partial").iterdir())
     finally:
         subprocess.run(["umount", str(small)], check=False)
+
+
+def test_a_device_without_the_ram_refuses_before_downloading(live_server, enroll_agent,
+                                                           tmp_path: Path) -> None:
+    from edgewise.agent import Agent, AgentConfig
+
+    state = enroll_agent("small-ram")
+    manifest = build(tmp_path / "llm")
+    release = live_server.publish(tmp_path / "llm")
+    agent = Agent(AgentConfig(state_dir=state, ram_limit_mb=manifest.llm.ram_mb - 1))
+    try:
+        agent.run_cycle()
+        status = agent_status(state)
+        assert status["state"] == "failed" and "MB of RAM" in status["last_error"]
+        assert not (state / "partial").exists() or not any((state / "partial").iterdir())
+        agent.run_cycle()  # refused for good: not fetched again
+        assert agent.record.attempts == {release["id"]: 1}
+    finally:
+        agent.close()
 
 
 class CutOnce(httpx.BaseTransport):

@@ -51,6 +51,7 @@ from ._errors import (
     InsufficientDisk,
     UpdateRejected,
 )
+from ._llm import device_ram_mb
 from ._machine import (
     MAX_STATE_ENTRIES,
     REST_STATES,
@@ -350,25 +351,36 @@ class Agent:
             rec.target_terms = {"counter": terms.counter, "fallbacks": list(terms.fallbacks)}
             trusted.download(manifest_target, dest / MANIFEST_NAME)
             manifest = parse_manifest((dest / MANIFEST_NAME).read_bytes())
-            self._check_can_install(manifest, dest)
+            try:
+                self._check_can_install(manifest, dest)
+            except UpdateRejected as exc:  # this build can never run here: stop asking
+                self._reject(rec, str(exc), build_only=True)
+                return self._fail(rec, exc)
             base = self._installed_files()
             for rel, entry in manifest.files.items():
                 stats["full_bytes"] += entry.size
                 stats["sent_bytes"] += self._fetch_file(trusted, prefix + rel, dest / rel,
                                                         entry.sha256, base.get(rel), stats)
-        except (VerificationError, TransportError, BundleError, OSError, UpdateRejected,
+        except (VerificationError, TransportError, BundleError, OSError,
                 InsufficientDisk) as exc:
             return self._fail(rec, exc)
         rec.last_download = stats
         return Event.DOWNLOADED
 
     def _check_can_install(self, manifest: Manifest, dest: Path) -> None:
-        """Before any file is fetched: this device can run the release's kind, and its disk
-        holds the download plus the slot copy it is installed as (the committed slot stays)."""
-        if isinstance(manifest, LlmManifest) and importlib.util.find_spec("llama_cpp") is None:
-            raise UpdateRejected(f"{manifest.release_name} is an LLM, and this device has no "
-                                 "LLM runtime: update the agent with pip install "
-                                 "'edgewise[llm]'")
+        """Before any file is fetched: this device can run the release (its kind, its RAM;
+        `UpdateRejected`, final for this build), and its disk holds the download plus the
+        slot copy it is installed as, the committed slot staying (`InsufficientDisk`)."""
+        if isinstance(manifest, LlmManifest):
+            if importlib.util.find_spec("llama_cpp") is None:
+                raise UpdateRejected(f"{manifest.release_name} is an LLM, and this device has "
+                                     "no LLM runtime: update the agent with pip install "
+                                     "'edgewise[llm]'")
+            limit = (self.config.ram_limit_mb if self.config.ram_limit_mb is not None
+                     else device_ram_mb())
+            if limit is not None and manifest.llm.ram_mb > limit:
+                raise UpdateRejected(f"{manifest.release_name} needs {manifest.llm.ram_mb:.0f} "
+                                     f"MB of RAM, this device allows {limit:.0f} MB")
         total = sum(e.size for e in manifest.files.values())
         have = sum(min((dest / rel).stat().st_size, e.size)
                    for rel, e in manifest.files.items() if (dest / rel).is_file())

@@ -57,14 +57,15 @@ def llm_health_check(bundle_dir: Path, manifest: LlmManifest, *,
         eval_text = (Path(bundle_dir) / spec.eval_text).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise HealthCheckFailed(f"unreadable evaluation text {spec.eval_text}: {exc}") from exc
-    model = load_llm(bundle_dir, manifest)
     try:
-        m = measure_llm(model.path, golden=spec.golden, eval_text=eval_text, n_ctx=spec.n_ctx,
-                        model=model)
-    except LlmError as exc:
-        raise HealthCheckFailed(f"{manifest.release_name} failed while running: {exc}") from exc
-    finally:
-        model.close()
+        # Loaded inside, so the memory figure is the whole growth: weights, KV cache, buffers.
+        m = measure_llm(Path(bundle_dir) / spec.model, golden=spec.golden, eval_text=eval_text,
+                        n_ctx=spec.n_ctx, threads=free_cores())
+    except RuntimeUnavailable as exc:
+        raise HealthCheckFailed(str(exc)) from exc
+    except (LlmError, ValueError, RuntimeError) as exc:  # llama.cpp's own errors too
+        raise HealthCheckFailed(f"{manifest.release_name} failed to load or run: {exc}"
+                                ) from exc
     reasons = []
     failed = m.failed_prompts()
     if failed:

@@ -20,7 +20,7 @@ from ..trust import client_tls, load_root, public_key_hex
 from ._anomaly import DriftLog, detector_identity, local_threshold
 from ._chat import ChatError, chat_completion, chat_stream, models_list
 from ._client import enroll_device
-from ._errors import AgentConfigError, NoModelError
+from ._errors import AgentConfigError, HealthCheckFailed, NoModelError
 from ._llm import load_llm
 from ._runtime import OnnxModel, Prediction
 from ._slots import SlotStore
@@ -141,10 +141,8 @@ class LocalModel:
                 raise NoModelError("no model installed yet on this device")
             key = (slot, (self.slots.meta(slot) or {}).get("release_id"))
             if self._loaded is None or self._loaded[0] != key:
-                old = self._loaded[1] if self._loaded is not None else None
-                if isinstance(old, LlamaModel):
-                    with old.lock:  # an answer still streaming from it finishes first
-                        old.close()
+                # The old model is not closed here: a request may still be answering from
+                # it; it is freed when the last one lets go of it.
                 self._loaded = None
                 path = self.slots.path(slot)
                 try:
@@ -201,6 +199,7 @@ def _with_threshold(prediction: Prediction, threshold: float, kind: str) -> Pred
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
+    timeout = 60  # a client that stops reading a stream does not hold the model for ever
 
     def log_message(self, fmt: str, *args: Any) -> None:
         log.debug(fmt, *args)
@@ -226,10 +225,13 @@ class _Handler(BaseHTTPRequestHandler):
     def _chat(self) -> None:
         """OpenAI-style chat completions; `stream: true` answers as server-sent events. The
         request and the answer exist only in this process's memory."""
-        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
         if length <= 0 or length > MAX_CHAT_BYTES:
-            self._send(413 if length else 400, {"error": {"message": "send a JSON body of at "
-                                                          f"most {MAX_CHAT_BYTES} bytes"}})
+            self._send(413 if length > MAX_CHAT_BYTES else 400, {"error": {
+                "message": f"send a JSON body of at most {MAX_CHAT_BYTES} bytes"}})
             return
         try:
             request = json.loads(self.rfile.read(length))
@@ -242,7 +244,7 @@ class _Handler(BaseHTTPRequestHandler):
         except (ValueError, ChatError) as exc:
             self._send(getattr(exc, "status", 400), {"error": {"message": str(exc)}})
             return
-        except NoModelError as exc:
+        except (NoModelError, HealthCheckFailed) as exc:  # nothing (loadable) to answer with
             self._send(503, {"error": {"message": str(exc)}})
             return
         self.send_response(200)

@@ -133,6 +133,13 @@ def fit(
     from edgewise.ml.compress import CompressError, DeviceProfile, fit_bundle, load_report
 
     if _is_llm_bundle(bundle):
+        image_only = {"--max-latency-ms": max_latency_ms, "--min-accuracy": min_accuracy,
+                      "--threads": threads, "--stat": stat, "--group": group,
+                      "--variant-of": variant_of}
+        given_image_only = [name for name, value in image_only.items() if value is not None]
+        if given_image_only:
+            fail(f"{', '.join(given_image_only)}: not for LLM bundles (their profile is "
+                 "--max-ram, --min-tok-s, --max-size-mb and --slowdown)")
         _fit_llm(bundle, report_path, max_ram=max_ram, min_tok_s=min_tok_s,
                  max_size_mb=max_size_mb, slowdown=slowdown, json_out=json_out)
         return

@@ -214,14 +214,18 @@ def events(server: ServerOpt, token: TokenOpt,
 @bundle_app.command("validate")
 def bundle_validate(bundle: Path) -> None:
     """Check a bundle directory: manifest, files, hashes, model type, golden set."""
-    from ..artifacts import BundleError, validate_bundle
+    from ..artifacts import BundleError, LlmManifest, validate_bundle
 
     try:
         manifest = validate_bundle(bundle)
     except BundleError as exc:
         fail(f"{bundle}: {exc}")
-    console.print(f"[green]valid[/] {manifest.release_name}: {len(manifest.files)} files, "
-                  f"{len(manifest.labels)} labels, golden set of {manifest.golden.count}")
+    if isinstance(manifest, LlmManifest):
+        what = (f"{manifest.llm.architecture} {manifest.llm.file_type} LLM, "
+                f"{len(manifest.llm.golden)} golden prompts")
+    else:
+        what = f"{len(manifest.labels)} labels, golden set of {manifest.golden.count}"
+    console.print(f"[green]valid[/] {manifest.release_name}: {len(manifest.files)} files, {what}")
 
 
 @devices_app.command("revoke")

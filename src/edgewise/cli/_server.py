@@ -96,7 +96,8 @@ def migrate(
     from sqlalchemy.exc import SQLAlchemyError
 
     from ..server._db import make_engine
-    from ..server._schema import SchemaError, migrate as migrate_schema
+    from ..server._schema import SchemaError
+    from ..server._schema import migrate as migrate_schema
 
     url = db or f"sqlite:///{(data / 'edgewise.db').resolve()}"
     if db is None and not (data / "edgewise.db").is_file():

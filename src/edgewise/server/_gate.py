@@ -1,7 +1,9 @@
 """How many requests may hold a database session at once, and what the others do.
 
 Invariant: at most `slots` requests hold a session; the engine's pool is sized from the same
-number (`app.py`), so a request that holds a slot gets its connection without waiting. The
+number and the thread pool's (`app.py`: slots + background sessions, overflow for the audit
+records written beside them), so a request that holds a slot gets its connection without
+waiting. The
 others wait on the event loop, holding neither a thread nor a connection, for at most
 `queue_timeout_s`, then get 503 with `Retry-After`. Without the gate, requests beyond the pool
 size waited for a connection inside threads while the requests holding connections waited for

@@ -107,11 +107,14 @@ SHUTDOWN_JOIN_S = 2.0  # how long shutdown waits for a background loop's current
 
 def create_app(config: ServerConfig) -> FastAPI:
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    # Every slot holder gets a connection at once; the overflow covers the sessions the gate
-    # does not count, and a checkout that still waits answers 503 instead of stalling.
+    # Every slot holder gets a connection at once. The overflow covers the sessions the gate
+    # does not count (an audit record after each mutating request's answer, in a thread):
+    # one per thread the pool of threads may run, so no thread waits for a connection while
+    # holding the thread a slot holder needs. A checkout that still waits answers 503.
     engine = make_engine(config.resolved_db_url,
                          pool_size=config.db_slots + BACKGROUND_SESSIONS,
-                         max_overflow=config.db_slots, pool_timeout_s=config.queue_timeout_s)
+                         max_overflow=config.db_slots + SPARE_THREADS,
+                         pool_timeout_s=config.queue_timeout_s)
     ensure_schema(engine)  # an empty database gets the schema; an old one is refused
     repo = ServerRepository(
         config.data_dir / "tuf",

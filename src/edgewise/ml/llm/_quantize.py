@@ -65,6 +65,7 @@ class LlmCandidate:
     quant: str
     bundle: str
     file_mb: float
+    ram_mb: float | None  # what the candidate's bundle says it needs (the device checks this)
     peak_rss_mb: float | None
     prompt_tok_s: float
     gen_tok_s: float
@@ -90,7 +91,8 @@ class LlmQuantReport:
 
 
 def _candidate(quant: str, bundle: Path, file: Path, m: LlmMeasurement,
-               reference: LlmMeasurement | None, max_ppl: float) -> LlmCandidate:
+               reference: LlmMeasurement | None, max_ppl: float,
+               ram_mb: float | None = None) -> LlmCandidate:
     n = len(m.golden)
     agree = (sum(a.answer.strip() == b.answer.strip() for a, b in zip(m.golden, reference.golden,
                                                                        strict=True)) / n
@@ -103,7 +105,8 @@ def _candidate(quant: str, bundle: Path, file: Path, m: LlmMeasurement,
         why.append(f"perplexity {m.perplexity:.1f} > {max_ppl:.1f}")
     return LlmCandidate(
         quant=quant, bundle=str(bundle), file_mb=round(file.stat().st_size / 1e6, 1),
-        peak_rss_mb=m.peak_rss_mb, prompt_tok_s=m.prompt_tok_s, gen_tok_s=m.gen_tok_s,
+        ram_mb=ram_mb, peak_rss_mb=m.peak_rss_mb, prompt_tok_s=m.prompt_tok_s,
+        gen_tok_s=m.gen_tok_s,
         threads=m.threads, perplexity=m.perplexity, golden_pass=round(m.golden_passed / n, 3),
         golden_agree=round(agree, 3), collapsed=bool(why), why="; ".join(why) or "ok")
 
@@ -164,8 +167,9 @@ def quantize_bundle(bundle_dir: Path, out_dir: Path, *, types: Sequence[str],
         # The candidate keeps the reference's contract: its bounds say what "healthy" means.
         build_llm_bundle(file, target, replace(config, version=version), measurement=m,
                          provenance={"quantized_from": manifest.release_name, "quant": quant})
-        _keep_perplexity_bound(target, spec.max_perplexity)
-        candidates.append(_candidate(quant, target, file, m, ref_m, max_ppl))
+        kept = _keep_perplexity_bound(target, spec.max_perplexity)
+        candidates.append(_candidate(quant, target, file, m, ref_m, max_ppl,
+                                     ram_mb=kept.llm.ram_mb))
         tell(f"measured {quant}", i, steps)
     report = LlmQuantReport(kind=REPORT_KIND, source=manifest.release_name,
                             reference=reference, candidates=candidates,
@@ -177,7 +181,7 @@ def quantize_bundle(bundle_dir: Path, out_dir: Path, *, types: Sequence[str],
     return report
 
 
-def _keep_perplexity_bound(bundle: Path, max_perplexity: float) -> None:
+def _keep_perplexity_bound(bundle: Path, max_perplexity: float) -> LlmManifest:
     """A candidate inherits the source bundle's perplexity bound: its own measurement must
     not move the goalposts."""
     from ...artifacts import MANIFEST_NAME, parse_manifest, validate_bundle
@@ -188,19 +192,21 @@ def _keep_perplexity_bound(bundle: Path, max_perplexity: float) -> None:
     updated = manifest.model_copy(update={"llm": llm})
     (bundle / MANIFEST_NAME).write_text(updated.to_json())
     validate_bundle(bundle)
+    return updated
 
 
 def _markdown(report: LlmQuantReport) -> str:
     lines = [f"# Quantization of {report.source}", "",
              f"Measured on this machine at {report.threads} thread(s); reference: F16 rebuilt "
              f"from the bundle's file. Perplexity bound {report.max_perplexity:g}.", "",
-             "| quant | file MB | peak RSS MB | prompt tok/s | gen tok/s | perplexity | golden "
-             "pass | agrees with F16 | verdict |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| quant | file MB | RAM needed MB | peak RSS MB | prompt tok/s | gen tok/s | "
+             "perplexity | golden pass | agrees with F16 | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for c in [report.reference, *report.candidates]:
         verdict = "reference" if c is report.reference else (
             f"**collapsed**: {c.why}" if c.collapsed else "ok")
-        lines.append(f"| {c.quant} | {c.file_mb} | {c.peak_rss_mb} | {c.prompt_tok_s} | "
+        lines.append(f"| {c.quant} | {c.file_mb} | {c.ram_mb or '-'} | {c.peak_rss_mb} | "
+                     f"{c.prompt_tok_s} | "
                      f"{c.gen_tok_s} | {c.perplexity} | {c.golden_pass:.0%} | "
                      f"{c.golden_agree:.0%} | {verdict} |")
     return "\n".join(lines) + "\n"
@@ -253,16 +259,18 @@ class LlmFit:
 def fit_llm(report: LlmQuantReport, *, max_ram_mb: float | None = None,
             min_gen_tok_s: float | None = None, max_size_mb: float | None = None,
             slowdown: float = 1.0) -> LlmFit:
-    """The best-quality (lowest perplexity) candidate that fits the device: peak RSS within
-    its RAM, generation at least its floor once slowed by `slowdown` (device time / this
-    machine's), file within its size budget. Collapsed candidates are never chosen."""
+    """The best-quality (lowest perplexity) candidate that fits the device: the RAM its bundle
+    says it needs (what the device's agent checks) within the device's, generation at least
+    its floor once slowed by `slowdown` (device time / this machine's), file within its size
+    budget. Collapsed candidates are never chosen."""
     explanation, fitting = [], []
     for c in report.candidates:
         reasons = []
         if c.collapsed:
             reasons.append(f"collapsed ({c.why})")
-        if max_ram_mb is not None and (c.peak_rss_mb or 0) > max_ram_mb:
-            reasons.append(f"peak RSS {c.peak_rss_mb} MB > {max_ram_mb:g} MB")
+        if max_ram_mb is not None and (c.ram_mb is None or c.ram_mb > max_ram_mb):
+            reasons.append(f"needs {c.ram_mb} MB of RAM > {max_ram_mb:g} MB" if c.ram_mb
+                           else "RAM needed unknown")
         if min_gen_tok_s is not None and c.gen_tok_s / slowdown < min_gen_tok_s:
             reasons.append(f"{c.gen_tok_s / slowdown:.1f} tok/s on the device < "
                            f"{min_gen_tok_s:g}")

@@ -155,7 +155,12 @@ def add_variant(
     if manifest.name != release.name:
         raise InvalidInput(f"a variant of {release.name}@{release.version} must carry the "
                            f"model name {release.name!r}, not {manifest.name!r}")
-    if list(manifest.labels) != list(release.manifest.get("labels") or []):
+    kind = release.manifest.get("kind", "image-classifier")
+    if manifest.kind != kind:
+        raise InvalidInput(f"a variant of {release.name}@{release.version} must be a {kind} "
+                           f"bundle, not a {manifest.kind} one")
+    if isinstance(manifest, BundleManifest) and \
+            list(manifest.labels) != list(release.manifest.get("labels") or []):
         raise InvalidInput("a variant must predict the same labels as its release")
     terms = ReleaseTerms.of(added[manifest_path])
     base_info = repo.target(release.manifest_target)
