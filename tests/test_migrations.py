@@ -13,12 +13,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, inspect, text
 
 from edgewise.server._db import make_engine, normalise_url
 from edgewise.server._schema import (
     FIRST_REVISION,
     SchemaError,
+    _config,
     current_revision,
     head_revision,
     migrate,
@@ -82,11 +83,17 @@ def test_a_database_from_before_migrations_is_migrated_with_nothing_lost(
                                      targets_key_path=keys.targets_key)
             events_before = len(client.events())
         server.stop()
-        # ...and without the version table, as every database written before migrations is.
+        # ...brought back to that schema, and without the version table, as every database
+        # written before migrations is.
         engine = create_engine(normalise_url(url))
-        with engine.begin() as connection:
-            assert current_revision(connection) == FIRST_REVISION == head_revision()
+        with engine.connect() as connection:
+            assert current_revision(connection) == head_revision() != FIRST_REVISION
+            from alembic import command
+
+            command.downgrade(_config(connection), FIRST_REVISION)
             connection.execute(text("DROP TABLE alembic_version"))
+            connection.commit()
+            assert "device_nonces" not in inspect(connection).get_table_names()
         engine.dispose()
 
         # The server refuses it and says what to run.

@@ -54,7 +54,9 @@ class ServerContext:
     admin_token_hash: str
     max_upload_bytes: int
     db_gate: DbGate
-    replay_guard: ReplayGuard = field(default_factory=ReplayGuard)
+    # In memory for one process (SQLite); `devices.replay.DatabaseReplayGuard` when replicas
+    # share a PostgreSQL database.
+    replay_guard: Any = field(default_factory=ReplayGuard)
 
 
 @dataclass(frozen=True)
@@ -146,7 +148,7 @@ def require_device(request: Request, body: BodyDep, session: SessionDep) -> Devi
             target += b"?" + query
         verify_request(signed, device.public_key, request.method, target.decode("latin-1"),
                        body)
-        ctx.replay_guard.check(signed)
+        ctx.replay_guard.check(signed, session=session)
     except DeviceAuthError as exc:
         raise Unauthorized(str(exc)) from exc
     request.state.actor = f"device:{device.id}"

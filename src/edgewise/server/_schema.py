@@ -14,11 +14,13 @@ from contextlib import contextmanager
 
 from sqlalchemy import Connection, Engine, MetaData, create_engine, inspect, text
 
-__all__ = ["FIRST_REVISION", "SchemaError", "current_revision", "ensure_schema",
+__all__ = ["FIRST_REVISION", "SchemaError", "current_revision", "ensure_schema", "exclusive",
            "head_revision", "migrate", "target_metadata"]
 
 FIRST_REVISION = "0001"  # the schema of Edgewise 0.1.0, before migrations existed
 _LOCK_KEY = 0x45646765  # "Edge": the advisory lock every schema change takes (PostgreSQL)
+# Scheduled work that must run on one replica at a time, each under its own advisory lock.
+_WORK_KEYS = {"rollout-tick": _LOCK_KEY + 1}
 
 
 class SchemaError(ValueError):
@@ -82,6 +84,27 @@ def _schema_lock(engine: Engine) -> Iterator[Connection]:
             if connection.dialect.name == "postgresql":
                 connection.rollback()
                 connection.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _LOCK_KEY})
+                connection.commit()
+
+
+@contextmanager
+def exclusive(engine: Engine, work: str) -> Iterator[bool]:
+    """Whether this process may do `work` now: on PostgreSQL, True for the one replica that
+    holds its advisory lock (held until the block ends; a replica that dies releases it with
+    its connection); the others get False and skip. SQLite serves one process: always True."""
+    if engine.dialect.name != "postgresql":
+        yield True
+        return
+    key = _WORK_KEYS[work]
+    with engine.connect() as connection:
+        got = bool(connection.execute(text("SELECT pg_try_advisory_lock(:k)"),
+                                      {"k": key}).scalar())
+        connection.commit()
+        try:
+            yield got
+        finally:
+            if got:
+                connection.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
                 connection.commit()
 
 

@@ -18,18 +18,21 @@ from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
 from ..trust import ServerRepository, load_root, load_signer
+from ..trust._device_auth import ReplayGuard
 from ..trust._director import DirectorRepository
 from ._auth import WEAK_TOKENS, hash_token, new_token
 from ._db import make_engine, make_sessionmaker
 from ._deps import ServerContext
 from ._errors import DomainError, ServiceBusy
 from ._gate import DbGate
-from ._schema import ensure_schema
+from ._schema import ensure_schema, exclusive
 from .audit import models as _audit_models  # noqa: F401
 from .audit.routes import AuditMiddleware
 from .audit.routes import router as audit_router
 from .dashboard.routes import router as dashboard_router
 from .devices import models as _device_models  # noqa: F401  (register tables)
+from .devices.replay import DatabaseReplayGuard
+from .devices.replay import prune as prune_nonces
 from .devices.routes import router as devices_router
 from .director import models as _director_models  # noqa: F401
 from .director.routes import router as director_router
@@ -173,6 +176,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         max_upload_bytes=config.max_upload_bytes,
         db_gate=DbGate(slots=config.db_slots, queue_timeout_s=config.queue_timeout_s,
                        retry_after_s=config.retry_after_s),
+        replay_guard=(DatabaseReplayGuard() if engine.dialect.name == "postgresql"
+                      else ReplayGuard()),
     )
 
     app.add_middleware(AuditMiddleware)
@@ -221,8 +226,13 @@ def _rollout_loop(sessions, tick_s: float, stop: threading.Event) -> None:
     while not stop.wait(wait):
         started = time.monotonic()
         try:
-            with sessions() as session:
-                rollouts.tick_all(session)
+            # One replica ticks at a time (PostgreSQL advisory lock); the others skip.
+            with exclusive(sessions.kw["bind"], "rollout-tick") as mine:
+                if mine:
+                    with sessions() as session:
+                        rollouts.tick_all(session)
+                        if session.get_bind().dialect.name == "postgresql":
+                            prune_nonces(session)
         except Exception:  # keep deciding; one bad tick must not stop all rollouts
             log.exception("rollout tick failed")
         wait = max(tick_s, (time.monotonic() - started) * (1 - TICK_DUTY) / TICK_DUTY)

@@ -154,7 +154,9 @@ class ReplayGuard:
         self._lock = threading.Lock()
         self._per_device = per_device
 
-    def check(self, signed: SignedRequest, *, now: float | None = None) -> None:
+    def check(self, signed: SignedRequest, *, now: float | None = None,
+              session: object = None) -> None:
+        """Refuse a nonce seen before (`session`: unused; the database guard's argument)."""
         now = time.time() if now is None else now
         with self._lock:
             seen = self._seen.setdefault(signed.device_id, {})

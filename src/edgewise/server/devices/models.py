@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, String
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from .._db import Base, utcnow
@@ -52,3 +52,14 @@ class InstallResult(Base):
     outcome: Mapped[str] = mapped_column(String(32))
     health: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     finished_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class DeviceNonce(Base):
+    """A device request's nonce, kept until its signature's time window has passed: the
+    replay guard that every server process sharing the database sees (`devices.replay`)."""
+
+    __tablename__ = "device_nonces"
+
+    device_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    nonce: Mapped[str] = mapped_column(String(64), primary_key=True)
+    expires_at: Mapped[float] = mapped_column(Float, index=True)  # unix seconds

@@ -8,6 +8,7 @@ from pydantic import BaseModel, Field
 
 from .._deps import Operator, OperatorDep, SessionDep, ViewerDep
 from .._errors import InvalidInput
+from .._schema import exclusive
 from . import service
 from .engine import Gates, Stage, parse_stages
 from .models import Rollout
@@ -75,7 +76,10 @@ def create_rollout(body: RolloutIn, session: SessionDep,
         raise InvalidInput(str(exc)) from None
     rollout = service.create_rollout(session, release_id=body.release_id,
                                      group_name=body.group, stages=stages)
-    service.tick(session, rollout)
+    # The first stage starts now, unless another replica is ticking (it will pick it up).
+    with exclusive(session.get_bind(), "rollout-tick") as mine:
+        if mine:
+            service.tick(session, rollout)
     return rollout_out(session, rollout)
 
 
