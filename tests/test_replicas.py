@@ -3,8 +3,10 @@ whichever replica receives it, and rollout ticks run on one replica at a time.""
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -97,3 +99,37 @@ def test_rollout_ticks_wait_for_the_replica_holding_the_lock(replicas, tmp_path:
         assigned = [e for e in admin.events(limit=1000)
                     if e["kind"] == "assigned" and e.get("rollout_id") == rollout["id"]]
         assert len(assigned) == 1 and assigned[0]["device_id"] in devices
+
+
+def test_each_event_is_announced_once_by_one_replica(replicas, tmp_path: Path, keys) -> None:
+    from http.server import ThreadingHTTPServer
+
+    from tests.test_notifications import _Receiver
+
+    url, (a, b), token = replicas
+    _Receiver.calls, _Receiver.fail_first = [], 0
+    receiver = ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    try:
+        with OperatorClient(b.url, token=token) as admin:
+            hook = admin.request("POST", "/api/v1/webhooks", json={
+                "url": f"http://127.0.0.1:{receiver.server_address[1]}/hook",
+                "events": ["published"]}).json()
+            with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"),
+                                 autocommit=True) as holder:
+                holder.execute("SELECT pg_advisory_lock(%s)", (_WORK_KEYS["notify"],))
+                for i in range(3):
+                    publish_bundle(admin, make_tiny_bundle(tmp_path / f"b{i}",
+                                                           version=f"1.0.{i}"),
+                                   root_path=keys.root_json, targets_key_path=keys.targets_key)
+                time.sleep(2.0)  # ~4 notification ticks of each replica
+                assert _Receiver.calls == []  # the replica holding the lock is busy elsewhere
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and len(_Receiver.calls) < 3:
+                time.sleep(0.2)
+            time.sleep(1.5)  # more ticks of both replicas: nothing is sent twice
+            deliveries = admin.request("GET", f"/api/v1/webhooks/{hook['id']}/deliveries").json()
+        ids = sorted(json.loads(body)["event_id"] for _headers, body in _Receiver.calls)
+        assert len(ids) == 3 == len(set(ids)) == len(deliveries)
+    finally:
+        receiver.shutdown()

@@ -20,7 +20,7 @@ __all__ = ["FIRST_REVISION", "SchemaError", "current_revision", "ensure_schema",
 FIRST_REVISION = "0001"  # the schema of Edgewise 0.1.0, before migrations existed
 _LOCK_KEY = 0x45646765  # "Edge": the advisory lock every schema change takes (PostgreSQL)
 # Scheduled work that must run on one replica at a time, each under its own advisory lock.
-_WORK_KEYS = {"rollout-tick": _LOCK_KEY + 1}
+_WORK_KEYS = {"rollout-tick": _LOCK_KEY + 1, "notify": _LOCK_KEY + 2}
 
 
 class SchemaError(ValueError):

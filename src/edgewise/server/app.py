@@ -246,8 +246,12 @@ def _notify_loop(sessions, mqtt: MqttPublisher | None, tick_s: float,
     with httpx.Client(timeout=10) as http:
         while not stop.wait(tick_s):
             try:
-                with sessions() as session:
-                    notify.process_events(session, mqtt=mqtt)
-                    notify.deliver_due(session, http=http)
+                # The cursor and the deliveries are shared rows: one replica at a time
+                # announces, so each event goes out once.
+                with exclusive(sessions.kw["bind"], "notify") as mine:
+                    if mine:
+                        with sessions() as session:
+                            notify.process_events(session, mqtt=mqtt)
+                            notify.deliver_due(session, http=http)
             except Exception:
                 log.exception("notification tick failed")
