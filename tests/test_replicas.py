@@ -133,3 +133,59 @@ def test_each_event_is_announced_once_by_one_replica(replicas, tmp_path: Path, k
         assert len(ids) == 3 == len(set(ids)) == len(deliveries)
     finally:
         receiver.shutdown()
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def test_server_run_with_two_workers_serves_a_whole_update(tmp_path: Path, keys) -> None:
+    from edgewise.agent import agent_status
+    from edgewise.agent import enroll as enroll_agent
+    from tests.test_e2e_update import run_once
+
+    token = secrets.token_urlsafe(24)
+    with throwaway_postgres() as url:
+        server = ServerProcess(data_dir=tmp_path / "srv", root_path=keys.root_json,
+                               online_key_path=keys.online_key, admin_token=token,
+                               db_url=url, log_path=tmp_path / "server.log",
+                               extra_args=("--workers", "2")).start()
+        try:
+            workers = [p for p in _children(server.proc.pid)
+                       if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+            assert len(workers) == 2, workers
+            with OperatorClient(server.url, token=token) as admin:
+                state = tmp_path / "agent"
+                enroll_agent(state, server_url=server.url, token=admin.create_enrollment_token(),
+                             root_path=keys.root_json, name="w", hardware="test",
+                             insecure_dev=True)
+                release = publish_bundle(admin, make_tiny_bundle(tmp_path / "b"),
+                                         root_path=keys.root_json,
+                                         targets_key_path=keys.targets_key)
+                admin.assign(release["id"])
+                assert run_once(state, tmp_path) == 0
+                assert agent_status(state)["state"] == "committed"
+                (device,) = admin.devices()
+                assert device["state"] == "committed"
+        finally:
+            server.stop()
+
+
+def test_several_workers_need_postgresql(tmp_path: Path, keys) -> None:
+    import subprocess
+
+    from edgewise.sim import edgewise_command
+
+    result = subprocess.run(edgewise_command(
+        "server", "run", "--data", str(tmp_path / "srv"), "--root", str(keys.root_json),
+        "--online-key", str(keys.online_key), "--insecure-dev", "--workers", "2"),
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "needs a PostgreSQL database" in result.stderr

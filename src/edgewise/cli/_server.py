@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -37,6 +38,8 @@ def run(
                                                    "Retry-After")] = 5.0,
     shutdown_timeout_s: Annotated[int, typer.Option(help="on SIGTERM, how long requests in "
                                                     "flight may take to finish")] = 3,
+    workers: Annotated[int, typer.Option(min=1, help="server processes on this port "
+                                         "(several need PostgreSQL: --db)")] = 1,
     mqtt_url: Annotated[str | None, typer.Option(envvar="EDGEWISE_MQTT_URL",
                                                  help="mqtts://HOST:PORT of the broker")] = None,
     mqtt_ca: Annotated[Path | None, typer.Option(help="CA certificate of the broker")] = None,
@@ -53,7 +56,7 @@ def run(
     """Run the update server (FastAPI + uvicorn). OpenAPI docs at /docs."""
     import uvicorn
 
-    from ..server.app import ServerConfig, create_app, resolve_admin_token
+    from ..server.app import CONFIG_ENV, ServerConfig, create_app, resolve_admin_token
     from ..server.notify.mqtt import MqttConfig
     from ..trust import TrustError
 
@@ -68,21 +71,32 @@ def run(
             "serving plain HTTP (--insecure-dev): credentials and tokens travel in clear text")
     mqtt = (MqttConfig(url=mqtt_url, ca_path=mqtt_ca, cert_path=mqtt_cert, key_path=mqtt_key)
             if mqtt_url else None)
+    if workers > 1 and not (db or "").startswith(("postgresql", "postgres")):
+        fail("--workers above 1 needs a PostgreSQL database (--db postgresql://...): the "
+             "processes share its replay guard and locks; SQLite serves one process")
     try:
         token = resolve_admin_token(data, admin_token)
-        app = create_app(ServerConfig(data_dir=data, root_path=root, online_key_path=online_key,
-                                      admin_token=token, db_url=db,
-                                      rollout_tick_s=rollout_tick_s, mqtt=mqtt,
-                                      max_upload_bytes=int(max_upload_gb * 2**30),
-                                      db_slots=db_slots, queue_timeout_s=queue_timeout_s))
+        config = ServerConfig(data_dir=data, root_path=root, online_key_path=online_key,
+                              admin_token=token, db_url=db, rollout_tick_s=rollout_tick_s,
+                              mqtt=mqtt, max_upload_bytes=int(max_upload_gb * 2**30),
+                              db_slots=db_slots, queue_timeout_s=queue_timeout_s)
+        # Built here once even for workers: the schema and the director's keys are made
+        # before several processes could race to make them.
+        app = create_app(config)
     except (ValueError, TrustError) as exc:  # SchemaError is a ValueError
         fail(str(exc))
     if admin_token is None:
         console.print(f"admin token: {data / 'admin.token'}")
-    uvicorn.run(app, host=host, port=port, log_level="debug" if verbose else "warning",
-                log_config=None, timeout_graceful_shutdown=shutdown_timeout_s,
-                ssl_certfile=str(tls_cert) if tls_cert else None,
-                ssl_keyfile=str(tls_key) if tls_key else None)
+    options = dict(host=host, port=port, log_level="debug" if verbose else "warning",
+                   log_config=None, timeout_graceful_shutdown=shutdown_timeout_s,
+                   ssl_certfile=str(tls_cert) if tls_cert else None,
+                   ssl_keyfile=str(tls_key) if tls_key else None)
+    if workers == 1:
+        uvicorn.run(app, **options)
+        return
+    del app
+    os.environ[CONFIG_ENV] = config.to_env()
+    uvicorn.run("edgewise.server.app:app_from_env", factory=True, workers=workers, **options)
 
 
 @server_app.command("migrate")

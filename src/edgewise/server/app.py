@@ -57,7 +57,9 @@ from .rollouts.routes import router as rollouts_router
 from .tokens import models as _token_models  # noqa: F401
 from .tokens.routes import router as tokens_router
 
-__all__ = ["ServerConfig", "create_app", "resolve_admin_token"]
+__all__ = ["CONFIG_ENV", "ServerConfig", "app_from_env", "create_app", "resolve_admin_token"]
+
+CONFIG_ENV = "EDGEWISE_SERVER_CONFIG"  # how `server run --workers N` hands each worker its config
 
 log = logging.getLogger("edgewise.server")
 
@@ -82,6 +84,33 @@ class ServerConfig:
     @property
     def resolved_db_url(self) -> str:
         return self.db_url or f"sqlite:///{(self.data_dir / 'edgewise.db').resolve()}"
+
+    def to_env(self) -> str:
+        """This config as JSON for worker processes (the admin token travels hashed only in
+        memory; here it is the process environment, as for the parent)."""
+        import dataclasses
+        import json
+
+        data = dataclasses.asdict(self)
+        for key in ("data_dir", "root_path", "online_key_path"):
+            data[key] = str(data[key])
+        if self.mqtt is not None:
+            data["mqtt"] = {k: str(v) if isinstance(v, Path) else v
+                            for k, v in dataclasses.asdict(self.mqtt).items()}
+        return json.dumps(data)
+
+    @classmethod
+    def from_env(cls, text: str) -> ServerConfig:
+        import json
+
+        data = json.loads(text)
+        for key in ("data_dir", "root_path", "online_key_path"):
+            data[key] = Path(data[key])
+        if data.get("mqtt") is not None:
+            mqtt = data["mqtt"]
+            data["mqtt"] = MqttConfig(**{k: Path(v) if k.endswith("_path") and v else v
+                                         for k, v in mqtt.items()})
+        return cls(**data)
 
 
 def resolve_admin_token(data_dir: Path, given: str | None) -> str:
@@ -204,6 +233,13 @@ def create_app(config: ServerConfig) -> FastAPI:
                    metrics_router, audit_router, repository_router, dashboard_router):
         app.include_router(router)
     return app
+
+
+def app_from_env() -> FastAPI:
+    """The app of one worker process of `edgewise server run --workers N` (uvicorn factory)."""
+    import os
+
+    return create_app(ServerConfig.from_env(os.environ[CONFIG_ENV]))
 
 
 def _has_devices(sessions) -> bool:
