@@ -4,7 +4,7 @@ import json
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field, field_validator
 
 from .._deps import ContextDep, DeviceDep, Operator, OperatorDep, SessionDep, ViewerDep
@@ -119,8 +119,30 @@ def enroll(body: EnrollIn, session: SessionDep, ctx: ContextDep) -> EnrollOut:
 
 
 @router.get("/devices", response_model=list[DeviceOut], dependencies=[ViewerDep])
-def list_devices(session: SessionDep) -> list[DeviceOut]:
-    return [DeviceOut.of(d) for d in service.list_devices(session)]
+def list_devices(
+    session: SessionDep,
+    state: Annotated[str | None, Query(max_length=32)] = None,
+    release_id: Annotated[str | None, Query(max_length=32, description="'none': devices "
+                                            "without a release")] = None,
+    tag: Annotated[str | None, Query(max_length=128)] = None,
+    seen_since: Annotated[datetime | None, Query(description="last seen at or after (UTC)")]
+    = None,
+    limit: Annotated[int | None, Query(ge=1, le=10_000, description="page size (default: "
+                                       "every device)")] = None,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> list[DeviceOut]:
+    """Devices in enrollment order, filtered; page with `limit` and `offset`."""
+    return [DeviceOut.of(d) for d in service.list_devices(
+        session, state=state, release_id=release_id, tag=tag, seen_since=seen_since,
+        limit=limit, offset=offset)]
+
+
+@router.get("/devices-summary", dependencies=[ViewerDep])
+def fleet_summary(session: SessionDep) -> dict[str, Any]:
+    """Fleet counts by state and by release, computed by the database."""
+    counts = service.fleet_counts(session)
+    return {"total": counts.total, "by_state": counts.by_state,
+            "by_release": {k or "none": v for k, v in counts.by_release.items()}}
 
 
 @router.get("/devices/{device_id}", response_model=DeviceOut, dependencies=[ViewerDep])

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import secrets
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import String, cast, func, select, update
 from sqlalchemy.orm import Session
 
 from ...windows import parse_window, zone
@@ -75,8 +77,42 @@ def get_device(session: Session, *, device_id: str) -> Device:
     return device
 
 
-def list_devices(session: Session) -> list[Device]:
-    return list(session.scalars(select(Device).order_by(Device.enrolled_at, Device.id)))
+def list_devices(session: Session, *, state: str | None = None, release_id: str | None = None,
+                 tag: str | None = None, seen_since: datetime | None = None,
+                 limit: int | None = None, offset: int = 0) -> list[Device]:
+    """Devices in enrollment order, filtered in SQL; `limit`/`offset` page through a fleet
+    too large to load at once."""
+    query = select(Device).order_by(Device.enrolled_at, Device.id)
+    if state is not None:
+        query = query.where(Device.state == state)
+    if release_id is not None:
+        query = query.where(Device.release_id == (None if release_id == "none" else release_id))
+    if tag is not None:
+        # tags is a JSON list of strings: match the quoted element in its text (portable
+        # across SQLite and PostgreSQL; LIKE's wildcards in the tag are escaped).
+        quoted = json.dumps(tag).replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        query = query.where(cast(Device.tags, String).like(f"%{quoted}%", escape="\\"))
+    if seen_since is not None:
+        query = query.where(Device.last_seen_at >= seen_since)
+    if limit is not None:
+        query = query.limit(limit).offset(offset)
+    return list(session.scalars(query))
+
+
+@dataclass(frozen=True)
+class FleetCounts:
+    total: int
+    by_state: dict[str, int]
+    by_release: dict[str | None, int]  # release id (None: no release yet) -> devices on it
+
+
+def fleet_counts(session: Session) -> FleetCounts:
+    """Counts computed by the database (a fleet page must not load every device)."""
+    by_state = dict(session.execute(
+        select(Device.state, func.count()).group_by(Device.state)).all())
+    by_release = dict(session.execute(
+        select(Device.release_id, func.count()).group_by(Device.release_id)).all())
+    return FleetCounts(total=sum(by_state.values()), by_state=by_state, by_release=by_release)
 
 
 def assign(session: Session, *, release_id: str, device_ids: list[str] | None) -> list[Device]:
