@@ -8,7 +8,8 @@ Prints JSON lines:
         medians of alternating runs, the same model file and thread count; goal cost <= 5%
   {"bench": "llm-update-bytes", "change", "method", "bytes", "fraction_of_full"}
         template-only change and a re-quantization: full file, edgewise delta, zstd
-        --patch-from, xdelta3
+        --patch-from (python-zstandard as in bench/delta.py, and the zstd tool with
+        --long=28), xdelta3
 
     python bench/llm.py [--types Q8_0,Q4_K_M,Q4_0,Q2_K] [--threads N] [--runs 5]
 """
@@ -19,6 +20,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -150,10 +152,14 @@ def update_bytes(source: Path, work: Path) -> None:
         full = new.stat().st_size
         emit({"bench": "llm-update-bytes", "change": change, "method": "full-file",
               "bytes": full, "fraction_of_full": 1.0})
-        for method in ("edgewise-delta", "zstd-patch-from", "xdelta3"):
+        for method in ("edgewise-delta", "zstd-patch-from", "zstd-cli-patch-from", "xdelta3"):
             patch = work / f"patch.{method}"
             t0 = time.perf_counter()
-            encode_method(method, old, new, patch)
+            if method == "zstd-cli-patch-from":  # the zstd tool itself (long-distance matching)
+                subprocess.run(["zstd", "-q", "-f", "-19", "--long=28", f"--patch-from={old}",
+                                str(new), "-o", str(patch)], check=True)
+            else:
+                encode_method(method, old, new, patch)
             size = patch.stat().st_size
             emit({"bench": "llm-update-bytes", "change": change, "method": method,
                   "bytes": size, "fraction_of_full": round(size / full, 6),

@@ -106,17 +106,31 @@ def measure_in_subprocess(path: Path, *, golden: Sequence[GoldenPrompt], eval_te
     return LlmMeasurement.from_json(json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
+def _peak_rss_mb() -> float | None:
+    """This process's resident high-water mark (VmHWM). Not getrusage's ru_maxrss: Linux
+    carries that across fork and exec, so a child started from a large parent reports the
+    parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def _main() -> None:
     request = json.loads(sys.stdin.read())
     m = measure_llm(request["path"], golden=[GoldenPrompt(**g) for g in request["golden"]],
                     eval_text=None, n_ctx=request["n_ctx"], threads=request["threads"])
     # Peak of serving (load, answers, generation), before the perplexity pass, which keeps
     # every position's logits and is not what the device runs.
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak = _peak_rss_mb()
     ppl = (perplexity(request["path"], request["eval_text"],
                       window=min(256, request["n_ctx"]), threads=request["threads"])
            if request["eval_text"] else None)
-    data = {**m.to_json(), "peak_rss_mb": round(peak, 1),
+    data = {**m.to_json(), "peak_rss_mb": round(peak, 1) if peak is not None else None,
             "perplexity": round(ppl, 3) if ppl is not None else None}
     sys.stdout.write(json.dumps(data) + "\n")
 
