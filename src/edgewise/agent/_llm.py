@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..artifacts import LlmManifest
-from ..llm import LlamaModel, LlmError, RuntimeUnavailable, free_cores, measure_llm
+from ..llm import LlamaModel, LlmError, RuntimeUnavailable, free_cores, measure_llm, proc_mb
 from ._errors import HealthCheckFailed
 
 __all__ = ["device_ram_mb", "llm_health_check", "load_llm"]
@@ -20,14 +20,7 @@ __all__ = ["device_ram_mb", "llm_health_check", "load_llm"]
 
 def device_ram_mb() -> float | None:
     """Memory available to a new model now (Linux MemAvailable), or None if unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) / 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    return proc_mb("/proc/meminfo", "MemAvailable")
 
 
 def load_llm(bundle_dir: Path, manifest: LlmManifest, *, threads: int | None = None

@@ -10,7 +10,15 @@ a model is loaded (`RuntimeUnavailable` without it).
 from ._errors import GgufError, LlmError, LlmRuntimeError, RuntimeUnavailable
 from ._gguf import GgufInfo, read_gguf_info
 from ._measure import GoldenResult, LlmMeasurement, measure_in_subprocess, measure_llm
-from ._runtime import LlamaModel, Speed, answer_accepted, free_cores, perplexity, rss_mb
+from ._runtime import (
+    LlamaModel,
+    Speed,
+    answer_accepted,
+    free_cores,
+    perplexity,
+    proc_mb,
+    rss_mb,
+)
 
 __all__ = [
     "GgufError",
@@ -27,6 +35,7 @@ __all__ = [
     "measure_in_subprocess",
     "measure_llm",
     "perplexity",
+    "proc_mb",
     "read_gguf_info",
     "rss_mb",
 ]

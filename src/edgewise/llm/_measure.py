@@ -9,7 +9,6 @@ not the separate perplexity pass); answers are greedy.
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 from collections.abc import Sequence
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..artifacts import GoldenPrompt
-from ._runtime import LlamaModel, answer_accepted, perplexity, rss_mb
+from ._runtime import LlamaModel, answer_accepted, perplexity, proc_mb, rss_mb
 
 __all__ = ["GoldenResult", "LlmMeasurement", "measure_llm", "measure_in_subprocess"]
 
@@ -110,14 +109,7 @@ def _peak_rss_mb() -> float | None:
     """This process's resident high-water mark (VmHWM). Not getrusage's ru_maxrss: Linux
     carries that across fork and exec, so a child started from a large parent reports the
     parent's peak."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return proc_mb("/proc/self/status", "VmHWM")
 
 
 def _main() -> None:

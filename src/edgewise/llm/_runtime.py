@@ -20,7 +20,8 @@ from typing import Any
 
 from ._errors import LlmRuntimeError, RuntimeUnavailable
 
-__all__ = ["LlamaModel", "Speed", "answer_accepted", "free_cores", "perplexity", "rss_mb"]
+__all__ = ["LlamaModel", "Speed", "answer_accepted", "free_cores", "perplexity", "proc_mb",
+           "rss_mb"]
 
 
 def free_cores() -> int:
@@ -43,6 +44,19 @@ def rss_mb() -> float | None:
     except (OSError, ValueError, IndexError):
         return None
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def proc_mb(path: str, key: str) -> float | None:
+    """A `Key:  N kB` line of a /proc file (/proc/meminfo, /proc/self/status) in MB, or None
+    off Linux or when the key is absent."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def answer_accepted(answer: str, accept: Sequence[str]) -> bool:
