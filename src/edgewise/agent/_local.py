@@ -7,6 +7,7 @@ prediction to the server; inference always uses the active slot.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import json
 import logging
 import threading
@@ -252,7 +253,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-cache")
         self.end_headers()
         try:
-            for chunk in _chain(first, chunks):
+            for chunk in itertools.chain([first], chunks):
                 self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
                 self.wfile.flush()
             self.wfile.write(b"data: [DONE]\n\n")
@@ -286,11 +287,6 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(400, {"detail": str(exc)})
             return
         self._send(200, {**prediction.to_json(), "release": meta})
-
-
-def _chain(first: dict[str, Any], rest) -> Any:
-    yield first
-    yield from rest
 
 
 class _Server(ThreadingHTTPServer):

@@ -56,14 +56,12 @@ class LlmMeasurement:
 
 
 def measure_llm(path: Path | str, *, golden: Sequence[GoldenPrompt], eval_text: str | None,
-                n_ctx: int, threads: int | None = None, gen_tokens: int = 63,
-                model: LlamaModel | None = None) -> LlmMeasurement:
-    """Load (unless `model` is given), answer the golden prompts, time prompt processing and
-    generation, then score `eval_text` (None: skip perplexity)."""
+                n_ctx: int, threads: int | None = None, gen_tokens: int = 63) -> LlmMeasurement:
+    """Load, answer the golden prompts, time prompt processing and generation, then score
+    `eval_text` (None: skip perplexity)."""
     before = rss_mb()
     t0 = time.perf_counter()
-    own = model is None
-    model = model or LlamaModel(path, n_ctx=n_ctx, threads=threads)
+    model = LlamaModel(path, n_ctx=n_ctx, threads=threads)
     load_s = time.perf_counter() - t0
     try:
         results = []
@@ -75,9 +73,8 @@ def measure_llm(path: Path | str, *, golden: Sequence[GoldenPrompt], eval_text: 
                             gen_tokens=min(gen_tokens, n_ctx - prompt_tokens))
         after = rss_mb()
     finally:
-        if own:
-            model.close()
-    ppl = (perplexity(path, eval_text, window=min(256, n_ctx), threads=model.threads)
+        model.close()
+    ppl = (perplexity(path, eval_text, window=min(256, n_ctx), threads=speed.threads)
            if eval_text else None)
     return LlmMeasurement(
         load_s=round(load_s, 3),
