@@ -48,7 +48,9 @@ def make_engine(url: str, *, pool_size: int = 5, max_overflow: int = 10,
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, **pool)
+    # No pre-ping (a round trip per checkout): a connection the database dropped (a restart)
+    # fails its request once, and SQLAlchemy then replaces every pooled connection.
+    return create_engine(url, **pool)
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
-from sqlalchemy import select
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
@@ -43,6 +43,7 @@ __all__ = [
     "ServerContext",
     "SessionDep",
     "require_role",
+    "signed_target",
 ]
 
 
@@ -57,6 +58,10 @@ class ServerContext:
     # In memory for one process (SQLite); `devices.replay.DatabaseReplayGuard` when replicas
     # share a PostgreSQL database.
     replay_guard: Any = field(default_factory=ReplayGuard)
+
+    @property
+    def engine(self) -> Engine:
+        return self.sessions.kw["bind"]
 
 
 @dataclass(frozen=True)
@@ -134,6 +139,15 @@ def require_role(*roles: str) -> Any:
     return Depends(check)
 
 
+def signed_target(request: Request) -> str:
+    """The request target a device signs: the path as sent, then `?query` if any."""
+    target = request.scope.get("raw_path") or request.url.path.encode()
+    query = request.scope.get("query_string") or b""
+    if query:
+        target += b"?" + query
+    return target.decode("latin-1")
+
+
 def require_device(request: Request, body: BodyDep, session: SessionDep) -> Device:
     """The device whose key signed this request (`trust._device_auth`), else 401."""
     ctx = _context(request)
@@ -142,12 +156,7 @@ def require_device(request: Request, body: BodyDep, session: SessionDep) -> Devi
         device = session.get(Device, signed.device_id)
         if device is None or device.revoked_at is not None or not device.public_key:
             raise DeviceAuthError("unknown device (not enrolled, or revoked)")
-        target = request.scope.get("raw_path") or request.url.path.encode()
-        query = request.scope.get("query_string") or b""
-        if query:
-            target += b"?" + query
-        verify_request(signed, device.public_key, request.method, target.decode("latin-1"),
-                       body)
+        verify_request(signed, device.public_key, request.method, signed_target(request), body)
         ctx.replay_guard.check(signed, session=session)
     except DeviceAuthError as exc:
         raise Unauthorized(str(exc)) from exc

@@ -187,6 +187,7 @@ class Fleet:
             db_url=self.db_url, rollout_tick_s=self.sc.server.rollout_tick_s,
             mqtt_url=self.broker.url if self.broker else None,
             mqtt_ca=self.broker.ca if self.broker else None,
+            workers=self.sc.server.workers,
             log_path=self.workdir / "server.log").start(timeout_s=60)
         self.db_url = self.db_url or f"sqlite:///{(self.workdir / 'server' / 'edgewise.db')}"
         self.op = httpx.Client(base_url=self.server.url, timeout=120,

@@ -48,6 +48,7 @@ class ServerProcess:
     ca_path: Path | None = None  # what clients pin (to check readiness over TLS)
     log_path: Path | None = None
     extra_args: tuple[str, ...] = ()  # more `edgewise server run` options
+    workers: int = 1  # server processes on this port (PostgreSQL only above 1)
     proc: subprocess.Popen | None = None
 
     @property
@@ -69,6 +70,8 @@ class ServerProcess:
             args += ["--mqtt-url", self.mqtt_url]
             if self.mqtt_ca:
                 args += ["--mqtt-ca", str(self.mqtt_ca)]
+        if self.workers > 1:
+            args += ["--workers", str(self.workers)]
         args += self.extra_args
         log = open(self.log_path or os.devnull, "ab")
         env = {**os.environ, "EDGEWISE_ADMIN_TOKEN": self.admin_token}

@@ -35,6 +35,8 @@ class ServerSpec(_Strict):
     # PostgreSQL: this SQLAlchemy URL, else a throwaway cluster started for the run.
     url: str | None = None
     rollout_tick_s: float = Field(default=0.5, gt=0)
+    # Server processes on one port (`edgewise server run --workers`); above 1: PostgreSQL only.
+    workers: int = Field(default=1, ge=1, le=64)
 
 
 class ReleaseSpec(_Strict):

@@ -124,8 +124,15 @@ def parse_device_auth(header: str) -> SignedRequest:
     return SignedRequest(m.group(1), int(m.group(2)), m.group(3), sig)
 
 
+def _parse_public_key(public_key: str) -> Ed25519PublicKey:
+    return Ed25519PublicKey.from_public_bytes(bytes.fromhex(public_key))
+
+
 def verify_request(signed: SignedRequest, public_key: str, method: str, target: str,
-                   body: bytes, *, now: float | None = None) -> None:
+                   body: bytes, *, now: float | None = None,
+                   public: Callable[[str], Ed25519PublicKey] = _parse_public_key) -> None:
+    """Refuse a stale request or one whose signature does not verify with `public_key`
+    (hex). `public`: how the key is parsed (a cache of parsed keys, on a hot path)."""
     now = time.time() if now is None else now
     if abs(now - signed.ts) > MAX_SKEW_S:
         raise DeviceAuthError(f"device request timestamp is {now - signed.ts:+.0f} s off the "
@@ -133,7 +140,7 @@ def verify_request(signed: SignedRequest, public_key: str, method: str, target: 
     if not _PUBLIC_HEX.match(public_key or ""):
         raise DeviceAuthError("this device has no key on record")
     try:
-        Ed25519PublicKey.from_public_bytes(bytes.fromhex(public_key)).verify(
+        public(public_key).verify(
             signed.signature, _message(signed.device_id, method, target, signed.ts, signed.nonce,
                                        body))
     except (InvalidSignature, ValueError) as exc:

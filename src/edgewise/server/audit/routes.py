@@ -4,7 +4,7 @@ from typing import Any
 
 from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
-from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .._deps import AdminDep, SessionDep
 from . import service
@@ -33,21 +33,47 @@ def verify(session: SessionDep) -> dict[str, Any]:
     return {"ok": True, "entries": count, "first_bad_id": None, "reason": "ok"}
 
 
-class AuditMiddleware(BaseHTTPMiddleware):
-    """Records every mutating request after it ran, with the identity the auth layer found."""
+class AuditMiddleware:
+    """Records every mutating request after it ran, with the identity the auth layer found.
 
-    async def dispatch(self, request: Request, call_next):
-        response = await call_next(request)
-        if request.method in MUTATING:
+    A plain ASGI middleware: reads (device check-ins, metadata) pass straight through, with
+    none of the per-request task and stream machinery of Starlette's BaseHTTPMiddleware."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in MUTATING:
+            await self.app(scope, receive, send)
+            return
+        status, recorded = 500, False  # 500: the app failed before it answered
+
+        async def record() -> None:
+            nonlocal recorded
+            recorded = True
+            request = Request(scope)
             actor = getattr(request.state, "actor", None) or "anonymous"
             client = request.client.host if request.client else "?"
             sessions = request.app.state.ctx.sessions
+            method, path, code = scope["method"], request.url.path, status
 
             def write() -> None:
                 with sessions() as session:
-                    service.append(session, actor=actor, method=request.method,
-                                   path=request.url.path, status=response.status_code,
-                                   client=client)
+                    service.append(session, actor=actor, method=method, path=path,
+                                   status=code, client=client)
 
             await run_in_threadpool(write)
-        return response
+
+        async def send_recorded(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                await record()  # before the answer ends: whoever saw it can read the record
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_recorded)
+        finally:
+            if not recorded:
+                await record()

@@ -4,13 +4,24 @@ import json
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, Field, field_validator
+from starlette.concurrency import run_in_threadpool
 
-from .._deps import ContextDep, DeviceDep, Operator, OperatorDep, SessionDep, ViewerDep
-from ..releases import service as releases
-from . import service
+from ...trust._device_auth import DeviceAuthError
+from .._deps import (
+    ContextDep,
+    DeviceDep,
+    Operator,
+    OperatorDep,
+    SessionDep,
+    ViewerDep,
+    signed_target,
+)
+from .._errors import Unauthorized
+from . import checkin, service
 from .models import Device
+from .replay import DatabaseReplayGuard
 
 router = APIRouter(prefix="/api/v1", tags=["devices"])
 
@@ -172,16 +183,22 @@ def update_device(device_id: str, body: DevicePatch, session: SessionDep) -> Dev
 
 
 @router.get("/device/assignment", response_model=AssignmentOut, tags=["device API"])
-def my_assignment(device: DeviceDep, session: SessionDep) -> AssignmentOut:
-    release = service.assignment(session, device=device)
-    if release is None:
-        return AssignmentOut(release_id=None, timezone=device.timezone or "UTC")
-    build = releases.build_for(session, release=release, hardware=device.hardware)
-    return AssignmentOut(release_id=release.id, name=release.name, version=build.version,
-                         manifest_target=build.manifest_target,
-                         window=service.effective_window(session, device=device),
-                         timezone=device.timezone or "UTC",
-                         rollout_id=service.rollout_of(session, device=device))
+async def my_assignment(request: Request) -> Response:
+    """What this device should run. The fleet's hottest request: answered on plain SQL
+    (`checkin`), with the same signature, freshness and replay checks as every device call."""
+    ctx = request.app.state.ctx
+    async with ctx.db_gate.slot():
+        try:
+            answer = await run_in_threadpool(
+                checkin.check_in, ctx.engine,
+                authorization=request.headers.get("authorization", ""),
+                target=signed_target(request),
+                shared_nonces=isinstance(ctx.replay_guard, DatabaseReplayGuard),
+                replay_guard=ctx.replay_guard)
+        except DeviceAuthError as exc:
+            raise Unauthorized(str(exc)) from exc
+    request.state.actor = f"device:{answer.device_id}"
+    return Response(answer.json(), media_type="application/json")
 
 
 @router.post("/device/reports", status_code=204, tags=["device API"])

@@ -1,0 +1,185 @@
+"""The device check-in (`GET /api/v1/device/assignment`): the fleet's hottest request, on plain
+SQL.
+
+Every device asks this at every poll, so it does only what the answer needs: one statement
+reads the device with its assignment (the release, the variant for its hardware, the rollout
+that assigned it), the signature is checked against the key that statement read, and one
+transaction writes what must be written (the nonce on a shared database; "last seen" at a
+30 s resolution). No ORM objects, no session.
+
+Invariant: the answer and the security checks are those of the general path
+(`_deps.require_device`, `service.assignment`, `releases.build_for`, `service.effective_window`,
+`service.rollout_of`): a request whose signature does not verify, that is stale or replayed,
+or that comes from an unknown or revoked device is refused with the same messages; the test
+suite runs both on the same fleet and compares (tests/test_checkin.py).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from functools import lru_cache
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from sqlalchemy import (
+    Connection,
+    Engine,
+    String,
+    and_,
+    bindparam,
+    cast,
+    exists,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.exc import DBAPIError, IntegrityError
+
+from ...trust._device_auth import (
+    MAX_SKEW_S,
+    DeviceAuthError,
+    SignedRequest,
+    parse_device_auth,
+    verify_request,
+)
+from .._db import utcnow
+from ..groups.models import Group, GroupMember
+from ..releases.models import Release, ReleaseVariant
+from ..rollouts.models import Rollout, RolloutDevice
+from .models import Device, DeviceNonce
+from .service import LAST_SEEN_RESOLUTION
+
+__all__ = ["Checkin", "check_in"]
+
+_rollout = (
+    select(Rollout.id)
+    .join(RolloutDevice, RolloutDevice.rollout_id == Rollout.id)
+    .where(RolloutDevice.device_id == Device.id, Rollout.release_id == Release.id)
+    .order_by(Rollout.created_at.desc())
+    .limit(1)
+    .correlate(Device, Release)
+    .scalar_subquery()
+)
+
+# Whether a group window could apply at all: most fleets have none, and then the check-in
+# does not ask the groups. (A JSON column may hold SQL NULL or the JSON text null.)
+_any_group_window = exists().where(Group.window.is_not(None),
+                                   cast(Group.window, String) != "null").label("group_windows")
+
+_POLL = (
+    select(Device.public_key, Device.revoked_at, Device.hardware, Device.timezone,
+           Device.window, Device.tags, Device.last_seen_at,
+           Release.id, Release.name, Release.version, Release.manifest_target,
+           ReleaseVariant.version, ReleaseVariant.manifest_target, _rollout,
+           _any_group_window)
+    .select_from(Device)
+    .outerjoin(Release, Release.id == Device.assigned_release_id)
+    .outerjoin(ReleaseVariant, and_(ReleaseVariant.release_id == Release.id,
+                                    ReleaseVariant.hardware == Device.hardware))
+    .where(Device.id == bindparam("device_id"))
+)
+
+_SEEN = (update(Device).where(Device.id == bindparam("device_id"))
+         .values(last_seen_at=bindparam("now")))
+_NONCE = insert(DeviceNonce).values(device_id=bindparam("device_id"), nonce=bindparam("nonce"),
+                                    expires_at=bindparam("expires_at"))
+# PostgreSQL: the nonce and "last seen" in one statement (a data-modifying CTE), atomically.
+_NONCE_AND_SEEN = _SEEN.add_cte(_NONCE.cte("nonce"))
+
+
+@lru_cache(maxsize=65_536)
+def _public_key(hex_key: str) -> Ed25519PublicKey:
+    """Parsed once per device key (a check-in's signature check is then only the verify)."""
+    return Ed25519PublicKey.from_public_bytes(bytes.fromhex(hex_key))
+
+
+_GROUP_WINDOWS = (
+    select(Group.kind, Group.selector, Group.window, GroupMember.device_id)
+    .outerjoin(GroupMember, and_(GroupMember.group_name == Group.name,
+                                 GroupMember.device_id == bindparam("device_id")))
+    .order_by(Group.name)
+)
+
+
+@dataclass(frozen=True)
+class Checkin:
+    """The answer, as `routes.AssignmentOut` serialises it."""
+
+    device_id: str
+    body: dict[str, Any]
+
+    def json(self) -> bytes:
+        return json.dumps(self.body, separators=(",", ":")).encode()
+
+
+def check_in(engine: Engine, *, authorization: str, target: str, shared_nonces: bool,
+             replay_guard: Any = None, now: datetime | None = None) -> Checkin:
+    """Authenticate a signed check-in and answer it. `shared_nonces`: the replay guard is
+    the database's `device_nonces` table (replicas); else `replay_guard` (one process).
+    Raises DeviceAuthError for any request that is not a device's own, fresh one."""
+    signed = parse_device_auth(authorization)
+    try:
+        return _check_in(engine, signed, target, shared_nonces, replay_guard, now)
+    except DBAPIError as exc:
+        if not exc.connection_invalidated:
+            raise
+        # The database restarted under a pooled connection: the pool is reset; try once more.
+        return _check_in(engine, signed, target, shared_nonces, replay_guard, now)
+
+
+def _check_in(engine: Engine, signed: SignedRequest, target: str, shared_nonces: bool,
+              replay_guard: Any, now: datetime | None) -> Checkin:
+    now = now or utcnow()
+    # Autocommit: each statement is its own transaction, so a check-in is two round trips
+    # (read, then one write statement), with no BEGIN/COMMIT around them.
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        row = conn.execute(_POLL, {"device_id": signed.device_id}).first()
+        if row is None or row.revoked_at is not None or not row.public_key:
+            raise DeviceAuthError("unknown device (not enrolled, or revoked)")
+        verify_request(signed, row.public_key, "GET", target, b"", public=_public_key)
+        # A check-in is a read; "last seen" is kept at a coarse resolution so polling fleets
+        # do not turn every check-in into a write of the device row.
+        touch = row.last_seen_at is None or now - row.last_seen_at > LAST_SEEN_RESOLUTION
+        if shared_nonces:
+            try:
+                conn.execute(_NONCE_AND_SEEN if touch else _NONCE,
+                             {"device_id": signed.device_id, "nonce": signed.nonce,
+                              "expires_at": float(signed.ts + MAX_SKEW_S), "now": now})
+            except IntegrityError:
+                raise DeviceAuthError("replayed device request (nonce already used)") from None
+        else:
+            replay_guard.check(signed)
+            if touch:
+                conn.execute(_SEEN, {"device_id": signed.device_id, "now": now})
+        return Checkin(signed.device_id, _answer(conn, signed.device_id, row))
+
+
+def _answer(conn: Connection, device_id: str, row: Any) -> dict[str, Any]:
+    timezone = row.timezone or "UTC"
+    release_id = row[7]
+    if release_id is None:
+        return {"release_id": None, "name": None, "version": None, "manifest_target": None,
+                "window": None, "timezone": timezone, "rollout_id": None}
+    variant = row[11] is not None and bool(row.hardware)
+    return {"release_id": release_id, "name": row[8],
+            "version": row[11] if variant else row[9],
+            "manifest_target": row[12] if variant else row[10],
+            "window": row.window or (_group_window(conn, device_id, row.tags or [])
+                                     if row.group_windows else None),
+            "timezone": timezone, "rollout_id": row[13]}
+
+
+def _group_window(conn: Connection, device_id: str, tags: list[str]) -> dict[str, Any] | None:
+    """The first window (by group name) of a group the device belongs to: a static group
+    that lists it, or a dynamic group whose selector tags it carries."""
+    have = set(tags)
+    for kind, selector, window, member in conn.execute(_GROUP_WINDOWS,
+                                                       {"device_id": device_id}):
+        if not window:
+            continue
+        if (kind == "static" and member is not None) or \
+                (kind == "dynamic" and set(selector or []) <= have):
+            return window
+    return None
