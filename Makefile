@@ -23,7 +23,8 @@ $(VENV): pyproject.toml
 
 # System packages: the Fashion-MNIST data set, PostgreSQL server binaries (tests start their
 # own throwaway cluster), Mosquitto, xdelta3 (a delta benchmark baseline), Chromium (dashboard
-# tests via Playwright). Installed only when missing.
+# tests via Playwright), nginx (the load balancer in front of server replicas), wrk (the
+# check-in benchmark's load generator). Installed only when missing.
 system-deps:
 	@missing=""; \
 	[ -d $(FASHION_MNIST) ] || missing="$$missing dataset-fashion-mnist"; \
@@ -31,6 +32,8 @@ system-deps:
 	command -v mosquitto >/dev/null 2>&1 || missing="$$missing mosquitto"; \
 	command -v xdelta3 >/dev/null 2>&1 || missing="$$missing xdelta3"; \
 	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	[ -x /usr/sbin/nginx ] || missing="$$missing nginx-light"; \
+	command -v wrk >/dev/null 2>&1 || missing="$$missing wrk"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing system packages:$$missing"; \
 		$(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y $$missing; \

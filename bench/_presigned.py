@@ -82,16 +82,16 @@ def tree_cpu_s(pid: int) -> float:
 
 
 def run_wrk(url: str, signatures: Path, *, connections: int, seconds: float,
-            server_pid: int, workdir: Path) -> dict:
+            server_pids: list[int], workdir: Path) -> dict:
     """One closed-loop wrk run; the server's CPU over it; latency from wrk's histogram."""
     script = workdir / "presigned.lua"
     script.write_text(_LUA % {"path": PATH})
-    cpu0 = tree_cpu_s(server_pid)
+    cpu0 = sum(tree_cpu_s(pid) for pid in server_pids)
     proc = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "5s",
          "-s", str(script), url, "--", str(signatures)],
         capture_output=True, text=True)
-    cpu = tree_cpu_s(server_pid) - cpu0
+    cpu = sum(tree_cpu_s(pid) for pid in server_pids) - cpu0
     m = re.search(r"^WRKJSON (.*)$", proc.stdout, re.M)
     if proc.returncode != 0 or m is None:
         raise RuntimeError(f"wrk failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")

@@ -51,11 +51,13 @@ def emit(line: dict) -> None:
 
 # ---- the scenario: 5% faulty devices, 3 stages ----------------------------------------------
 
-def scenario(n: int, db: str, workers: int, timeout_s: float, replicas: int = 1) -> Scenario:
+def scenario(n: int, db: str, workers: int, timeout_s: float, replicas: int = 1,
+             server_workers: int = 1) -> Scenario:
     return Scenario(
         name=f"fleet-scale-{db}-{n}", devices=n, workers=workers, seed=1,
         poll_interval_s=2.0, timeout_s=timeout_s, sample_s=max(1.0, n / 1000),
-        server={"db": db, "rollout_tick_s": 1.0, "workers": replicas},
+        server={"db": db, "rollout_tick_s": 1.0, "replicas": replicas,
+                "workers": server_workers},
         rollout={"stages": "canary:1%,pilot:10%,broad:100%",
                  "gates": {"max_latency_ratio": None, "max_memory_ratio": None,
                            "pause_failure_rate": 0.15, "abort_failure_rate": 0.3,
@@ -123,16 +125,18 @@ def presigned_checkins(result, db: str, seconds: float, levels: list[int],
     for conc in levels:
         sigs = presign(devices, int(seconds * 4000) + 1000, workdir / "signatures.txt")
         line = {"bench": "checkins-presigned", "db": db, "devices": len(devices),
-                "replicas": result.server.workers, "concurrency": conc,
-                **run_wrk(result.server.url, sigs, connections=conc, seconds=seconds,
-                          server_pid=result.server.proc.pid, workdir=workdir),
+                "replicas": len(result.replicas), "workers": result.server.workers,
+                "concurrency": conc,
+                **run_wrk(result.url, sigs, connections=conc, seconds=seconds,
+                          server_pids=[r.proc.pid for r in result.replicas], workdir=workdir),
                 "load_avg_1m": round(os.getloadavg()[0], 2)}
         emit(line)
         if line["non2xx"] == 0 and line["p99_ms"] < P99_LIMIT_MS and (
                 best is None or line["checkins_per_s"] > best["checkins_per_s"]):
             best = line
     emit({"bench": "checkins-presigned-max", "db": db, "devices": len(devices),
-          "replicas": result.server.workers, "p99_limit_ms": P99_LIMIT_MS,
+          "replicas": len(result.replicas), "workers": result.server.workers,
+          "p99_limit_ms": P99_LIMIT_MS,
           **({k: best[k] for k in ("checkins_per_s", "concurrency", "p50_ms", "p99_ms",
                                    "server_cpu_ms_per_checkin")} if best else
              {"checkins_per_s": 0.0}),
@@ -145,7 +149,9 @@ def main() -> None:
     ap.add_argument("--db", default="sqlite,postgresql")
     ap.add_argument("--workers", type=int, default=16, help="simulator threads")
     ap.add_argument("--replicas", type=int, default=1,
-                    help="server processes (`server run --workers`; PostgreSQL only above 1)")
+                    help="server processes behind nginx (PostgreSQL only above 1)")
+    ap.add_argument("--server-workers", type=int, default=1,
+                    help="uvicorn workers per replica (PostgreSQL only above 1)")
     ap.add_argument("--timeout-s", type=float, default=3600)
     ap.add_argument("--checkin-s", type=float, default=8.0)
     ap.add_argument("--levels", default="1,2,4,8,16,32")
@@ -160,8 +166,9 @@ def main() -> None:
     logging.getLogger("edgewise.agent").setLevel(logging.CRITICAL)
 
     for db in args.db.split(","):
-        replicas = args.replicas if db == "postgresql" else 1
-        sc = scenario(args.devices, db, args.workers, args.timeout_s, replicas)
+        pg = db == "postgresql"
+        sc = scenario(args.devices, db, args.workers, args.timeout_s,
+                      args.replicas if pg else 1, args.server_workers if pg else 1)
         work = Path(tempfile.mkdtemp(prefix=f"fleet-{db}-", dir=args.workdir))
         load_before = os.getloadavg()
 
@@ -171,7 +178,7 @@ def main() -> None:
                   "faulty": summary["faulty"], "stages": summary["stages"],
                   "wall_s": summary["wall_s"], "bricked": summary["bricked"],
                   "lost_records": summary["lost_records"], "db": db,
-                  "replicas": sc.server.workers})
+                  "replicas": sc.server.replicas, "workers": sc.server.workers})
             emit({"bench": "rollout-resources", "db": db, "devices": summary["devices"],
                   "rollout_status": summary["rollout"]["status"], "passed": passed,
                   "on_candidate_fraction": summary["on_candidate_fraction"],

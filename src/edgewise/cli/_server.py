@@ -99,6 +99,40 @@ def run(
     uvicorn.run("edgewise.server.app:app_from_env", factory=True, workers=workers, **options)
 
 
+@server_app.command("lb")
+def load_balancer(
+    upstream: Annotated[list[str], typer.Option(help="a replica, http://HOST:PORT (repeat)")],
+    listen: Annotated[str, typer.Option(help="HOST:PORT devices and operators use")]
+    = "127.0.0.1:8080",
+    workdir: Annotated[Path, typer.Option("--dir", help="nginx's config, logs and temp files")]
+    = Path("edgewise-lb"),
+    tls_cert: Annotated[Path | None, typer.Option(help="certificate (PEM): TLS ends here")]
+    = None,
+    tls_key: Annotated[Path | None, typer.Option(help="its private key (PEM)")] = None,
+    print_config: Annotated[bool, typer.Option("--print-config",
+                                               help="print nginx.conf and exit")] = False,
+) -> None:
+    """Serve several replicas (`server run` on one PostgreSQL) at one address, with nginx."""
+    from ..server.loadbalancer import LoadBalancer, NginxNotFound
+
+    lb = LoadBalancer(listen=listen, upstreams=upstream, prefix=workdir, tls_cert=tls_cert,
+                      tls_key=tls_key)
+    try:
+        if print_config:
+            console.print(lb.write_config().read_text(), markup=False, highlight=False)
+            return
+        lb.start(timeout_s=10, verify=False)
+    except (NginxNotFound, ValueError, RuntimeError, TimeoutError) as exc:
+        fail(str(exc))
+    console.print(f"load balancer on {lb.url} -> {', '.join(upstream)} (Ctrl-C stops)")
+    try:
+        lb.proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        lb.stop()
+
+
 @server_app.command("migrate")
 def migrate(
     data: Annotated[Path, typer.Option(help="data directory (its SQLite file is migrated "

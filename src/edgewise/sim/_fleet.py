@@ -16,6 +16,7 @@ the agents themselves -> faults armed -> staged rollout of the candidate -> sett
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import json
 import logging
@@ -23,6 +24,7 @@ import os
 import random
 import secrets
 import shutil
+import signal
 import threading
 import time
 from collections import Counter
@@ -38,6 +40,7 @@ import httpx
 from ..agent import REST_STATES, WAITING_STATES, Agent, AgentConfig, State, StateDir
 from ..agent._store import Identity
 from ..agent._wakeup import MqttWakeup, WakeupConfig
+from ..server.loadbalancer import LoadBalancer
 from ..trust import KeyPaths, init_keys, public_key_hex
 from ._broker import BrokerProcess
 from ._bundles import synthetic_bundle
@@ -51,7 +54,7 @@ from ._faults import (
     skewed_clock,
 )
 from ._network import DeviceLink, LinkStats, SimTransport, shared_transport
-from ._processes import AgentProcess, ServerProcess
+from ._processes import AgentProcess, ServerProcess, free_port, process_tree, tree_rss_mb
 from ._scenario import HardwareProfile, NetworkProfile, ReleaseSpec, Scenario
 
 __all__ = ["Fleet", "FleetResult", "SimDevice", "run_fleet"]
@@ -127,8 +130,11 @@ class FleetResult:
     push: dict[str, Any] | None
     load_avg: dict[str, list[float]]
     timed_out: bool
-    server: ServerProcess
+    server: ServerProcess  # the first replica
     admin_token: str
+    url: str = ""  # where devices reach the server (the load balancer, with replicas)
+    replicas: list[ServerProcess] = field(default_factory=list)
+    replica_kills: list[dict[str, Any]] = field(default_factory=list)
 
 
 class _Wake:
@@ -164,6 +170,7 @@ class Fleet:
         self.timeline: list[dict[str, Any]] = []
         self.timings: dict[str, float] = {}
         self.restarts: list[dict[str, Any]] = []
+        self.replica_kills: list[dict[str, Any]] = []
         self.broker: BrokerProcess | None = None
         self.broker_outages: list[dict[str, Any]] = []
         self.rollout_id: str | None = None
@@ -181,17 +188,31 @@ class Fleet:
         self.keys: KeyPaths = init_keys(self.workdir / "keys")
         if self.sc.push:
             self.broker = BrokerProcess(self.workdir / "broker").start()
-        self.server = ServerProcess(
+        # Replicas share the database and the data directory (artifacts, TUF, director
+        # keys): started one after the other, the first makes what they share.
+        self.replicas = [ServerProcess(
             data_dir=self.workdir / "server", root_path=self.keys.root_json,
             online_key_path=self.keys.online_key, admin_token=self.admin_token,
             db_url=self.db_url, rollout_tick_s=self.sc.server.rollout_tick_s,
             mqtt_url=self.broker.url if self.broker else None,
             mqtt_ca=self.broker.ca if self.broker else None,
             workers=self.sc.server.workers,
-            log_path=self.workdir / "server.log").start(timeout_s=60)
+            log_path=self.workdir / f"server{i or ''}.log").start(timeout_s=60)
+            for i in range(self.sc.server.replicas)]
+        self.server = self.replicas[0]
+        self.lb: LoadBalancer | None = None
+        if len(self.replicas) > 1:
+            self.lb = LoadBalancer(listen=f"127.0.0.1:{free_port()}",
+                                   upstreams=[r.url for r in self.replicas],
+                                   prefix=self.workdir / "lb").start()
         self.db_url = self.db_url or f"sqlite:///{(self.workdir / 'server' / 'edgewise.db')}"
-        self.op = httpx.Client(base_url=self.server.url, timeout=120,
+        self.op = httpx.Client(base_url=self.url, timeout=120,
                                headers={"Authorization": f"Bearer {self.admin_token}"})
+
+    @property
+    def url(self) -> str:
+        """Where devices and the operator reach the server: the load balancer, if any."""
+        return self.lb.url if self.lb is not None else self.server.url
 
     def _api(self, method: str, path: str, **kw: Any) -> Any:
         for attempt in range(30):  # the server may be restarting under us
@@ -214,7 +235,7 @@ class Fleet:
             self.workdir / "bundles" / f"{spec.name}-{spec.version}", name=spec.name,
             version=spec.version, broken=spec.broken, max_latency_ms=spec.max_latency_ms,
             seed=seed)
-        with OperatorClient(self.server.url, token=self.admin_token) as client:
+        with OperatorClient(self.url, token=self.admin_token) as client:
             release = publish_bundle(client, bundle, root_path=self.keys.root_json,
                                      targets_key_path=self.keys.targets_key)
         return release["id"]
@@ -227,7 +248,7 @@ class Fleet:
         body = self._api("POST", "/api/v1/devices/enroll", json={
             "token": token, "public_key": public_key_hex(key), "name": name,
             "hardware": hardware, "tags": tags, "timezone": tz})
-        identity = Identity(server_url=self.server.url, device_id=body["device_id"], name=name,
+        identity = Identity(server_url=self.url, device_id=body["device_id"], name=name,
                             hardware=hardware)
         paths.save_identity(identity, self._root_bytes,
                             json.dumps(body["director_root"]).encode())
@@ -399,15 +420,12 @@ class Fleet:
     # ---- observing -----------------------------------------------------------------------
 
     def _server_rss_mb(self) -> float:
-        proc = self.server.proc
-        if proc is None:
-            return 0.0
-        try:
-            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-        except (OSError, ValueError):
-            pass
+        """Resident memory of every server replica (and their worker processes)."""
+        total = 0.0
+        for replica in self.replicas:
+            if replica.proc is not None and replica.proc.poll() is None:
+                total += tree_rss_mb(replica.proc.pid)
+        return total
         return 0.0
 
     def _poll_rollout(self) -> None:
@@ -541,6 +559,9 @@ class Fleet:
             for spec in sorted(sc.faults.server_restarts, key=lambda s: s.at_s):
                 threading.Timer(max(0.0, t_roll + spec.at_s - time.monotonic()),
                                 self._restart_server, args=(spec,)).start()
+            for spec in sorted(sc.faults.replica_kills, key=lambda s: s.at_s):
+                threading.Timer(max(0.0, t_roll + spec.at_s - time.monotonic()),
+                                self._kill_replica, args=(spec,)).start()
             for spec in sorted(sc.faults.broker_outages, key=lambda s: s.at_s):
                 threading.Timer(max(0.0, t_roll + spec.at_s - time.monotonic()),
                                 self._broker_outage, args=(spec,)).start()
@@ -580,7 +601,8 @@ class Fleet:
             timings=self.timings, server_rss_mb_max=self.rss_max_mb, restarts=self.restarts,
             broker_outages=self.broker_outages, push=self._push_stats(),
             load_avg={"start": load_start, "end": list(os.getloadavg())},
-            timed_out=timed_out, server=self.server, admin_token=self.admin_token)
+            timed_out=timed_out, server=self.server, admin_token=self.admin_token,
+            url=self.url, replicas=self.replicas, replica_kills=self.replica_kills)
 
     _restarting = False
 
@@ -601,6 +623,31 @@ class Fleet:
             self.restarts.append({"t": round(t - self._t0, 2), "down_s": round(
                 time.monotonic() - t, 2), "snapshot": before})
             self.say(f"server restarted ({time.monotonic() - t:.1f}s down)")
+        finally:
+            self._restarting = False
+
+    def _kill_replica(self, spec) -> None:
+        from ._invariants import db_snapshot
+
+        self._restarting = True
+        try:
+            replica = self.replicas[spec.replica]
+            before = db_snapshot(self.db_url)
+            t = time.monotonic()
+            for pid in process_tree(replica.proc.pid):  # the replica and its workers
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            replica.proc.wait()
+            entry = {"t": round(t - self._t0, 2), "replica": spec.replica, "down_s": None}
+            self.say(f"replica {spec.replica} killed (SIGKILL)")
+            if spec.restart_after_s is not None:
+                time.sleep(spec.restart_after_s)
+                replica.start(timeout_s=60)
+                entry["down_s"] = round(time.monotonic() - t, 2)
+                self.say(f"replica {spec.replica} back after {entry['down_s']} s")
+            self.replica_kills.append(entry)
+            self.restarts.append({"t": entry["t"], "down_s": entry["down_s"],
+                                  "snapshot": before})
         finally:
             self._restarting = False
 
@@ -638,7 +685,10 @@ class Fleet:
                 dev.wakeup.stop()
         if self.broker is not None:
             self.broker.stop()
-        self.server.stop()
+        if self.lb is not None:
+            self.lb.stop()
+        for replica in self.replicas:
+            replica.stop()
         self.op.close()
         self.inner.close()
 

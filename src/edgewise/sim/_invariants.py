@@ -9,6 +9,8 @@ database (read directly: the records themselves, not an API's view of them).
                     log, and no report is still waiting in a device's outbox.
 4. nothing-lost:    every enrolled device, both releases and the rollout are in the database,
                     and every event that existed before a server restart still exists.
+5. decided-once:    the rollout advanced each stage at most once and assigned each device at
+                    most once, whichever replica's tick did it (replicas, restarts).
 """
 
 from __future__ import annotations
@@ -123,6 +125,7 @@ def check_invariants(result) -> list[InvariantResult]:
     assigned = InvariantResult("assigned-only")
     logged = InvariantResult("failures-logged")
     lost = InvariantResult("nothing-lost")
+    once = InvariantResult("decided-once")
     sample = result.scenario.invariant_health == "sample"
     checked: dict | None = {} if sample else None
 
@@ -141,6 +144,19 @@ def check_invariants(result) -> list[InvariantResult]:
                     assigned_by_device.setdefault(dev_id, set()).add(rel)
             releases = {r for (r,) in conn.execute(select(Release.id))}
             rollouts = {r for (r,) in conn.execute(select(Rollout.id))}
+            if result.rollout_id:
+                decisions = Counter(conn.execute(
+                    select(Event.kind, Event.device_id)
+                    .where(Event.rollout_id == result.rollout_id,
+                           Event.kind.in_(("assigned", "rollout-stage-advanced")))).all())
+                stages = len(result.scenario.rollout.stages.split(","))
+                advanced = sum(n for (kind, _d), n in decisions.items()
+                               if kind == "rollout-stage-advanced")
+                if advanced > stages - 1:
+                    once.add(f"{advanced} stage advances for {stages} stages")
+                for (kind, device_id), n in decisions.items():
+                    if kind == "assigned" and n > 1:
+                        once.add(f"device {device_id} assigned {n} times by the rollout")
             for snap in (r["snapshot"] for r in result.restarts):
                 still = conn.execute(select(func.count(Event.id)).where(
                     Event.id <= snap["max_event_id"])).scalar() or 0
@@ -187,4 +203,4 @@ def check_invariants(result) -> list[InvariantResult]:
             if server_events[key] < n:
                 logged.add(f"{name}: {n - server_events[key]} x {key[0]} in {key[1]} "
                            "missing from the event log")
-    return [working, assigned, logged, lost]
+    return [working, assigned, logged, lost, once]

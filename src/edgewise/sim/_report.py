@@ -83,6 +83,7 @@ def summarize(result, invariants: list[InvariantResult]) -> dict[str, Any]:
             "clock_skew": sum(1 for d in result.devices if "clock-skew" in d.faults),
             "dropped_requests": result.stats.dropped,
             "server_restarts": result.restarts,
+            "replica_kills": result.replica_kills,
             "broker_outages": result.broker_outages,
             "process_kills": [{"device": p.name, "fault": p.fault, "exit_codes": p.exit_codes}
                               for p in result.proc_devices],

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = [
     "BrokerOutageSpec",
+    "ReplicaKillSpec",
     "Expectations",
     "FaultsSpec",
     "HardwareProfile",
@@ -37,6 +38,16 @@ class ServerSpec(_Strict):
     rollout_tick_s: float = Field(default=0.5, gt=0)
     # Server processes on one port (`edgewise server run --workers`); above 1: PostgreSQL only.
     workers: int = Field(default=1, ge=1, le=64)
+    # Separate server processes (each with `workers`) behind nginx (`edgewise server lb`);
+    # above 1: PostgreSQL only.
+    replicas: int = Field(default=1, ge=1, le=16)
+
+    @model_validator(mode="after")
+    def _shared_database(self) -> ServerSpec:
+        if (self.workers > 1 or self.replicas > 1) and self.db != "postgresql":
+            raise ValueError("several server processes (workers, replicas) share a "
+                             "PostgreSQL database: set server.db: postgresql")
+        return self
 
 
 class ReleaseSpec(_Strict):
@@ -114,6 +125,15 @@ class ServerRestartSpec(_Strict):
     hard: bool = False  # SIGKILL the server instead of a clean shutdown
 
 
+class ReplicaKillSpec(_Strict):
+    """One server replica (of `server.replicas`) SIGKILLed in the middle of the rollout; the
+    load balancer sends its requests to the others."""
+
+    at_s: float = Field(ge=0)  # seconds after the rollout was created
+    replica: int = Field(default=0, ge=0)
+    restart_after_s: float | None = Field(default=None, ge=0)  # None: it stays down
+
+
 class BrokerOutageSpec(_Strict):
     """The MQTT broker goes away (needs `push: true`); agents fall back to polling."""
 
@@ -129,6 +149,7 @@ class FaultsSpec(_Strict):
     clock_skew: ClockSkewSpec = Field(default_factory=ClockSkewSpec)
     process_kill: ProcessKillSpec | None = None
     server_restarts: list[ServerRestartSpec] = Field(default_factory=list)
+    replica_kills: list[ReplicaKillSpec] = Field(default_factory=list)
     broker_outages: list[BrokerOutageSpec] = Field(default_factory=list)
 
 
@@ -180,6 +201,10 @@ class Scenario(_Strict):
             raise ValueError("baseline and candidate must be different releases")
         if self.faults.broker_outages and not self.push:
             raise ValueError("broker_outages need push: true (there is no broker without it)")
+        for kill in self.faults.replica_kills:
+            if kill.replica >= self.server.replicas:
+                raise ValueError(f"replica_kills: replica {kill.replica} does not exist "
+                                 f"(server.replicas: {self.server.replicas})")
         return self
 
 
