@@ -10,9 +10,12 @@ schema change holds an advisory lock, so replicas starting together migrate once
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 
 from sqlalchemy import Connection, Engine, MetaData, create_engine, inspect, text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session, sessionmaker
 
 __all__ = ["FIRST_REVISION", "SchemaError", "current_revision", "ensure_schema", "exclusive",
            "head_revision", "migrate", "target_metadata"]
@@ -87,13 +90,27 @@ def _schema_lock(engine: Engine) -> Iterator[Connection]:
                 connection.commit()
 
 
+@dataclass(frozen=True)
+class Lease:
+    """The right to do one piece of scheduled work now (`exclusive`)."""
+
+    connection: Connection | None  # PostgreSQL: the connection holding the advisory lock
+
+    def session(self, sessions: sessionmaker[Session]) -> Session:
+        """A session for the leased work. On PostgreSQL it runs on the lock's own connection:
+        a replica whose lock went away with its connection (a network cut, a terminated
+        backend) cannot commit anything more, while another replica takes the lock over."""
+        return sessions(bind=self.connection) if self.connection is not None else sessions()
+
+
 @contextmanager
-def exclusive(engine: Engine, work: str) -> Iterator[bool]:
-    """Whether this process may do `work` now: on PostgreSQL, True for the one replica that
-    holds its advisory lock (held until the block ends; a replica that dies releases it with
-    its connection); the others get False and skip. SQLite serves one process: always True."""
+def exclusive(engine: Engine, work: str) -> Iterator[Lease | None]:
+    """A lease if this process may do `work` now, else None: on PostgreSQL, for the one
+    replica that holds its advisory lock (held until the block ends; a replica that dies
+    releases it with its connection); the others get None and skip. SQLite serves one
+    process: always a lease."""
     if engine.dialect.name != "postgresql":
-        yield True
+        yield Lease(None)
         return
     key = _WORK_KEYS[work]
     with engine.connect() as connection:
@@ -101,11 +118,13 @@ def exclusive(engine: Engine, work: str) -> Iterator[bool]:
                                       {"k": key}).scalar())
         connection.commit()
         try:
-            yield got
+            yield Lease(connection) if got else None
         finally:
             if got:
-                connection.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-                connection.commit()
+                with suppress(DBAPIError):  # a lost connection has released it already
+                    connection.rollback()
+                    connection.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                    connection.commit()
 
 
 def _upgrade(connection: Connection, revision: str = "head") -> None:

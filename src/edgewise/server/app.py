@@ -13,6 +13,7 @@ from pathlib import Path
 import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.concurrency import run_in_threadpool
 
@@ -218,6 +219,15 @@ def create_app(config: ServerConfig) -> FastAPI:
         return JSONResponse(status_code=exc.status_code, content={"detail": exc.message},
                             headers=headers)
 
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    async def _database_unavailable(request: Request, exc: DBAPIError) -> JSONResponse:
+        # The database went away (a restart, a failover): the pool replaces its connections,
+        # and the client retries after a pause (agents honour Retry-After).
+        log.warning("database unavailable: %s", str(exc).splitlines()[0][:200])
+        return await _domain_error(request, ServiceBusy(
+            "the database is unavailable; retry later", retry_after_s=config.retry_after_s))
+
     @app.exception_handler(PoolTimeout)
     async def _pool_timeout(request: Request, _exc: PoolTimeout) -> JSONResponse:
         return await _domain_error(request, ServiceBusy(
@@ -263,9 +273,9 @@ def _rollout_loop(sessions, tick_s: float, stop: threading.Event) -> None:
         started = time.monotonic()
         try:
             # One replica ticks at a time (PostgreSQL advisory lock); the others skip.
-            with exclusive(sessions.kw["bind"], "rollout-tick") as mine:
-                if mine:
-                    with sessions() as session:
+            with exclusive(sessions.kw["bind"], "rollout-tick") as lease:
+                if lease:
+                    with lease.session(sessions) as session:
                         rollouts.tick_all(session)
                         if session.get_bind().dialect.name == "postgresql":
                             prune_nonces(session)
@@ -284,9 +294,9 @@ def _notify_loop(sessions, mqtt: MqttPublisher | None, tick_s: float,
             try:
                 # The cursor and the deliveries are shared rows: one replica at a time
                 # announces, so each event goes out once.
-                with exclusive(sessions.kw["bind"], "notify") as mine:
-                    if mine:
-                        with sessions() as session:
+                with exclusive(sessions.kw["bind"], "notify") as lease:
+                    if lease:
+                        with lease.session(sessions) as session:
                             notify.process_events(session, mqtt=mqtt)
                             notify.deliver_due(session, http=http)
             except Exception:

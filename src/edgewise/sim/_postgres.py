@@ -11,11 +11,12 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 
 from ._processes import free_port
 
-__all__ = ["throwaway_postgres"]
+__all__ = ["PostgresCluster", "postgres_cluster", "throwaway_postgres"]
 
 
 def _bin_dir() -> Path | None:
@@ -26,42 +27,69 @@ def _bin_dir() -> Path | None:
     return Path(initdb).parent if initdb else None
 
 
-@contextmanager
-def throwaway_postgres() -> Iterator[str]:
-    bin_dir = _bin_dir()
-    if bin_dir is None:
-        raise RuntimeError("PostgreSQL server binaries not found (apt-get install postgresql)")
-    base = Path(tempfile.mkdtemp(prefix="edgewise-sim-pg-"))
-    data = base / "data"
-    port = free_port()
-    as_root = os.geteuid() == 0
+@dataclass
+class PostgresCluster:
+    """A running throwaway cluster: its URL, and a restart (as an operator or a crash would
+    do it) for fault tests."""
 
-    def run(*args: str) -> None:
-        cmd = [str(bin_dir / args[0]), *args[1:]]
-        if as_root:
+    url: str
+    data: Path
+    base: Path
+    port: int
+    bin_dir: Path
+
+    def _run(self, *args: str) -> None:
+        cmd = [str(self.bin_dir / args[0]), *args[1:]]
+        if os.geteuid() == 0:
             cmd = ["runuser", "-u", "postgres", "--", *cmd]
         subprocess.run(cmd, check=True, capture_output=True, timeout=120)
 
-    if as_root:
-        shutil.chown(base, "postgres", "postgres")
-    try:
-        run("initdb", "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync")
-        run("pg_ctl", "-D", str(data), "-l", str(base / "log"), "-w", "-o",
-            f"-p {port} -k {base} -h 127.0.0.1 -F -c max_connections=200", "start")
+    def start(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.base / "log"), "-w", "-o",
+                  f"-p {self.port} -k {self.base} -h 127.0.0.1 -F -c max_connections=200",
+                  "start")
         import psycopg
 
         deadline = time.monotonic() + 30
         while True:
             try:
-                psycopg.connect(f"host=127.0.0.1 port={port} user=postgres "
+                psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres "
                                 "dbname=postgres").close()
-                break
+                return
             except psycopg.OperationalError:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+
+    def stop(self, mode: str = "fast") -> None:
+        """`fast`: disconnects every client, then stops; `immediate`: like a crash."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "stop")
+
+
+@contextmanager
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    bin_dir = _bin_dir()
+    if bin_dir is None:
+        raise RuntimeError("PostgreSQL server binaries not found (apt-get install postgresql)")
+    base = Path(tempfile.mkdtemp(prefix="edgewise-sim-pg-"))
+    port = free_port()
+    cluster = PostgresCluster(url=f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres",
+                              data=base / "data", base=base, port=port, bin_dir=bin_dir)
+    if os.geteuid() == 0:
+        shutil.chown(base, "postgres", "postgres")
+    try:
+        cluster._run("initdb", "-D", str(cluster.data), "-A", "trust", "-U", "postgres",
+                     "--no-sync")
+        cluster.start()
+        yield cluster
     finally:
         with suppress(Exception):
-            run("pg_ctl", "-D", str(data), "-m", "immediate", "stop")
+            cluster.stop("immediate")
         shutil.rmtree(base, ignore_errors=True)
+
+
+@contextmanager
+def throwaway_postgres() -> Iterator[str]:
+    """A throwaway cluster's SQLAlchemy URL, for the duration of the block."""
+    with postgres_cluster() as cluster:
+        yield cluster.url
