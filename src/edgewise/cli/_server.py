@@ -45,6 +45,14 @@ def run(
     mqtt_ca: Annotated[Path | None, typer.Option(help="CA certificate of the broker")] = None,
     mqtt_cert: Annotated[Path | None, typer.Option(help="client certificate (mTLS)")] = None,
     mqtt_key: Annotated[Path | None, typer.Option(help="client key (mTLS)")] = None,
+    s3_endpoint: Annotated[str | None, typer.Option(
+        envvar="EDGEWISE_S3_ENDPOINT", help="artifacts in this S3-compatible store, e.g. "
+        "http://127.0.0.1:8333 (credentials: EDGEWISE_S3_ACCESS_KEY / _SECRET_KEY)")] = None,
+    s3_bucket: Annotated[str, typer.Option(envvar="EDGEWISE_S3_BUCKET")] = "edgewise",
+    s3_region: Annotated[str, typer.Option(envvar="EDGEWISE_S3_REGION")] = "us-east-1",
+    s3_proxy_downloads: Annotated[bool, typer.Option(
+        "--s3-proxy-downloads", help="stream artifacts through the API instead of redirecting "
+        "devices to presigned URLs (devices cannot reach the store)")] = False,
     log_json: Annotated[bool, typer.Option("--log-json", help="structured JSON logs")] = False,
     tls_cert: Annotated[Path | None, typer.Option(help="server certificate (PEM)")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="server private key (PEM)")] = None,
@@ -58,6 +66,7 @@ def run(
 
     from ..server.app import CONFIG_ENV, ServerConfig, create_app, resolve_admin_token
     from ..server.notify.mqtt import MqttConfig
+    from ..server.storage import S3Config, StorageError
     from ..trust import TrustError
 
     setup_logging(verbose, json_lines=log_json)
@@ -71,6 +80,16 @@ def run(
             "serving plain HTTP (--insecure-dev): credentials and tokens travel in clear text")
     mqtt = (MqttConfig(url=mqtt_url, ca_path=mqtt_ca, cert_path=mqtt_cert, key_path=mqtt_key)
             if mqtt_url else None)
+    s3 = None
+    if s3_endpoint:
+        access, secret = (os.environ.get("EDGEWISE_S3_ACCESS_KEY"),
+                          os.environ.get("EDGEWISE_S3_SECRET_KEY"))
+        if not access or not secret:
+            fail("--s3-endpoint needs credentials: set EDGEWISE_S3_ACCESS_KEY and "
+                 "EDGEWISE_S3_SECRET_KEY")
+        s3 = S3Config(endpoint_url=s3_endpoint, bucket=s3_bucket, region=s3_region,
+                      access_key=access, secret_key=secret,
+                      redirect_downloads=not s3_proxy_downloads)
     if workers > 1 and not (db or "").startswith(("postgresql", "postgres")):
         fail("--workers above 1 needs a PostgreSQL database (--db postgresql://...): the "
              "processes share its replay guard and locks; SQLite serves one process")
@@ -79,11 +98,11 @@ def run(
         config = ServerConfig(data_dir=data, root_path=root, online_key_path=online_key,
                               admin_token=token, db_url=db, rollout_tick_s=rollout_tick_s,
                               mqtt=mqtt, max_upload_bytes=int(max_upload_gb * 2**30),
-                              db_slots=db_slots, queue_timeout_s=queue_timeout_s)
+                              db_slots=db_slots, queue_timeout_s=queue_timeout_s, s3=s3)
         # Built here once even for workers: the schema and the director's keys are made
         # before several processes could race to make them.
         app = create_app(config)
-    except (ValueError, TrustError) as exc:  # SchemaError is a ValueError
+    except (ValueError, TrustError, StorageError) as exc:  # SchemaError is a ValueError
         fail(str(exc))
     if admin_token is None:
         console.print(f"admin token: {data / 'admin.token'}")

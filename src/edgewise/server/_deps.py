@@ -58,6 +58,8 @@ class ServerContext:
     # In memory for one process (SQLite); `devices.replay.DatabaseReplayGuard` when replicas
     # share a PostgreSQL database.
     replay_guard: Any = field(default_factory=ReplayGuard)
+    # Devices download targets from the object store (presigned redirects), not from us.
+    redirect_downloads: bool = False
 
     @property
     def engine(self) -> Engine:

@@ -55,6 +55,7 @@ from .repository.routes import router as repository_router
 from .rollouts import models as _rollout_models  # noqa: F401
 from .rollouts import service as rollouts
 from .rollouts.routes import router as rollouts_router
+from .storage import S3Config, S3Objects
 from .tokens import models as _token_models  # noqa: F401
 from .tokens.routes import router as tokens_router
 
@@ -81,6 +82,7 @@ class ServerConfig:
     db_slots: int = 16
     queue_timeout_s: float = 5.0
     retry_after_s: int = 2
+    s3: S3Config | None = None  # artifacts in an S3-compatible store (`storage`)
 
     @property
     def resolved_db_url(self) -> str:
@@ -111,6 +113,8 @@ class ServerConfig:
             mqtt = data["mqtt"]
             data["mqtt"] = MqttConfig(**{k: Path(v) if k.endswith("_path") and v else v
                                          for k, v in mqtt.items()})
+        if data.get("s3") is not None:
+            data["s3"] = S3Config(**data["s3"])
         return cls(**data)
 
 
@@ -149,10 +153,15 @@ def create_app(config: ServerConfig) -> FastAPI:
                          max_overflow=config.db_slots + SPARE_THREADS,
                          pool_timeout_s=config.queue_timeout_s)
     ensure_schema(engine)  # an empty database gets the schema; an old one is refused
+    remote = None
+    if config.s3 is not None:
+        remote = S3Objects(config.s3)
+        remote.check()  # refuse to start on a bucket we cannot use
     repo = ServerRepository(
         config.data_dir / "tuf",
         root=load_root(config.root_path).to_bytes(),
         online_signer=load_signer(config.online_key_path),
+        remote=remote,
     )
     sessions = make_sessionmaker(engine)
 
@@ -208,6 +217,7 @@ def create_app(config: ServerConfig) -> FastAPI:
                        retry_after_s=config.retry_after_s),
         replay_guard=(DatabaseReplayGuard() if engine.dialect.name == "postgresql"
                       else ReplayGuard()),
+        redirect_downloads=config.s3 is not None and config.s3.redirect_downloads,
     )
 
     app.add_middleware(AuditMiddleware)

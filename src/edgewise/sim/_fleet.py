@@ -157,8 +157,9 @@ def _count(n: int, fraction: float, count: int | None) -> int:
 
 class Fleet:
     def __init__(self, scenario: Scenario, workdir: Path, *, db_url: str | None = None,
-                 progress: Callable[[str], None] | None = None) -> None:
+                 progress: Callable[[str], None] | None = None, s3=None) -> None:
         self.sc = scenario
+        self.s3 = s3  # server.storage.S3Config of the run's object store, if any
         self.workdir = Path(workdir)
         self.db_url = db_url
         self.say = progress or (lambda _msg: None)
@@ -196,7 +197,7 @@ class Fleet:
             db_url=self.db_url, rollout_tick_s=self.sc.server.rollout_tick_s,
             mqtt_url=self.broker.url if self.broker else None,
             mqtt_ca=self.broker.ca if self.broker else None,
-            workers=self.sc.server.workers,
+            workers=self.sc.server.workers, **self._s3_args(),
             log_path=self.workdir / f"server{i or ''}.log").start(timeout_s=60)
             for i in range(self.sc.server.replicas)]
         self.server = self.replicas[0]
@@ -208,6 +209,14 @@ class Fleet:
         self.db_url = self.db_url or f"sqlite:///{(self.workdir / 'server' / 'edgewise.db')}"
         self.op = httpx.Client(base_url=self.url, timeout=120,
                                headers={"Authorization": f"Bearer {self.admin_token}"})
+
+    def _s3_args(self) -> dict[str, Any]:
+        if self.s3 is None:
+            return {}
+        return {"extra_args": ("--s3-endpoint", self.s3.endpoint_url,
+                               "--s3-bucket", self.s3.bucket),
+                "env": {"EDGEWISE_S3_ACCESS_KEY": self.s3.access_key,
+                        "EDGEWISE_S3_SECRET_KEY": self.s3.secret_key}}
 
     @property
     def url(self) -> str:
@@ -708,7 +717,12 @@ def run_fleet(scenario: Scenario, workdir: Path, *, keep: bool = True,
         db_url = None
         if scenario.server.db == "postgresql":
             db_url = scenario.server.url or stack.enter_context(throwaway_postgres())
-        fleet = Fleet(scenario, workdir, db_url=db_url, progress=progress)
+        s3 = None
+        if scenario.server.s3:
+            from ._seaweed import throwaway_s3
+
+            s3 = stack.enter_context(throwaway_s3())
+        fleet = Fleet(scenario, workdir, db_url=db_url, progress=progress, s3=s3)
         try:
             result = fleet.run()
             return after(result) if after is not None else result

@@ -106,7 +106,8 @@ class SimTransport(httpx.BaseTransport):
         with self._stats.lock:
             self._stats.requests += 1
             self._stats.bytes_down += len(raw)
-            self._stats.bytes_up += len(request.content or b"")
+            # read(): a redirected request's body is a stream not read yet (it is empty).
+            self._stats.bytes_up += len(request.read() or b"")
             self._stats.damaged += damaged
             if self._record_latency and path == "/api/v1/device/assignment":
                 self._stats.latencies_ms.append(elapsed_ms)

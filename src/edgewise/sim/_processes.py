@@ -49,6 +49,7 @@ class ServerProcess:
     log_path: Path | None = None
     extra_args: tuple[str, ...] = ()  # more `edgewise server run` options
     workers: int = 1  # server processes on this port (PostgreSQL only above 1)
+    env: dict[str, str] = field(default_factory=dict)  # more environment (e.g. credentials)
     proc: subprocess.Popen | None = None
 
     @property
@@ -74,7 +75,7 @@ class ServerProcess:
             args += ["--workers", str(self.workers)]
         args += self.extra_args
         log = open(self.log_path or os.devnull, "ab")
-        env = {**os.environ, "EDGEWISE_ADMIN_TOKEN": self.admin_token}
+        env = {**os.environ, "EDGEWISE_ADMIN_TOKEN": self.admin_token, **self.env}
         self.proc = subprocess.Popen(edgewise_command(*args), stdout=log, stderr=log, env=env)
         log.close()
         deadline = time.monotonic() + timeout_s

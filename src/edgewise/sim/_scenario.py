@@ -41,6 +41,8 @@ class ServerSpec(_Strict):
     # Separate server processes (each with `workers`) behind nginx (`edgewise server lb`);
     # above 1: PostgreSQL only.
     replicas: int = Field(default=1, ge=1, le=16)
+    # Artifacts in a throwaway S3 store (SeaweedFS); devices download from presigned URLs.
+    s3: bool = False
 
     @model_validator(mode="after")
     def _shared_database(self) -> ServerSpec:

@@ -16,7 +16,7 @@ import tempfile
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from securesystemslib.signer import Signer
 from tuf.api.exceptions import UnsignedMetadataError
@@ -44,6 +44,14 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+class RemoteObjects(Protocol):
+    """An object store beside the local objects directory (`server.storage.S3Objects`)."""
+
+    def put(self, sha256: str, path: Path) -> None: ...
+    def fetch(self, sha256: str, dest: Path) -> bool: ...
+    def url(self, sha256: str) -> str: ...
+
+
 class ServerRepository:
     def __init__(
         self,
@@ -53,8 +61,12 @@ class ServerRepository:
         online_signer: Signer,
         timestamp_expiry: timedelta = timedelta(days=1),
         snapshot_expiry: timedelta = timedelta(days=7),
+        remote: RemoteObjects | None = None,
     ) -> None:
         self.dir = Path(directory)
+        # An object store that holds every object too (`server.storage`): the local
+        # directory is then a cache, filled again from the store on demand.
+        self.remote = remote
         self.metadata_dir = self.dir / "metadata"
         self.objects_dir = self.dir / "objects"
         self.metadata_dir.mkdir(parents=True, exist_ok=True)
@@ -199,10 +211,23 @@ class ServerRepository:
             return deltas.version
 
     def object_path(self, sha256: str) -> Path | None:
+        """The object's bytes on local disk (fetched from the object store if only it has
+        them), or None when nobody has them."""
         if not _SHA256.match(sha256):
             return None
         path = self.objects_dir / sha256
-        return path if path.is_file() else None
+        if path.is_file():
+            return path
+        if self.remote is not None and self.remote.fetch(sha256, path):
+            return path
+        return None
+
+    def object_url(self, sha256: str) -> str | None:
+        """Where a device may download the object directly (an object store's presigned
+        URL), or None when the API serves it."""
+        if self.remote is None or not _SHA256.match(sha256):
+            return None
+        return self.remote.url(sha256)
 
     # ---- writing -------------------------------------------------------------------------
 
@@ -223,6 +248,8 @@ class ServerRepository:
                 os.fsync(out.fileno())
             sha = digest.hexdigest()
             os.replace(tmp, self.objects_dir / sha)
+            if self.remote is not None:
+                self.remote.put(sha, self.objects_dir / sha)
             return sha, size
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -4,7 +4,7 @@ caches in front of it need no trust; a device verifies each byte against its roo
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, RedirectResponse, Response
 
 from .._deps import RepoDep
 from .._errors import NotFound
@@ -23,7 +23,7 @@ def metadata(filename: str, repo: RepoDep) -> FileResponse:
 
 
 @router.get("/targets/{target_path:path}")
-def target(target_path: str, repo: RepoDep, request: Request) -> FileResponse:
+def target(target_path: str, repo: RepoDep, request: Request) -> Response:
     # Consistent snapshots: clients ask for DIR/<sha256>.<name>; the object store is keyed by
     # sha256, and the hash must belong to a target the operator signed.
     dirname, _, basename = target_path.rpartition("/")
@@ -31,6 +31,10 @@ def target(target_path: str, repo: RepoDep, request: Request) -> FileResponse:
     info = repo.target(f"{dirname}/{name}" if dirname else name) if dot else None
     if info is None or info.hashes.get("sha256") != sha:
         raise NotFound(f"no target {target_path}")
+    if request.app.state.ctx.redirect_downloads:
+        # The bytes come from the object store, not through this process; the device
+        # verifies them against the signed hashes as it would ours.
+        return RedirectResponse(repo.object_url(sha), status_code=307)
     path = repo.object_path(sha)
     if path is None:
         raise NotFound(f"target {target_path} is signed but its bytes are missing")
