@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import tarfile
 from pathlib import Path
@@ -176,3 +177,32 @@ def test_app_import_reads_oci_and_docker_archives_and_refuses_malformed_ones(
         assert message in proc.stderr
         assert not out.exists()
         assert not list(tmp_path.glob(f".out-{archive.stem}*"))
+
+
+@pytest.mark.slow
+def test_power_cuts_during_app_updates_end_on_a_running_version(
+        podman, live_server, enroll_agent, tmp_path: Path) -> None:
+    """kill -9 of the agent in a few states of app updates (not yet every state: issue 22):
+    the restarted agent finishes, and the app answers with the old or the new version."""
+    port = free_port()
+    binary = server_binary(tmp_path / "bin")
+    storage = tmp_path / "build-store"
+    state = enroll_agent("app-crash")
+    try:
+        steps = [("1.0.0", "v1", "activating:after", "committed", "v1"),
+                 ("2.0.0", "v2", "installing:after", "committed", "v2"),
+                 ("3.0.0", "broken v3", "rolling-back:before", "rolled-back", "v2"),
+                 ("4.0.0", "v4", "health-checking:before", "committed", "v4")]
+        for version, text, fault, end_state, answer in steps:
+            bundle, _ = build_hello(tmp_path, binary, version, text, port, storage)
+            live_server.publish(bundle)
+            assert run_once(state, tmp_path, fault=fault) == -signal.SIGKILL, fault
+            assert run_once(state, tmp_path) == 0
+            status = agent_status(state)
+            release = f"hello@{version}" if end_state == "committed" else "hello@2.0.0"
+            assert (status["state"], status["release"]) == (end_state, release), (fault, status)
+            assert get(port).text == answer + "\n", fault
+            assert get(port, "/health").status_code == 200
+    finally:
+        reset_store(state / "containers")
+        reset_store(storage)

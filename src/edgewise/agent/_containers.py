@@ -133,7 +133,12 @@ class ContainerEngine:
                   "--restart", app.restart, "--label", "edgewise.app=1", *env, image)
 
     def remove(self, name: str) -> None:
-        self._run("rm", "-f", "-t", str(STOP_TIMEOUT_S), name, check=False)
+        """Stop (SIGTERM, then SIGKILL after `STOP_TIMEOUT_S`) and remove; no error if absent."""
+        if self.kind == "podman":
+            self._run("rm", "-f", "-t", str(STOP_TIMEOUT_S), name, check=False)
+        else:  # docker rm -f kills at once and has no timeout
+            self._run("stop", "-t", str(STOP_TIMEOUT_S), name, check=False)
+            self._run("rm", "-f", name, check=False)
 
     def status(self, name: str) -> tuple[str, str | None]:
         """(state, image) of container `name`: state is e.g. running, exited, or missing."""
@@ -162,8 +167,6 @@ class ContainerEngine:
 class ContainerRuntime(ComponentRuntime):
     """The component runtime of app bundles. The engine is found at first use, so agents that
     never install an app never look for one."""
-
-    kind = "app"
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,7 +179,7 @@ def health_check(bundle_dir: Path, *, ram_limit_mb: float | None = None) -> Heal
     return onnx_health_check(bundle_dir)
 
 
-class ComponentRuntime:
+class ComponentRuntime(ABC):
     """One kind's lifecycle on the device. Every step is idempotent (the agent redoes the
     interrupted one after a power cut) and raises `AgentError`s or `OSError` on failure.
 
@@ -191,19 +192,17 @@ class ComponentRuntime:
       to nothing).
     """
 
-    kind = "model"
+    @abstractmethod
+    def stage(self, slot_dir: Path, manifest: Manifest, *, keep: list[Manifest]) -> None: ...
 
-    def stage(self, slot_dir: Path, manifest: Manifest, *, keep: list[Manifest]) -> None:
-        pass
+    @abstractmethod
+    def activate(self, slot_dir: Path, manifest: Manifest) -> None: ...
 
-    def activate(self, slot_dir: Path, manifest: Manifest) -> None:
-        pass
+    @abstractmethod
+    def health_check(self, slot_dir: Path, manifest: Manifest) -> HealthReport: ...
 
-    def health_check(self, slot_dir: Path, manifest: Manifest) -> HealthReport:
-        raise NotImplementedError  # every kind has a health contract
-
-    def stop(self, slot_dir: Path, manifest: Manifest) -> None:
-        pass
+    @abstractmethod
+    def stop(self, slot_dir: Path, manifest: Manifest) -> None: ...
 
 
 class ModelRuntime(ComponentRuntime):
@@ -212,6 +211,15 @@ class ModelRuntime(ComponentRuntime):
 
     def __init__(self, *, ram_limit_mb: float | None = None) -> None:
         self.ram_limit_mb = ram_limit_mb
+
+    def stage(self, slot_dir: Path, manifest: Manifest, *, keep: list[Manifest]) -> None:
+        return None  # the slot's files are what runs
+
+    def activate(self, slot_dir: Path, manifest: Manifest) -> None:
+        return None  # the active-slot pointer is the switch: the local API follows it
+
+    def stop(self, slot_dir: Path, manifest: Manifest) -> None:
+        return None  # loaded on demand by the local API; nothing runs on its own
 
     def health_check(self, slot_dir: Path, manifest: Manifest) -> HealthReport:
         return health_check(slot_dir, ram_limit_mb=self.ram_limit_mb)
