@@ -22,7 +22,22 @@ SERVER_C = r"""
 #include <sys/socket.h>
 #include <unistd.h>
 static char version[256] = "unknown";
-int main(void) {
+#include <arpa/inet.h>
+static int check(int port) { /* `server check`: the health command, GET /health answers 200 */
+  int s = socket(AF_INET, SOCK_STREAM, 0);
+  struct sockaddr_in a = {0};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(port);
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  char buf[64] = {0};
+  if (connect(s, (struct sockaddr *)&a, sizeof a)) return 1;
+  const char *req = "GET /health HTTP/1.0\r\n\r\n";
+  if (write(s, req, strlen(req)) < 0 || read(s, buf, sizeof buf - 1) < 12) return 1;
+  return strncmp(buf + 9, "200", 3) != 0;
+}
+int main(int argc, char **argv) {
+  if (argc > 1 && strcmp(argv[1], "check") == 0)
+    return check(getenv("PORT") ? atoi(getenv("PORT")) : 8080);
   FILE *f = fopen("/version.txt", "r");
   if (f) {
     if (!fgets(version, sizeof version, f)) version[0] = 0;
@@ -104,11 +119,11 @@ def app_section(port: int, **health) -> dict:
 
 
 def build_hello(tmp: Path, binary: Path, version: str, text: str, port: int,
-                storage: Path) -> tuple[Path, AppManifest]:
+                storage: Path, **health) -> tuple[Path, AppManifest]:
     ctx = app_context(tmp / f"ctx-{version}", binary, text)
     out = tmp / f"hello-{version}"
-    return out, build_app(ctx, out, name="hello", version=version, app=app_section(port),
-                          storage=storage)
+    return out, build_app(ctx, out, name="hello", version=version,
+                          app=app_section(port, **health), storage=storage)
 
 
 def handmade_layout(directory: Path, files: dict[str, bytes], tag: str = "1") -> Path:

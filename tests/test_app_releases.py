@@ -189,18 +189,25 @@ def test_power_cuts_during_app_updates_end_on_a_running_version(
     storage = tmp_path / "build-store"
     state = enroll_agent("app-crash")
     try:
-        steps = [("1.0.0", "v1", "activating:after", "committed", "v1"),
-                 ("2.0.0", "v2", "installing:after", "committed", "v2"),
-                 ("3.0.0", "broken v3", "rolling-back:before", "rolled-back", "v2"),
-                 ("4.0.0", "v4", "health-checking:before", "committed", "v4")]
-        for version, text, fault, end_state, answer in steps:
-            bundle, _ = build_hello(tmp_path, binary, version, text, port, storage)
+        # v4 and v5 are checked by a command run inside the container (`/server check`).
+        by_command = {"http": None, "command": ["/server", "check"]}
+        steps = [("1.0.0", "v1", "activating:after", "committed", "v1", {}),
+                 ("2.0.0", "v2", "installing:after", "committed", "v2", {}),
+                 ("3.0.0", "broken v3", "rolling-back:before", "rolled-back", "v2", {}),
+                 ("4.0.0", "v4", "health-checking:before", "committed", "v4", by_command),
+                 ("5.0.0", "broken v5", "health-checking:after", "rolled-back", "v4",
+                  by_command)]
+        for version, text, fault, end_state, answer, health in steps:
+            bundle, _ = build_hello(tmp_path, binary, version, text, port, storage, **health)
             live_server.publish(bundle)
             assert run_once(state, tmp_path, fault=fault) == -signal.SIGKILL, fault
             assert run_once(state, tmp_path) == 0
             status = agent_status(state)
-            release = f"hello@{version}" if end_state == "committed" else "hello@2.0.0"
+            release = "hello@" + (version if end_state == "committed" else answer[1] + ".0.0")
             assert (status["state"], status["release"]) == (end_state, release), (fault, status)
+            if "broken" in text:
+                assert "answered 500" in status["last_error"] or (
+                    "/server check exited 1" in status["last_error"]), status["last_error"]
             assert get(port).text == answer + "\n", fault
             assert get(port, "/health").status_code == 200
     finally:

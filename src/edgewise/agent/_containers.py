@@ -156,13 +156,6 @@ class ContainerEngine:
     def exec(self, name: str, command: tuple[str, ...], timeout_s: float) -> int:
         return self._run("exec", name, *command, check=False, timeout_s=timeout_s).returncode
 
-    def remove_all(self) -> None:
-        """Every container this agent started (uninstall, tests)."""
-        out = self._run("ps", "-a", "-q", "--filter", "label=edgewise.app=1",
-                        check=False).stdout.split()
-        if out:
-            self._run("rm", "-f", "-t", "0", *out, check=False)
-
 
 class ContainerRuntime(ComponentRuntime):
     """The component runtime of app bundles. The engine is found at first use, so agents that
