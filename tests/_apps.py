@@ -174,3 +174,4 @@ def reset_store(directory: Path) -> None:
     if store.graph_root.exists():
         subprocess.run(["podman", *store.podman_args(), "system", "reset", "--force"],
                        env={**os.environ, **store.env()}, capture_output=True, timeout=120)
+    shutil.rmtree(store.run_root.parent, ignore_errors=True)  # /run/edgewise-HASH
