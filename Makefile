@@ -24,7 +24,9 @@ $(VENV): pyproject.toml
 # System packages: the Fashion-MNIST data set, PostgreSQL server binaries (tests start their
 # own throwaway cluster), Mosquitto, xdelta3 (a delta benchmark baseline), Chromium (dashboard
 # tests via Playwright), nginx (the load balancer in front of server replicas), wrk (the
-# check-in benchmark's load generator). Installed only when missing.
+# check-in benchmark's load generator); podman, runc, skopeo and umoci for container apps (the
+# app tests run real containers; gcc builds their static test server). Installed only when
+# missing.
 system-deps:
 	@missing=""; \
 	[ -d $(FASHION_MNIST) ] || missing="$$missing dataset-fashion-mnist"; \
@@ -34,6 +36,11 @@ system-deps:
 	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
 	[ -x /usr/sbin/nginx ] || missing="$$missing nginx-light"; \
 	command -v wrk >/dev/null 2>&1 || missing="$$missing wrk"; \
+	for tool in podman runc skopeo umoci gcc; do \
+		command -v $$tool >/dev/null 2>&1 || [ -x /usr/sbin/$$tool ] || missing="$$missing $$tool"; \
+	done; \
+	[ -f /usr/lib/x86_64-linux-gnu/libc.a ] || [ -f /usr/lib/aarch64-linux-gnu/libc.a ] || \
+		missing="$$missing libc6-dev"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing system packages:$$missing"; \
 		$(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y $$missing; \
@@ -42,10 +49,10 @@ system-deps:
 demo: $(VENV)
 	$(BIN)/edgewise demo
 
-test: $(VENV)
+test: system-deps $(VENV)
 	$(BIN)/pytest
 
-test-quick: $(VENV)
+test-quick: system-deps $(VENV)
 	$(BIN)/pytest -m 'not slow' -x -q
 
 lint: $(VENV)

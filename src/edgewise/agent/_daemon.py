@@ -7,7 +7,6 @@ or its new release, and a restarted agent resumes from `resume_state(saved)`.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import logging
 import os
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING, Literal
 
 from ..artifacts import (
     MANIFEST_NAME,
+    AppManifest,
     BundleError,
     LlmManifest,
     Manifest,
@@ -44,6 +44,7 @@ from ..trust import (
 from ..windows import in_window
 from ._anomaly import flush_drift
 from ._client import ServerClient
+from ._containers import ContainerError, ContainerRuntime
 from ._errors import (
     AgentConfigError,
     AgentTransportError,
@@ -61,7 +62,7 @@ from ._machine import (
     next_state,
     resume_state,
 )
-from ._runtime import health_check
+from ._runtime import ComponentRuntime, ModelRuntime
 from ._slots import SlotStore
 from ._store import AgentRecord, StateDir, now_iso
 from ._userinput import deferred_until, flush_feedback
@@ -129,6 +130,10 @@ class Agent:
                                    verify=self.paths.tls_verify(self.identity),
                                    transport=config.transport)
         self.record = self.paths.load_record()
+        # The component runtime seam, one backend per kind (`_runtime`).
+        self.models = ModelRuntime(ram_limit_mb=config.ram_limit_mb)
+        self.containers = ContainerRuntime(self.paths.root / "containers")
+        self._app_checked = False
         self._lock = threading.RLock()
         self._handlers: dict[State, Callable[[AgentRecord], Event]] = {
             **{rest: self._check for rest in REST_STATES},
@@ -177,6 +182,9 @@ class Agent:
 
     def run_cycle(self, *, max_steps: int = 64) -> State:
         """Check once; if there is an update, carry it through to a rest state."""
+        if not self._app_checked:
+            self._app_checked = True
+            self._ensure_app_running()
         flush_feedback(self.paths, self.client)
         flush_drift(self.paths.root, self.client, self.record.installed,
                     min_interval_s=self.config.drift_report_interval_s)
@@ -201,6 +209,32 @@ class Agent:
                 log.error("%s", exc)
                 raise
             wake.wait(self.config.poll_interval_s)
+
+    def _ensure_app_running(self) -> None:
+        """At start: the committed app runs (after a reboot, or after its restart policy gave
+        up), unless an update is in flight (its handler decides what runs)."""
+        rec = self.record
+        if rec.state not in REST_STATES or rec.installed_slot is None:
+            return
+        manifest = self._slot_manifest(rec.installed_slot)
+        if not isinstance(manifest, AppManifest):
+            return
+        try:
+            if self.containers.ensure_running(self.slots.path(rec.installed_slot), manifest):
+                log.warning("started %s: its container was not running", manifest.release_name)
+        except ContainerError as exc:
+            log.error("cannot start the committed app %s: %s", manifest.release_name, exc)
+
+    def _slot_manifest(self, slot: str | None) -> Manifest | None:
+        if slot is None:
+            return None
+        try:
+            return read_manifest(self.slots.path(slot))
+        except (BundleError, OSError):
+            return None
+
+    def _runtime(self, manifest: Manifest) -> ComponentRuntime:
+        return self.containers if isinstance(manifest, AppManifest) else self.models
 
     def _transition(self, state: State, event: Event, nxt: State) -> None:
         rec = self.record
@@ -371,6 +405,11 @@ class Agent:
         """Before any file is fetched: this device can run the release (its kind, its RAM;
         `UpdateRejected`, final for this build), and its disk holds the download plus the
         slot copy it is installed as, the committed slot staying (`InsufficientDisk`)."""
+        if isinstance(manifest, AppManifest):
+            why = self.containers.available()
+            if why is not None:
+                raise UpdateRejected(f"{manifest.release_name} is a container app, and this "
+                                     f"device cannot run it: {why}")
         if isinstance(manifest, LlmManifest):
             if importlib.util.find_spec("llama_cpp") is None:
                 raise UpdateRejected(f"{manifest.release_name} is an LLM, and this device has "
@@ -384,23 +423,26 @@ class Agent:
         total = sum(e.size for e in manifest.files.values())
         have = sum(min((dest / rel).stat().st_size, e.size)
                    for rel, e in manifest.files.items() if (dest / rel).is_file())
-        need = (total - have) + total + DISK_MARGIN_BYTES
+        # An app's image is also unpacked into the image store: about its size again (at
+        # most; the layers the store already holds take no more room).
+        unpacked = total if isinstance(manifest, AppManifest) else 0
+        need = (total - have) + total + unpacked + DISK_MARGIN_BYTES
         free = shutil.disk_usage(self.paths.root).free
         if free < need:
             raise InsufficientDisk(
                 f"not enough free disk for {manifest.release_name}: it needs "
                 f"{need / 2**20:.0f} MB (download {max(0, total - have) / 2**20:.0f} MB + "
-                f"its slot copy {total / 2**20:.0f} MB + margin), {free / 2**20:.0f} MB free; "
-                "the current release keeps running")
+                f"its slot copy {total / 2**20:.0f} MB + "
+                + (f"its image {unpacked / 2**20:.0f} MB + " if unpacked else "")
+                + f"margin), {free / 2**20:.0f} MB free; the current release keeps running")
 
     def _installed_files(self) -> dict[str, tuple[str, Path]]:
-        """rel path -> (sha256, path) of the committed release's files: delta bases."""
+        """rel path -> (sha256, path) of the committed release's files: delta bases, and
+        files copied instead of downloaded when unchanged (an app's shared image layers:
+        a blob's path is its hash)."""
         slot = self.record.installed_slot
-        if slot is None:
-            return {}
-        try:
-            manifest = read_manifest(self.slots.path(slot))
-        except (BundleError, OSError):
+        manifest = self._slot_manifest(slot)
+        if slot is None or manifest is None:
             return {}
         return {rel: (e.sha256, self.slots.path(slot) / rel) for rel, e in manifest.files.items()}
 
@@ -411,6 +453,7 @@ class Agent:
         bytes that crossed the network."""
         info = trusted.target_info(target)  # the offline-signed length and hash
         signed = (info.hashes.get("sha256"), info.length)
+        dest.parent.mkdir(parents=True, exist_ok=True)  # files in folders (OCI blobs/sha256/)
         if dest.exists() and file_sha256(dest) == signed:
             return 0  # already here (resumed after a power cut)
         if base is not None and base[0] == signed[0] and base[1].is_file():
@@ -488,7 +531,12 @@ class Agent:
             self.slots.install(rec.pending_slot, self._download_dir(rec), meta={
                 "release_id": rec.target.release_id, "name": rec.target.name,
                 "version": rec.target.version})
-        except (OSError, RuntimeError) as exc:
+            path = self.slots.path(rec.pending_slot)
+            manifest = read_manifest(path)
+            installed = self._slot_manifest(rec.installed_slot)
+            self._runtime(manifest).stage(path, manifest,
+                                          keep=[installed] if installed is not None else [])
+        except (OSError, RuntimeError, BundleError, ContainerError) as exc:
             return self._fail(rec, exc)
         return Event.INSTALLED
 
@@ -496,17 +544,34 @@ class Agent:
         assert rec.pending_slot is not None
         try:
             self.slots.activate(rec.pending_slot)
-        except (OSError, RuntimeError) as exc:
+            new = read_manifest(self.slots.path(rec.pending_slot))
+            self._replace(rec.installed_slot, new)
+            self._runtime(new).activate(self.slots.path(rec.pending_slot), new)
+        except (OSError, RuntimeError, BundleError, ContainerError) as exc:
             return self._fail(rec, exc)
         return Event.ACTIVATED
 
+    def _replace(self, slot: str | None, new: Manifest | None) -> None:
+        """Stop the release of `slot` unless `new` is the same component (one component per
+        device today: a release of another name or kind replaces it; the same one is
+        replaced in place by its runtime's `activate`)."""
+        old = self._slot_manifest(slot)
+        if old is None or (new is not None and (old.name, old.kind) == (new.name, new.kind)):
+            return
+        assert slot is not None
+        self._runtime(old).stop(self.slots.path(slot), old)
+
     def _health_check(self, rec: AgentRecord) -> Event:
         assert rec.target is not None and rec.pending_slot is not None
+        path = self.slots.path(rec.pending_slot)
         try:
-            check = self.config.health_check or functools.partial(
-                health_check, ram_limit_mb=self.config.ram_limit_mb)
-            report = check(self.slots.path(rec.pending_slot))
-        except (HealthCheckFailed, UpdateRejected, OSError) as exc:
+            manifest = read_manifest(path)
+            runtime = self._runtime(manifest)
+            if self.config.health_check is not None and runtime is self.models:
+                report = self.config.health_check(path)
+            else:
+                report = runtime.health_check(path, manifest)
+        except (HealthCheckFailed, UpdateRejected, OSError, BundleError, ContainerError) as exc:
             rec.last_health = {"passed": False, "reason": str(exc)}
             self._reject(rec, str(exc))
             return Event.UNHEALTHY
@@ -537,7 +602,16 @@ class Agent:
         try:
             # Back to the committed slot; with no earlier release there is no model at all.
             self.slots.activate(rec.installed_slot)
-        except (OSError, RuntimeError) as exc:
+            installed = self._slot_manifest(rec.installed_slot)
+            if rec.pending_slot is not None and rec.pending_slot != rec.installed_slot:
+                self._replace(rec.pending_slot, installed)
+            if installed is not None:
+                assert rec.installed_slot is not None
+                # The previous version runs again from its slot and the image kept in the
+                # store: no download.
+                self._runtime(installed).activate(self.slots.path(rec.installed_slot),
+                                                  installed)
+        except (OSError, RuntimeError, ContainerError) as exc:
             rec.last_error = f"rollback failed, will retry: {exc}"
             return Event.ERROR
         return Event.ROLLED_BACK

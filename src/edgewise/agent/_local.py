@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from ..artifacts import BundleError, LlmManifest, read_manifest
+from ..artifacts import AppManifest, BundleError, LlmManifest, read_manifest
 from ..llm import LlamaModel
 from ..trust import client_tls, load_root, public_key_hex
 from ._anomaly import DriftLog, detector_identity, local_threshold
@@ -151,6 +151,9 @@ class LocalModel:
                 except BundleError as exc:
                     raise NoModelError(f"the active slot holds no readable bundle: {exc}"
                                        ) from exc
+                if isinstance(manifest, AppManifest):
+                    raise NoModelError(f"the active release {manifest.release_name} is a "
+                                       "container app: this device runs no model")
                 loaded = (load_llm(path, manifest) if isinstance(manifest, LlmManifest)
                           else OnnxModel(path))
                 self._loaded = (key, loaded, manifest)

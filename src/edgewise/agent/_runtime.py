@@ -1,7 +1,10 @@
-"""On-device inference and the health check, per bundle kind (the runtime seam).
+"""On-device inference and the health check, per bundle kind (the component runtime seam).
 
-Image models run on onnxruntime (here); LLMs on llama.cpp (`_llm`). `health_check` is the one
-entry point the update state machine calls, whatever the kind.
+What differs per kind sits behind `ComponentRuntime` (stage, activate, health-check, stop):
+image models run on onnxruntime (here) and LLMs on llama.cpp (`_llm`), both served from the
+active slot by the agent itself (`ModelRuntime`); container apps run in podman or docker
+(`_containers.ContainerRuntime`). The update state machine calls the seam, whatever the kind;
+a rollback is `activate` of the committed slot.
 
 Invariant: inputs are prepared exactly as the bundle's preprocessing contract says, and
 nothing here sends data anywhere: images stay on the device.
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import io
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +25,7 @@ from ..artifacts import (
     BundleError,
     BundleManifest,
     LlmManifest,
+    Manifest,
     Preprocessing,
     load_golden,
     read_manifest,
@@ -28,7 +33,8 @@ from ..artifacts import (
 from ..llm import rss_mb
 from ._errors import HealthCheckFailed, UpdateRejected
 
-__all__ = ["HealthReport", "OnnxModel", "Prediction", "health_check", "preprocess_image"]
+__all__ = ["ComponentRuntime", "HealthReport", "ModelRuntime", "OnnxModel", "Prediction",
+           "health_check", "preprocess_image"]
 
 
 def preprocess_image(data: bytes, contract: Preprocessing) -> np.ndarray:
@@ -171,6 +177,52 @@ def health_check(bundle_dir: Path, *, ram_limit_mb: float | None = None) -> Heal
 
         return llm_health_check(Path(bundle_dir), manifest, ram_limit_mb=ram_limit_mb)
     return onnx_health_check(bundle_dir)
+
+
+class ComponentRuntime(ABC):
+    """One kind's lifecycle on the device. Every step is idempotent (the agent redoes the
+    interrupted one after a power cut) and raises `AgentError`s or `OSError` on failure.
+
+    - `stage`: make the verified slot ready to run (e.g. import an image), the active
+      release untouched; `keep` are the other releases the device must still be able to
+      activate without a download (the committed one).
+    - `activate`: run the release of this slot, replacing the same component's running one.
+    - `health_check`: the kind's contract, measured on the activated release.
+    - `stop`: the component stops running (another kind replaced it, or it was rolled back
+      to nothing).
+    """
+
+    @abstractmethod
+    def stage(self, slot_dir: Path, manifest: Manifest, *, keep: list[Manifest]) -> None: ...
+
+    @abstractmethod
+    def activate(self, slot_dir: Path, manifest: Manifest) -> None: ...
+
+    @abstractmethod
+    def health_check(self, slot_dir: Path, manifest: Manifest) -> HealthReport: ...
+
+    @abstractmethod
+    def stop(self, slot_dir: Path, manifest: Manifest) -> None: ...
+
+
+class ModelRuntime(ComponentRuntime):
+    """Image models and LLMs: served in the agent's process from the active slot, so staging
+    and activating are the slot switch itself; a health check loads and measures the model."""
+
+    def __init__(self, *, ram_limit_mb: float | None = None) -> None:
+        self.ram_limit_mb = ram_limit_mb
+
+    def stage(self, slot_dir: Path, manifest: Manifest, *, keep: list[Manifest]) -> None:
+        return None  # the slot's files are what runs
+
+    def activate(self, slot_dir: Path, manifest: Manifest) -> None:
+        return None  # the active-slot pointer is the switch: the local API follows it
+
+    def stop(self, slot_dir: Path, manifest: Manifest) -> None:
+        return None  # loaded on demand by the local API; nothing runs on its own
+
+    def health_check(self, slot_dir: Path, manifest: Manifest) -> HealthReport:
+        return health_check(slot_dir, ram_limit_mb=self.ram_limit_mb)
 
 
 def onnx_health_check(bundle_dir: Path) -> HealthReport:

@@ -1,5 +1,7 @@
-"""Model bundles (manifest + content-addressed files) and their validation."""
+"""Bundles (manifest + content-addressed files: models, LLMs, container apps) and their
+validation."""
 
+from ._app_image import archive_format, build_app, import_app
 from ._bundle import (
     GOLDEN_NAME,
     MODEL_NAME,
@@ -25,6 +27,11 @@ from ._manifest import (
     FEATURES,
     FORMAT_VERSION,
     MANIFEST_NAME,
+    OCI_INDEX,
+    OCI_LAYOUT,
+    AppHealth,
+    AppManifest,
+    AppSpec,
     BundleManifest,
     DetectorSpec,
     FileEntry,
@@ -32,12 +39,22 @@ from ._manifest import (
     GeneratorSpec,
     GoldenPrompt,
     GoldenSpec,
+    HttpProbe,
     LlmManifest,
     LlmSpec,
     Manifest,
     Preprocessing,
     check_relative_path,
+    oci_blob_path,
     parse_manifest,
+)
+from ._oci import (
+    PodmanStore,
+    check_oci_layout,
+    containers_conf,
+    image_blobs,
+    read_image,
+    write_app_bundle,
 )
 
 __all__ = [
@@ -46,7 +63,13 @@ __all__ = [
     "GOLDEN_NAME",
     "MANIFEST_NAME",
     "MODEL_NAME",
+    "OCI_INDEX",
+    "OCI_LAYOUT",
+    "AppHealth",
+    "AppManifest",
+    "AppSpec",
     "ArtifactError",
+    "PodmanStore",
     "BundleError",
     "BundleManifest",
     "DeltaBaseError",
@@ -62,16 +85,26 @@ __all__ = [
     "GoldenPrompt",
     "GoldenSet",
     "GoldenSpec",
+    "HttpProbe",
     "LlmManifest",
     "LlmSpec",
     "Manifest",
     "Preprocessing",
+    "archive_format",
+    "build_app",
+    "check_oci_layout",
+    "containers_conf",
     "check_relative_path",
     "file_sha256",
+    "image_blobs",
+    "import_app",
     "load_golden",
+    "oci_blob_path",
     "parse_manifest",
+    "read_image",
     "read_manifest",
     "validate_bundle",
+    "write_app_bundle",
     "write_bundle",
     "write_llm_bundle",
 ]

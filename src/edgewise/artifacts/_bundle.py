@@ -2,7 +2,8 @@
 
 Invariant: `validate_bundle` returns a manifest only when the directory holds exactly the
 files the manifest lists (plus the manifest), each a regular file (never a symlink) with the
-listed size and sha256, the model is an ONNX protobuf and no file is a pickle.
+listed size and sha256, the model is an ONNX protobuf and no file is a pickle; an app
+bundle's OCI layout is exactly its one image (`_oci`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ._errors import BundleError
 from ._manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
+    AppManifest,
     BundleManifest,
     DetectorSpec,
     FileEntry,
@@ -104,6 +106,11 @@ def _onnx_files(manifest: Manifest) -> set[str]:
 
 
 def _check_file_kind(rel: str, path: Path, manifest: Manifest) -> None:
+    if isinstance(manifest, AppManifest):
+        from ._oci import is_oci_file
+
+        if is_oci_file(rel):  # an image's blobs: checked as a whole by check_oci_layout
+            return
     suffix = Path(rel).suffix.lower()
     if suffix in _PICKLE_SUFFIXES:
         raise BundleError(f"{rel}: {suffix} files may hold pickles and are not allowed in a bundle")
@@ -211,6 +218,10 @@ def validate_bundle(bundle_dir: Path | str) -> Manifest:
         _check_file_kind(rel, path, manifest)
     if isinstance(manifest, BundleManifest):  # an LLM's golden prompts are in the manifest
         load_golden(bundle_dir, manifest)
+    elif isinstance(manifest, AppManifest):
+        from ._oci import check_oci_layout
+
+        check_oci_layout(bundle_dir, manifest)
     return manifest
 
 

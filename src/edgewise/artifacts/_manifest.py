@@ -4,8 +4,10 @@ Invariant: a manifest that parsed is internally consistent: every path it names 
 relative path inside the bundle, the model is listed among the files, and the golden set
 describes a health check the device can run without any other information.
 
-Two kinds of bundle share the format: image models (`BundleManifest`: ONNX, a golden set of
-input tensors) and LLMs (`LlmManifest`: a GGUF file, golden prompts, a perplexity bound).
+Three kinds of bundle share the format: image models (`BundleManifest`: ONNX, a golden set of
+input tensors), LLMs (`LlmManifest`: a GGUF file, golden prompts, a perplexity bound) and
+container apps (`AppManifest`: an OCI image layout whose blobs are the bundle's files, plus the
+health check, restart policy and environment the device runs it with).
 A manifest names the reader features it needs in `requires`; a reader that lacks one refuses
 the manifest with a message that says to update, before any other file is fetched.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -24,8 +27,12 @@ __all__ = [
     "FEATURES",
     "FORMAT_VERSION",
     "MANIFEST_NAME",
+    "AppHealth",
+    "AppManifest",
+    "AppSpec",
     "BundleManifest",
     "GenerationDefaults",
+    "HttpProbe",
     "GoldenPrompt",
     "LlmManifest",
     "LlmSpec",
@@ -34,8 +41,11 @@ __all__ = [
     "FileEntry",
     "GeneratorSpec",
     "GoldenSpec",
+    "OCI_INDEX",
+    "OCI_LAYOUT",
     "Preprocessing",
     "check_relative_path",
+    "oci_blob_path",
     "parse_manifest",
 ]
 
@@ -43,7 +53,7 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "edgewise.json"
 # Reader features a manifest may require (`requires`); image bundles require none, so readers
 # that predate the field still read them.
-FEATURES = frozenset({"llm-gguf"})
+FEATURES = frozenset({"llm-gguf", "oci-app"})
 
 
 def check_relative_path(path: str) -> str:
@@ -313,7 +323,112 @@ class LlmManifest(_ManifestBase):
         return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
 
 
-Manifest = BundleManifest | LlmManifest
+class HttpProbe(_Strict):
+    """GET http://127.0.0.1:PORT/PATH must answer `expect_status` (the app shares the
+    device's network namespace: host networking, loopback only)."""
+
+    port: int = Field(ge=1, le=65535)
+    path: str = Field(default="/health", pattern=r"^/[!-~]{0,255}$")
+    expect_status: int = Field(default=200, ge=100, le=599)
+
+
+class AppHealth(_Strict):
+    """The health check the agent itself runs (OCI images carry none: Docker's HEALTHCHECK
+    is dropped in OCI format). One probe is an HTTP GET on loopback or a command run inside
+    the container (exit 0 = healthy), each bounded by `timeout_s`. The agent probes every
+    `interval_s`; the app is healthy at the first probe that passes and unhealthy after
+    `retries` failed probes or as soon as its container exits."""
+
+    http: HttpProbe | None = None
+    command: tuple[str, ...] | None = None
+    timeout_s: float = Field(default=3.0, gt=0, le=300)
+    interval_s: float = Field(default=0.5, gt=0, le=60)
+    retries: int = Field(default=20, ge=1, le=10_000)
+
+    @model_validator(mode="after")
+    def _one_probe(self) -> AppHealth:
+        if (self.http is None) == (self.command is None):
+            raise ValueError("an app health check is either http or command, exactly one")
+        if self.command is not None and not self.command:
+            raise ValueError("an app health command needs at least the program")
+        return self
+
+
+_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
+
+
+class AppSpec(_Strict):
+    """A container app: which image of the bundle's OCI layout runs (`ref`, the layout's
+    `org.opencontainers.image.ref.name`, and `digest`, its manifest blob) and how the device
+    runs it. `image` is the name it was built or imported as (for the record)."""
+
+    image: str = Field(min_length=1, max_length=255)
+    ref: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+    digest: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
+    health: AppHealth
+    # podman/docker's --restart: no, always, unless-stopped, on-failure[:N]
+    restart: str = Field(default="on-failure:3",
+                         pattern=r"^(no|always|unless-stopped|on-failure(:[0-9]{1,4})?)$")
+    env: dict[str, str] = Field(default_factory=dict)
+    ports: tuple[int, ...] = ()  # what the app listens on (host network): for the record
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, env: dict[str, str]) -> dict[str, str]:
+        for key, value in env.items():
+            if not re.match(_ENV_NAME, key):
+                raise ValueError(f"invalid environment variable name {key!r}")
+            if "\x00" in value:
+                raise ValueError(f"environment variable {key} holds a NUL byte")
+        return env
+
+    @field_validator("ports")
+    @classmethod
+    def _port_range(cls, ports: tuple[int, ...]) -> tuple[int, ...]:
+        if any(not 1 <= p <= 65535 for p in ports):
+            raise ValueError("ports are 1..65535")
+        return ports
+
+    @property
+    def manifest_blob(self) -> str:
+        return oci_blob_path(self.digest)
+
+
+OCI_INDEX = "index.json"
+OCI_LAYOUT = "oci-layout"
+
+
+def oci_blob_path(digest: str) -> str:
+    """`sha256:HEX` -> the blob's path inside an OCI image layout (and inside the bundle)."""
+    algorithm, _, hexdigest = digest.partition(":")
+    return f"blobs/{algorithm}/{hexdigest}"
+
+
+class AppManifest(_ManifestBase):
+    kind: Literal["app"] = "app"
+    requires: tuple[str, ...] = ("oci-app",)
+    app: AppSpec
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AppManifest:
+        if "oci-app" not in self.requires:
+            raise ValueError("an app bundle must require the reader feature 'oci-app'")
+        for role, path in (("OCI index", OCI_INDEX), ("OCI layout marker", OCI_LAYOUT),
+                           ("image manifest", self.app.manifest_blob)):
+            if path not in self.files:
+                raise ValueError(f"{role} {path!r} is not listed in files")
+        for path, entry in self.files.items():
+            # Content-addressed: a blob's name is its hash, so it is one TUF target per
+            # content and a device that holds it never fetches it again.
+            if path.startswith("blobs/") and path != f"blobs/sha256/{entry.sha256}":
+                raise ValueError(f"{path}: an OCI blob must be named blobs/sha256/<its sha256>")
+        return self
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
+
+
+Manifest = BundleManifest | LlmManifest | AppManifest
 
 
 def parse_manifest(data: bytes | str) -> Manifest:
@@ -337,7 +452,7 @@ def parse_manifest(data: bytes | str) -> Manifest:
         raise BundleError(f"{raw.get('name', '?')}@{raw.get('version', '?')} needs features "
                           f"this Edgewise does not have ({', '.join(missing)}): update the "
                           "agent to install it")
-    cls = LlmManifest if raw.get("kind") == "llm" else BundleManifest
+    cls = {"llm": LlmManifest, "app": AppManifest}.get(raw.get("kind"), BundleManifest)
     try:
         return cls.model_validate(raw)
     except ValidationError as exc:

@@ -213,14 +213,20 @@ def events(server: ServerOpt, token: TokenOpt,
 
 @bundle_app.command("validate")
 def bundle_validate(bundle: Path) -> None:
-    """Check a bundle directory: manifest, files, hashes, model type, golden set."""
-    from ..artifacts import BundleError, LlmManifest, validate_bundle
+    """Check a bundle directory: manifest, files, hashes, model type, golden set (or, for an
+    app, its OCI image layout)."""
+    from ..artifacts import AppManifest, BundleError, LlmManifest, validate_bundle
 
     try:
         manifest = validate_bundle(bundle)
     except BundleError as exc:
         fail(f"{bundle}: {exc}")
-    if isinstance(manifest, LlmManifest):
+    if isinstance(manifest, AppManifest):
+        probe = manifest.app.health
+        what = (f"container app {manifest.app.digest[:19]}, health check "
+                + (f"GET :{probe.http.port}{probe.http.path}" if probe.http else
+                   f"command {' '.join(probe.command or ())}"))
+    elif isinstance(manifest, LlmManifest):
         what = (f"{manifest.llm.architecture} {manifest.llm.file_type} LLM, "
                 f"{len(manifest.llm.golden)} golden prompts")
     else:
