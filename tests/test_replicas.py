@@ -189,3 +189,32 @@ def test_several_workers_need_postgresql(tmp_path: Path, keys) -> None:
         "--online-key", str(keys.online_key), "--insecure-dev", "--workers", "2"),
         capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "needs a PostgreSQL database" in result.stderr
+
+
+def test_metrics_count_every_workers_requests(tmp_path: Path, keys) -> None:
+    token = secrets.token_urlsafe(24)
+    with throwaway_postgres() as url:
+        server = ServerProcess(data_dir=tmp_path / "srv", root_path=keys.root_json,
+                               online_key_path=keys.online_key, admin_token=token,
+                               db_url=url, log_path=tmp_path / "server.log",
+                               extra_args=("--workers", "2")).start()
+        try:
+            with OperatorClient(server.url, token=token) as admin:
+                device_id, key = enroll(server, admin)
+            path = "/api/v1/device/reports"
+            for i in range(12):  # new connections: the kernel spreads them over the workers
+                body = json.dumps({"state": "idle", "event": "checked",
+                                   "message": f"report {i}"}).encode()
+                r = httpx.post(server.url + path, content=body, timeout=10, headers={
+                    "Content-Type": "application/json",
+                    "Authorization": sign_request(key, device_id, "POST", path, body)})
+                assert r.status_code == 204, r.text
+            for _ in range(6):  # whichever worker answers the scrape counts them all
+                text = httpx.get(server.url + "/metrics", timeout=10,
+                                 headers={"Authorization": f"Bearer {token}"}).text
+                line = next(x for x in text.splitlines()
+                            if x.startswith('edgewise_device_reports_total{event="checked"}'))
+                assert float(line.split()[-1]) == 12.0, line
+                assert 'edgewise_devices{release_id="none",state="idle"} 1.0' in text
+        finally:
+            server.stop()

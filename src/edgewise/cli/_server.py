@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -115,7 +117,14 @@ def run(
         return
     del app
     os.environ[CONFIG_ENV] = config.to_env()
-    uvicorn.run("edgewise.server.app:app_from_env", factory=True, workers=workers, **options)
+    # Counters summed over the workers at every scrape (`server.monitoring.metrics`).
+    metrics_dir = tempfile.mkdtemp(prefix="edgewise-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
+        uvicorn.run("edgewise.server.app:app_from_env", factory=True, workers=workers,
+                    **options)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 @server_app.command("lb")

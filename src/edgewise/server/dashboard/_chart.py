@@ -30,30 +30,41 @@ class Marker:
     kind: str  # "stage" | "pause" | "resume" | "stop"
 
 
-def progress_series(*, start: datetime, assigned: Iterable[tuple[datetime, str]],
-                    outcomes: Iterable[tuple[datetime, str, str]]) -> list[Point]:
+def progress_series(*, start: datetime, assigned: Iterable[tuple[datetime, str]] = (),
+                    outcomes: Iterable[tuple[datetime, str, str]],
+                    assigned_counts: Iterable[tuple[datetime, int]] = ()) -> list[Point]:
     """Cumulative counts after every change.
 
     `assigned`: (when, device) each time the rollout assigned a device its release;
+    `assigned_counts`: (when, how many devices), for callers that know each device is
+    assigned once (a rollout's members; the database counts them);
     `outcomes`: (when, device, final state) each time a device reported how the rollout's
     release ended for it. A device counts once, by its latest outcome.
     """
-    changes: list[tuple[datetime, int, str, str]] = [(ts, 0, dev, "assigned")
-                                                     for ts, dev in assigned]
-    changes += [(ts, 1, dev, state) for ts, dev, state in outcomes]
+    changes: list[tuple[datetime, int, str | None, str, int]] = [
+        (ts, 0, dev, "assigned", 1) for ts, dev in assigned]
+    changes += [(ts, 0, None, "assigned", n) for ts, n in assigned_counts]
+    counted_mode = any(dev is None for _ts, _o, dev, _w, _n in changes)
+    changes += [(ts, 1, dev, state, 0) for ts, dev, state in outcomes]
     changes.sort(key=lambda c: (c[0], c[1]))
     seen: set[str] = set()
+    counted = 0
     latest: dict[str, str] = {}
+    committed = failed = 0  # kept as it changes: a rollout may hold 100,000 devices
     points = [Point(start, 0, 0, 0)]
-    for ts, _order, device, what in changes:
-        if what == "assigned":
+    for ts, _order, device, what, n in changes:
+        if device is None:
+            counted += n
+        elif what == "assigned" or not counted_mode:
             seen.add(device)
-        else:
-            seen.add(device)
+        if what != "assigned":
+            before = latest.get(device)
+            committed -= before == "committed"
+            failed -= before in FAILED_STATES
             latest[device] = what
-        committed = sum(1 for s in latest.values() if s == "committed")
-        failed = sum(1 for s in latest.values() if s in FAILED_STATES)
-        points.append(Point(max(ts, start), len(seen), committed, failed))
+            committed += what == "committed"
+            failed += what in FAILED_STATES
+        points.append(Point(max(ts, start), len(seen) + counted, committed, failed))
     return points
 
 
@@ -96,11 +107,16 @@ def chart(points: Sequence[Point], markers: Sequence[Marker], *, total: int, end
     def y(count: int) -> float:
         return round(bottom - (bottom - top) * count / y_max, 1)
 
+    # One point per tenth of a unit across (the last there): the line looks the same, and
+    # its size no longer grows with the fleet.
+    drawn: dict[float, Point] = {}
+    for p in points:
+        drawn[x(p.ts)] = p
     lines: dict[str, str] = {}
     for name in ("assigned", "committed", "failed"):
         coords: list[str] = []
         previous: int | None = None
-        for p in points:
+        for p in drawn.values():
             value = getattr(p, name)
             if previous is not None and value != previous:
                 coords.append(f"{x(p.ts)},{y(previous)}")  # a step: across, then up

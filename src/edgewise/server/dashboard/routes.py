@@ -26,7 +26,7 @@ import jinja2
 from fastapi import APIRouter, Depends, Form, HTTPException, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.routing import APIRoute
-from sqlalchemy import func, select
+from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
 
 from .._auth import check_admin_token, hash_token
@@ -285,8 +285,12 @@ def rollout_page(rollout_id: str, request: Request, operator: SignedIn,
                  session: SessionDep) -> HTMLResponse:
     rollout = rollouts.get_rollout(session, rollout_id=rollout_id)
     names = _release_names(session)
-    rows = list(session.scalars(select(RolloutDevice).where(
-        RolloutDevice.rollout_id == rollout.id).order_by(RolloutDevice.position)))
+    members = RolloutDevice.rollout_id == rollout.id
+    total = session.scalar(select(func.count()).select_from(RolloutDevice).where(members))
+    # The table shows the first devices in rollout order; the counts, stages and chart
+    # cover all of them, computed by the database (a rollout may hold 100,000 devices).
+    rows = list(session.scalars(select(RolloutDevice).where(members)
+                                .order_by(RolloutDevice.position).limit(DEVICE_TABLE_ROWS)))
     device_by_id = {d.id: d for d in session.scalars(
         select(Device).where(Device.id.in_([r.device_id for r in rows])))}
     stages = []
@@ -295,7 +299,7 @@ def rollout_page(rollout_id: str, request: Request, operator: SignedIn,
         stages.append({"index": i, "name": stage.name,
                        "spec": f"{stage.percent:g}%" if stage.percent is not None
                        else str(stage.count),
-                       "size": stage_size(stage, len(rows)) if rows else 0,
+                       "size": stage_size(stage, total) if total else 0,
                        "min_soak_s": stage.min_soak_s, "gates": raw.get("gates", {}),
                        "state": "done" if i < rollout.stage_index or rollout.status ==
                        "completed" else "current" if i == rollout.stage_index else "next"})
@@ -303,29 +307,32 @@ def rollout_page(rollout_id: str, request: Request, operator: SignedIn,
     return _page("rollout.html", request, operator, title=f"Rollout {rollout.id}",
                  nav="fleet", rollout=rollout, names=names, stages=stages,
                  progress=rollouts.progress(session, rollout),
-                 chart=_progress_chart(session, rollout, rows, log),
-                 rows=rows, device_by_id=device_by_id, log=list(reversed(log)),
+                 chart=_progress_chart(session, rollout, total, log),
+                 rows=rows, device_count=total, device_by_id=device_by_id,
+                 log=list(reversed(log)),
                  actions=[(a, rollout.status in ACTION_FROM[a]) for a in ACTIONS])
 
 
-def _progress_chart(session: Session, rollout: Rollout, rows: list[RolloutDevice],
-                    log: list[Event]):
-    assigned_at = {r.device_id: r.assigned_at for r in rows if r.assigned_at is not None}
+def _progress_chart(session: Session, rollout: Rollout, total: int, log: list[Event]):
+    members = RolloutDevice.rollout_id == rollout.id
+    assigned = session.execute(  # each member is assigned once: counted per moment
+        select(RolloutDevice.assigned_at, func.count())
+        .where(members, RolloutDevice.assigned_at.is_not(None))
+        .group_by(RolloutDevice.assigned_at)).all()
     # A device that already ran the release counts as committed when it is assigned.
-    outcomes = [(r.assigned_at, r.device_id, "committed") for r in rows
-                if r.assigned_at is not None and r.previous_release_id == rollout.release_id]
-    if assigned_at:
-        reports = session.execute(
-            select(Event.ts, Event.device_id, Event.state).where(
-                Event.device_id.in_(list(assigned_at)), Event.release_id == rollout.release_id,
-                Event.state.in_(sorted(FINAL_STATES)), Event.ts >= rollout.created_at)
-            .order_by(Event.id)).all()
-        outcomes += [(ts, dev, state) for ts, dev, state in reports
-                     if ts >= assigned_at[dev]]
-    series = progress_series(
-        start=rollout.created_at,
-        assigned=[(e.ts, e.device_id) for e in log if e.kind == "assigned" and e.device_id],
-        outcomes=outcomes)
+    outcomes = [(at, dev, "committed") for at, dev in session.execute(
+        select(RolloutDevice.assigned_at, RolloutDevice.device_id).where(
+            members, RolloutDevice.assigned_at.is_not(None),
+            RolloutDevice.previous_release_id == rollout.release_id))]
+    outcomes += session.execute(
+        select(Event.ts, Event.device_id, Event.state)
+        .join(RolloutDevice, and_(RolloutDevice.device_id == Event.device_id, members))
+        .where(Event.release_id == rollout.release_id,
+               Event.state.in_(sorted(FINAL_STATES)), Event.ts >= rollout.created_at,
+               Event.ts >= RolloutDevice.assigned_at)
+        .order_by(Event.id)).all()
+    series = progress_series(start=rollout.created_at, assigned_counts=list(assigned),
+                             outcomes=outcomes)
     markers, advanced = [], 0
     for e in log:
         if e.kind == "rollout-stage-advanced":
@@ -339,7 +346,7 @@ def _progress_chart(session: Session, rollout: Rollout, rows: list[RolloutDevice
             markers.append(Marker(e.ts, e.kind.removeprefix("rollout-"), "stop"))
     end = utcnow() if rollout.status in IN_PROGRESS else max(
         [rollout.created_at, *(e.ts for e in log), *(p.ts for p in series)])
-    return chart(series, markers, total=len(rows), end=end)
+    return chart(series, markers, total=total, end=end)
 
 
 @router.post("/rollouts/{rollout_id}/{action}")

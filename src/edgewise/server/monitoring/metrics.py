@@ -1,15 +1,22 @@
-"""Prometheus metrics: fleet and rollout state read from the database at scrape time, plus
-in-process counters (bytes served). One registry per app, so tests can run several apps."""
+"""Prometheus metrics: fleet and rollout state read from the database at scrape time (counted
+by the database: a fleet of 100,000 devices is not loaded), plus counters of this server
+(bytes served, reports received). One registry per app, so tests can run several apps.
+
+Across processes: the fleet gauges are the database's, the same from any replica. The
+counters are per process; `edgewise server run --workers N` sets PROMETHEUS_MULTIPROC_DIR,
+and every worker's scrape then sums the counters of all workers on that host (prometheus
+client's multiprocess mode). Separate replicas are separate scrape targets, as usual."""
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 
 from fastapi import APIRouter, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 from prometheus_client import Counter as PromCounter
 from prometheus_client.core import GaugeMetricFamily
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from .._deps import ViewerDep
 from ..devices.models import Device, InstallResult
@@ -37,13 +44,15 @@ class FleetCollector:
                                      "Devices of a rollout by progress",
                                      labels=["rollout_id", "progress"])
         with self._sessions() as session:
-            by_state = Counter((d.state, d.release_id or "none")
-                               for d in session.scalars(select(Device)))
-            for (state, release), n in sorted(by_state.items()):
-                devices.add_metric([state, release], n)
-            by_outcome = Counter((r.outcome, r.release_id)
-                                 for r in session.scalars(select(InstallResult)))
-            for (outcome, release), n in sorted(by_outcome.items()):
+            for state, release, n in session.execute(
+                    select(Device.state, Device.release_id, func.count())
+                    .group_by(Device.state, Device.release_id)
+                    .order_by(Device.state, Device.release_id)):
+                devices.add_metric([state, release or "none"], n)
+            for outcome, release, n in session.execute(
+                    select(InstallResult.outcome, InstallResult.release_id, func.count())
+                    .group_by(InstallResult.outcome, InstallResult.release_id)
+                    .order_by(InstallResult.outcome, InstallResult.release_id)):
                 results.add_metric([outcome, release], n)
             statuses = Counter()
             for r in session.scalars(select(Rollout)):
@@ -60,13 +69,18 @@ class FleetCollector:
 
 class Metrics:
     def __init__(self, sessions) -> None:
-        self.registry = CollectorRegistry()
+        self.registry = CollectorRegistry()  # what /metrics shows
         self.registry.register(FleetCollector(sessions))
+        counters = self.registry
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            # The counters live in files every worker writes; the scrape reads them all.
+            counters = CollectorRegistry()
+            multiprocess.MultiProcessCollector(self.registry)
         self.bytes_served = PromCounter("edgewise_target_bytes_served",
                                         "Artifact bytes served to devices",
-                                        registry=self.registry)
+                                        registry=counters)
         self.reports = PromCounter("edgewise_device_reports", "Device state reports received",
-                                   ["event"], registry=self.registry)
+                                   ["event"], registry=counters)
 
 
 @router.get("/metrics", include_in_schema=False, dependencies=[ViewerDep])

@@ -15,8 +15,8 @@ from dataclasses import asdict
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy import and_, case, func, or_, select
+from sqlalchemy.orm import Session, aliased
 
 from .._db import utcnow
 from .._errors import Conflict, InvalidInput, NotFound
@@ -160,18 +160,28 @@ def _outcome(session: Session, row: RolloutDevice, release_id: str,
 
 
 def progress(session: Session, rollout: Rollout) -> dict[str, Any]:
-    """Counts per outcome, for the API, dashboard and metrics."""
-    rows = list(session.scalars(select(RolloutDevice).where(
-        RolloutDevice.rollout_id == rollout.id)))
-    counts = {"devices": len(rows), "assigned": 0, "committed": 0, "rolled-back": 0,
-              "failed": 0, "in-progress": 0}
-    known = _Known(session, rollout.release_id, rows)
-    for row in rows:
-        if row.assigned_at is None:
-            continue
-        counts["assigned"] += 1
-        outcome = _outcome(session, row, rollout.release_id, known).outcome
-        counts[outcome or "in-progress"] += 1
+    """Counts per outcome, for the API, dashboard and metrics: one grouped query (a rollout
+    page of 100,000 devices must not load them). The same outcomes as `_outcome`."""
+    result = aliased(InstallResult)
+    outcome = case(
+        (RolloutDevice.assigned_at.is_(None), "unassigned"),
+        (RolloutDevice.previous_release_id == rollout.release_id, "committed"),
+        (or_(result.outcome.is_(None), result.outcome == "retrying",
+             result.finished_at < RolloutDevice.assigned_at), "in-progress"),
+        else_=result.outcome)
+    counts = {"devices": 0, "assigned": 0, "committed": 0, "rolled-back": 0, "failed": 0,
+              "in-progress": 0}
+    for key, n in session.execute(
+            select(outcome, func.count())
+            .select_from(RolloutDevice)
+            .outerjoin(result, and_(result.device_id == RolloutDevice.device_id,
+                                    result.release_id == rollout.release_id))
+            .where(RolloutDevice.rollout_id == rollout.id)
+            .group_by(outcome)):
+        counts["devices"] += n
+        if key != "unassigned":
+            counts["assigned"] += n
+            counts[key] = counts.get(key, 0) + n
     return counts
 
 
