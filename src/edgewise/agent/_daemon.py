@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Literal
 from ..artifacts import (
     MANIFEST_NAME,
     BundleError,
+    LlmAdapterManifest,
     LlmManifest,
     Manifest,
     file_sha256,
@@ -371,6 +372,10 @@ class Agent:
         """Before any file is fetched: this device can run the release (its kind, its RAM;
         `UpdateRejected`, final for this build), and its disk holds the download plus the
         slot copy it is installed as, the committed slot staying (`InsufficientDisk`)."""
+        if isinstance(manifest, LlmAdapterManifest):
+            raise UpdateRejected(f"{manifest.release_name} is an LLM adapter (for "
+                                 f"{manifest.adapter.base_release}); this agent does not install "
+                                 "adapter releases yet")
         if isinstance(manifest, LlmManifest):
             if importlib.util.find_spec("llama_cpp") is None:
                 raise UpdateRejected(f"{manifest.release_name} is an LLM, and this device has "

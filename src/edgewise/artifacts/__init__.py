@@ -9,6 +9,7 @@ from ._bundle import (
     read_manifest,
     validate_bundle,
     write_bundle,
+    write_llm_adapter_bundle,
     write_llm_bundle,
 )
 from ._errors import (
@@ -25,6 +26,7 @@ from ._manifest import (
     FEATURES,
     FORMAT_VERSION,
     MANIFEST_NAME,
+    AdapterSpec,
     BundleManifest,
     DetectorSpec,
     FileEntry,
@@ -32,6 +34,7 @@ from ._manifest import (
     GeneratorSpec,
     GoldenPrompt,
     GoldenSpec,
+    LlmAdapterManifest,
     LlmManifest,
     LlmSpec,
     Manifest,
@@ -62,6 +65,8 @@ __all__ = [
     "GoldenPrompt",
     "GoldenSet",
     "GoldenSpec",
+    "AdapterSpec",
+    "LlmAdapterManifest",
     "LlmManifest",
     "LlmSpec",
     "Manifest",
@@ -73,5 +78,6 @@ __all__ = [
     "read_manifest",
     "validate_bundle",
     "write_bundle",
+    "write_llm_adapter_bundle",
     "write_llm_bundle",
 ]
