@@ -522,10 +522,10 @@ def _train(cfg: FinetuneConfig, model: TorchLlama, opt: torch.optim.Optimizer,
                                            1.0)
             opt.step()
             state["step"] += 1
-            history.append({"step": state["step"], "train_loss": round(float(loss), 5),
+            history.append({"step": state["step"], "train_loss": round(loss.item(), 5),
                             "epoch": epoch})
             if tracker:
-                tracker.log_metrics({"train_loss": float(loss)}, step=state["step"])
+                tracker.log_metrics({"train_loss": loss.item()}, step=state["step"])
             progress("train (time budget)", min(time.perf_counter() - started, budget), budget)
             if state["step"] % cfg.eval_every == 0:
                 evaluate()
