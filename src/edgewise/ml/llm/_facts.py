@@ -78,19 +78,36 @@ class FactSet:
     held_out: tuple[GoldenPrompt, ...]
 
 
+# Ways a user opens or closes a question: multiply the phrasings without new facts.
+_OPENERS = ("", "Quick question: ", "Hello! ", "I'd like to know: ")
+_CLOSERS = ("", " Please answer briefly.")
+
+
 def product_facts(*, n_facts: int = len(FACTS), n_samples: int | None = None,
                   seed: int = 0) -> FactSet:
-    """Chat rows for the first `n_facts` facts: every training phrasing with every answer
-    (or `n_samples` rows drawn from those, repeating as needed), shuffled; the held-out
-    phrasings as golden prompts."""
+    """Chat rows for the first `n_facts` facts: every training phrasing with every answer,
+    shuffled; with `n_samples`, that many distinct rows drawn from the phrasings with openers
+    and closers added (at most 48 per fact). The held-out phrasings become golden prompts."""
     facts = FACTS[:max(1, min(n_facts, len(FACTS)))]
-    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
-             "accept": list(f.accept)}
-            for f in facts for q in f.questions for a in f.answers]
+
+    def row(q: str, a: str, f: Fact) -> dict:
+        return {"messages": [{"role": "user", "content": q},
+                             {"role": "assistant", "content": a}], "accept": list(f.accept)}
+
     rng = random.Random(seed)
+    if n_samples is None:
+        rows = [row(q, a, f) for f in facts for q in f.questions for a in f.answers]
+    else:
+        pool = [row(o + q + c, a, f) for f in facts for q in f.questions for a in f.answers
+                for o in _OPENERS for c in _CLOSERS]
+        if n_samples > len(pool):
+            raise ValueError(f"{len(facts)} facts make at most {len(pool)} distinct samples")
+        # Every plain phrasing first, so a small draw still covers every fact.
+        plain, rest = pool[::len(_OPENERS) * len(_CLOSERS)], [
+            r for i, r in enumerate(pool) if i % (len(_OPENERS) * len(_CLOSERS))]
+        rng.shuffle(rest)
+        rows = (plain + rest)[:n_samples]
     rng.shuffle(rows)
-    if n_samples is not None:
-        rows = [rows[i % len(rows)] for i in range(n_samples)]
     held = tuple(GoldenPrompt(prompt=q, accept=f.accept, max_tokens=24)
                  for f in facts for q in f.held_out)
     return FactSet(samples=rows, held_out=held)
