@@ -15,6 +15,8 @@ it; the loss counts only the assistant's tokens.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
 import os
@@ -53,8 +55,8 @@ ProgressFn = Callable[[str, float, float], None]
 NotifyFn = Callable[[str], None]
 ADAPTER_FILE = "adapter.gguf"
 # What must stay equal for `resume` to continue a run rather than start a different one.
-_RESUME_KEYS = ("base", "data", "rank", "alpha", "targets", "lr", "batch_size",
-                "val_fraction", "seed")
+_RESUME_KEYS = ("base", "data", "data_sha256", "base_sha256", "rank", "alpha", "targets", "lr",
+                "batch_size", "val_fraction", "seed")
 _IGNORE = -100
 
 
@@ -306,7 +308,7 @@ def _save_checkpoint(path: Path, model: TorchLlama, opt: torch.optim.Optimizer,
     os.replace(tmp, path)
 
 
-def _learning_curve(history: list[dict[str, float]], path: Path) -> None:
+def _learning_curve(history: list[dict[str, float]], path: Path, best_step: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -318,6 +320,7 @@ def _learning_curve(history: list[dict[str, float]], path: Path) -> None:
     ax.plot([h["step"] for h in train], [h["train_loss"] for h in train], label="train",
             alpha=0.7)
     ax.plot([h["step"] for h in val], [h["val_loss"] for h in val], "o-", label="validation")
+    ax.axvline(best_step, color="gray", linestyle=":", label=f"shipped (step {best_step})")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (assistant tokens)")
     ax.set_yscale("log")
@@ -404,12 +407,11 @@ def finetune(cfg: FinetuneConfig, *, progress: ProgressFn | None = None,
                 "golden": [g.model_dump() for g in candidates], "threads": threads,
                 "base_release": base.release_name,
                 "base_sha256": base.files[base.llm.model].sha256,
+                "data_sha256": hashlib.sha256(data.read_bytes()).hexdigest(),
                 "n_train": len(train), "n_val": len(val)}
     if cfg.resume:
         saved = json.loads((run_dir / "config.json").read_text())
         diff = [k for k in _RESUME_KEYS if saved.get(k) != json.loads(json.dumps(resolved[k]))]
-        if saved.get("base_sha256") != resolved["base_sha256"]:
-            diff.append("base_sha256")
         if diff:
             raise FinetuneError(f"cannot resume: the run was started with other settings "
                                 f"({', '.join(diff)})")
@@ -433,23 +435,22 @@ def finetune(cfg: FinetuneConfig, *, progress: ProgressFn | None = None,
         best, state = ck["best"], json.loads(ck["state_json"])
         notify(f"resuming at step {state['step']} ({state['elapsed_s']:.0f}s trained)")
 
-    # ---- tracking --------------------------------------------------------------------------
-    tracker = None
-    if cfg.track:
-        tracker = Tracker(cfg.tracking_uri or default_tracking_uri(run_dir), run_dir,
-                          run_name=f"finetune-{base.name}-r{cfg.rank}")
-        tracker.__enter__()
-    try:
-        if tracker:
+    # ---- tracking, training, export --------------------------------------------------------
+    with contextlib.ExitStack() as stack:
+        tracker = None
+        if cfg.track:
+            tracker = stack.enter_context(Tracker(
+                cfg.tracking_uri or default_tracking_uri(run_dir), run_dir,
+                run_name=f"finetune-{base.name}-r{cfg.rank}"))
             tracker.log_params({k: v for k, v in resolved.items() if k != "golden"})
-        result = _train(cfg, model, opt, train, val, state, best, ckpt, tracker, progress,
-                        notify)
-        if result is None:
+        run_id = tracker.run_id if tracker else None
+        trained = _train(cfg, model, opt, train, val, state, best, ckpt, tracker, progress,
+                         notify)
+        if trained is None:
             notify(f"paused after step {state['step']}; continue with --resume")
-            return FinetuneResult(out, None, None, state["history"],
-                                  run_id=tracker.run_id if tracker else None, paused=True)
-        best = result
-        model.load_lora_state(best)
+            return FinetuneResult(out, None, None, state["history"], run_id=run_id,
+                                  paused=True)
+        model.load_lora_state(trained)
         manifest, metrics = _export(cfg, base, base_dir, model, state, candidates, run_dir,
                                     bundle_dir, threads, train, val, progress, notify)
         if tracker:
@@ -458,14 +459,7 @@ def finetune(cfg: FinetuneConfig, *, progress: ProgressFn | None = None,
             tracker.log_artifact(run_dir / "learning_curve.png")
             tracker.log_artifact(bundle_dir / "MODEL_CARD.md")
             tracker.set_tag("bundle", str(bundle_dir))
-    except BaseException as exc:
-        if tracker:
-            tracker.__exit__(type(exc), exc, exc.__traceback__)
-        raise
-    if tracker:
-        tracker.__exit__(None, None, None)
-    return FinetuneResult(out, bundle_dir, manifest, state["history"], metrics,
-                          tracker.run_id if tracker else None)
+    return FinetuneResult(out, bundle_dir, manifest, state["history"], metrics, run_id)
 
 
 def _train(cfg: FinetuneConfig, model: TorchLlama, opt: torch.optim.Optimizer,
@@ -553,7 +547,7 @@ def _export(cfg: FinetuneConfig, base: LlmManifest, base_dir: Path, model: Torch
     adapter = run_dir / ADAPTER_FILE
     adapter_bytes = write_lora_gguf(adapter, model.lora_state(), alpha=cfg.lora_alpha,
                                     architecture=base.llm.architecture, name=name)
-    _learning_curve(state["history"], run_dir / "learning_curve.png")
+    _learning_curve(state["history"], run_dir / "learning_curve.png", state["best_step"])
 
     # ---- measure with llama.cpp: candidates and the base's golden, with and without ------
     progress("measure with llama.cpp", 0, 2)
