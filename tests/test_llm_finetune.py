@@ -187,6 +187,8 @@ def test_finetune_pauses_resumes_and_llama_cpp_answers_with_the_adapter(
     assert {"MODEL_CARD.md", "learning_curve.png", "adapter.gguf"} <= set(manifest.files)
     assert (out / "run" / "mlflow.db").is_file()
     assert json.loads((bundle / MANIFEST_NAME).read_text())["kind"] == "llm-adapter"
+    checked = CliRunner().invoke(app, ["bundle", "validate", str(bundle)])
+    assert checked.exit_code == 0 and "LoRA adapter r8 for smollm2@1.0.0" in checked.output
 
     # llama.cpp's format: 30 blocks x 7 projections, lora_a (r, n_in), lora_b (n_out, r).
     tensors, meta = read_lora_gguf(bundle / "adapter.gguf")

@@ -214,13 +214,16 @@ def events(server: ServerOpt, token: TokenOpt,
 @bundle_app.command("validate")
 def bundle_validate(bundle: Path) -> None:
     """Check a bundle directory: manifest, files, hashes, model type, golden set."""
-    from ..artifacts import BundleError, LlmManifest, validate_bundle
+    from ..artifacts import BundleError, LlmAdapterManifest, LlmManifest, validate_bundle
 
     try:
         manifest = validate_bundle(bundle)
     except BundleError as exc:
         fail(f"{bundle}: {exc}")
-    if isinstance(manifest, LlmManifest):
+    if isinstance(manifest, LlmAdapterManifest):
+        what = (f"LoRA adapter r{manifest.adapter.rank} for {manifest.adapter.base_release}, "
+                f"{len(manifest.adapter.golden)} golden prompts")
+    elif isinstance(manifest, LlmManifest):
         what = (f"{manifest.llm.architecture} {manifest.llm.file_type} LLM, "
                 f"{len(manifest.llm.golden)} golden prompts")
     else:
