@@ -475,6 +475,12 @@ def _train(cfg: FinetuneConfig, model: TorchLlama, opt: torch.optim.Optimizer,
     first_step = state["step"]
     warmup = 5
 
+    def done_fraction() -> float:
+        """How far training is towards its end, whichever comes first: budget or steps."""
+        spent = (time.perf_counter() - started) / budget
+        steps = state["step"] / cfg.max_steps if cfg.max_steps else 0.0
+        return min(1.0, max(spent, steps))
+
     def evaluate() -> None:
         nonlocal best
         model.eval()
@@ -520,7 +526,7 @@ def _train(cfg: FinetuneConfig, model: TorchLlama, opt: torch.optim.Optimizer,
                             "epoch": epoch})
             if tracker:
                 tracker.log_metrics({"train_loss": loss.item()}, step=state["step"])
-            progress("train (time budget)", min(time.perf_counter() - started, budget), budget)
+            progress("train", done_fraction(), 1.0)
             if state["step"] % cfg.eval_every == 0:
                 evaluate()
     except KeyboardInterrupt:
@@ -530,7 +536,7 @@ def _train(cfg: FinetuneConfig, model: TorchLlama, opt: torch.optim.Optimizer,
         raise
     if "val_loss" not in history[-1]:
         evaluate()
-    progress("train (time budget)", budget, budget)
+    progress("train", 1.0, 1.0)
     if state["best_step"] == 0:
         raise FinetuneError(f"no step lowered the validation loss below the base's "
                             f"({state['best_val']:.4f}) in {state['step']} steps: give a "
