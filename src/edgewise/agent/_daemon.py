@@ -23,6 +23,7 @@ from ..artifacts import (
     MANIFEST_NAME,
     AppManifest,
     BundleError,
+    LlmAdapterManifest,
     LlmManifest,
     Manifest,
     file_sha256,
@@ -410,6 +411,10 @@ class Agent:
             if why is not None:
                 raise UpdateRejected(f"{manifest.release_name} is a container app, and this "
                                      f"device cannot run it: {why}")
+        if isinstance(manifest, LlmAdapterManifest):
+            raise UpdateRejected(f"{manifest.release_name} is an LLM adapter (for "
+                                 f"{manifest.adapter.base_release}); this agent does not install "
+                                 "adapter releases yet")
         if isinstance(manifest, LlmManifest):
             if importlib.util.find_spec("llama_cpp") is None:
                 raise UpdateRejected(f"{manifest.release_name} is an LLM, and this device has "

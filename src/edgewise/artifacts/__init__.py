@@ -11,6 +11,7 @@ from ._bundle import (
     read_manifest,
     validate_bundle,
     write_bundle,
+    write_llm_adapter_bundle,
     write_llm_bundle,
 )
 from ._errors import (
@@ -29,6 +30,7 @@ from ._manifest import (
     MANIFEST_NAME,
     OCI_INDEX,
     OCI_LAYOUT,
+    AdapterSpec,
     AppHealth,
     AppManifest,
     AppSpec,
@@ -40,6 +42,7 @@ from ._manifest import (
     GoldenPrompt,
     GoldenSpec,
     HttpProbe,
+    LlmAdapterManifest,
     LlmManifest,
     LlmSpec,
     Manifest,
@@ -86,6 +89,8 @@ __all__ = [
     "GoldenSet",
     "GoldenSpec",
     "HttpProbe",
+    "AdapterSpec",
+    "LlmAdapterManifest",
     "LlmManifest",
     "LlmSpec",
     "Manifest",
@@ -106,5 +111,6 @@ __all__ = [
     "validate_bundle",
     "write_app_bundle",
     "write_bundle",
+    "write_llm_adapter_bundle",
     "write_llm_bundle",
 ]

@@ -25,12 +25,14 @@ from ._errors import BundleError
 from ._manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
+    AdapterSpec,
     AppManifest,
     BundleManifest,
     DetectorSpec,
     FileEntry,
     GeneratorSpec,
     GoldenSpec,
+    LlmAdapterManifest,
     LlmManifest,
     LlmSpec,
     Manifest,
@@ -287,6 +289,33 @@ def write_llm_bundle(
     contents.update(extra_files or {})
     manifest = LlmManifest(
         format_version=FORMAT_VERSION, name=name, version=version, llm=llm,
+        files=_write_files(out_dir, contents),
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        metrics=dict(metrics or {}), provenance=dict(provenance or {}))
+    (out_dir / MANIFEST_NAME).write_text(manifest.to_json())
+    validate_bundle(out_dir)
+    return manifest
+
+
+def write_llm_adapter_bundle(
+    out_dir: Path | str,
+    *,
+    name: str,
+    version: str,
+    adapter: AdapterSpec,
+    gguf: Path,
+    extra_files: Mapping[str, Path | bytes] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    provenance: Mapping[str, Any] | None = None,
+) -> LlmAdapterManifest:
+    """Write a complete, self-validated LLM adapter bundle directory and return its manifest;
+    `adapter.adapter` names the GGUF adapter file as it will be called inside the bundle."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    contents: dict[str, Path | bytes] = {adapter.adapter: Path(gguf)}
+    contents.update(extra_files or {})
+    manifest = LlmAdapterManifest(
+        format_version=FORMAT_VERSION, name=name, version=version, adapter=adapter,
         files=_write_files(out_dir, contents),
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         metrics=dict(metrics or {}), provenance=dict(provenance or {}))

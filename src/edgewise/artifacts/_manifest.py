@@ -7,7 +7,9 @@ describes a health check the device can run without any other information.
 Three kinds of bundle share the format: image models (`BundleManifest`: ONNX, a golden set of
 input tensors), LLMs (`LlmManifest`: a GGUF file, golden prompts, a perplexity bound) and
 container apps (`AppManifest`: an OCI image layout whose blobs are the bundle's files, plus the
-health check, restart policy and environment the device runs it with).
+health check, restart policy and environment the device runs it with). An LLM adapter
+(`LlmAdapterManifest`: a GGUF LoRA adapter) names the base model it applies to by the sha256
+of the base's GGUF.
 A manifest names the reader features it needs in `requires`; a reader that lacks one refuses
 the manifest with a message that says to update, before any other file is fetched.
 """
@@ -34,6 +36,8 @@ __all__ = [
     "GenerationDefaults",
     "HttpProbe",
     "GoldenPrompt",
+    "AdapterSpec",
+    "LlmAdapterManifest",
     "LlmManifest",
     "LlmSpec",
     "Manifest",
@@ -53,7 +57,7 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "edgewise.json"
 # Reader features a manifest may require (`requires`); image bundles require none, so readers
 # that predate the field still read them.
-FEATURES = frozenset({"llm-gguf", "oci-app"})
+FEATURES = frozenset({"llm-gguf", "llm-lora", "oci-app"})
 
 
 def check_relative_path(path: str) -> str:
@@ -428,7 +432,46 @@ class AppManifest(_ManifestBase):
         return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
 
 
-Manifest = BundleManifest | LlmManifest | AppManifest
+class AdapterSpec(_Strict):
+    """A GGUF LoRA adapter (llama.cpp's format) and the base it was trained on.
+
+    `base_sha256` is the sha256 of the base bundle's GGUF file: an adapter means nothing on
+    other weights, so a reader applies it only to that exact file. `golden` are prompts that
+    show the new behaviour (measured with llama.cpp, base + adapter, at build time); the
+    base's own golden prompts must still pass with the adapter loaded."""
+
+    adapter: str
+    format: Literal["gguf-lora"] = "gguf-lora"
+    base_release: str
+    base_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    base_chat_template_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    rank: int = Field(ge=1, le=1024)
+    alpha: float = Field(gt=0)
+    target_modules: tuple[str, ...] = Field(min_length=1)
+    n_ctx: int = Field(ge=64)
+    golden: tuple[GoldenPrompt, ...] = Field(min_length=1)
+    base_golden: tuple[GoldenPrompt, ...] = ()
+    # Build-time measurements (losses, golden results with and without the adapter).
+    reference: dict[str, Any] = Field(default_factory=dict)
+
+
+class LlmAdapterManifest(_ManifestBase):
+    kind: Literal["llm-adapter"] = "llm-adapter"
+    requires: tuple[str, ...] = ("llm-lora",)
+    adapter: AdapterSpec
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LlmAdapterManifest:
+        self._listed("adapter", self.adapter.adapter, ".gguf")
+        if "llm-lora" not in self.requires:
+            raise ValueError("an LLM adapter bundle must require the reader feature 'llm-lora'")
+        return self
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
+
+
+Manifest = BundleManifest | LlmManifest | LlmAdapterManifest | AppManifest
 
 
 def parse_manifest(data: bytes | str) -> Manifest:
@@ -452,7 +495,8 @@ def parse_manifest(data: bytes | str) -> Manifest:
         raise BundleError(f"{raw.get('name', '?')}@{raw.get('version', '?')} needs features "
                           f"this Edgewise does not have ({', '.join(missing)}): update the "
                           "agent to install it")
-    cls = {"llm": LlmManifest, "app": AppManifest}.get(raw.get("kind"), BundleManifest)
+    cls = {"llm": LlmManifest, "llm-adapter": LlmAdapterManifest,
+           "app": AppManifest}.get(raw.get("kind"), BundleManifest)
     try:
         return cls.model_validate(raw)
     except ValidationError as exc:

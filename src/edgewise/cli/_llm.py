@@ -1,4 +1,4 @@
-"""`edgewise llm build` and `edgewise llm quantize`: thin wrappers over `edgewise.ml.llm`."""
+"""`edgewise llm build`, `quantize` and `finetune`: thin wrappers over `edgewise.ml.llm`."""
 
 from __future__ import annotations
 
@@ -128,6 +128,84 @@ def quantize(
     out.print((target / "report.md").read_text())
     out.print(f"report: {target / 'report.md'}, {target / 'report.png'}; candidates under "
               f"{target / 'candidates'}")
+
+
+@llm_app.command("finetune")
+def finetune(
+    base: Annotated[Path, typer.Option("--base", help="the LLM bundle to adapt "
+                                       "(edgewise llm build)")],
+    data: Annotated[Path, typer.Option("--data", help="chat JSON lines: {\"messages\": "
+                                       "[{\"role\", \"content\"}, ...], \"accept\": [...]}; "
+                                       "the loss counts the assistant's tokens")],
+    out_dir: Annotated[Path, typer.Option("--out", help="OUT/run (checkpoints, MLflow, "
+                                          "learning curve) and OUT/bundle (the adapter)")],
+    rank: Annotated[int, typer.Option(help="LoRA rank")] = 8,
+    alpha: Annotated[float | None, typer.Option(help="LoRA alpha [default: 2 x rank]")] = None,
+    targets: Annotated[str, typer.Option(help="comma-separated projections to adapt")]
+    = "attn_q,attn_k,attn_v,attn_output,ffn_gate,ffn_up,ffn_down",
+    time_budget: Annotated[str, typer.Option("--time-budget", help="training time, e.g. "
+                                             "90s, 10m")] = "10m",
+    max_steps: Annotated[int | None, typer.Option(help="stop after this many steps")] = None,
+    lr: Annotated[float, typer.Option(help="learning rate (AdamW)")] = 2e-3,
+    batch_size: int = 8,
+    val_fraction: Annotated[float, typer.Option(help="held-out share for validation")] = 0.2,
+    eval_every: Annotated[int, typer.Option(help="steps between validations/checkpoints")]
+    = 10,
+    golden: Annotated[Path | None, typer.Option(help="golden prompts, JSON lines [default: "
+                                                "validation rows with \"accept\"]")] = None,
+    name: Annotated[str | None, typer.Option(help="[default: BASE-NAME-lora]")] = None,
+    version: str = "1.0.0",
+    seed: int = 0,
+    threads: Annotated[int | None, typer.Option(help="[default: the cores free now]")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow URI [default: sqlite "
+                                                     "under OUT/run]")] = None,
+    no_track: Annotated[bool, typer.Option("--no-track", help="no MLflow run")] = False,
+    resume: Annotated[bool, typer.Option(help="continue an interrupted run in OUT")] = False,
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """LoRA-fine-tune an LLM bundle on this CPU; write a GGUF adapter bundle."""
+    from edgewise.ml.errors import MLError
+    from edgewise.ml.llm import FinetuneConfig
+    from edgewise.ml.llm import finetune as run_finetune
+    from edgewise.ml.train import parse_duration
+
+    try:
+        budget_s = parse_duration(time_budget)
+    except ValueError as exc:
+        fail(str(exc))
+    cfg = FinetuneConfig(
+        base=str(base), data=str(data), out_dir=str(out_dir), rank=rank, alpha=alpha,
+        targets=tuple(t.strip() for t in targets.split(",") if t.strip()),
+        time_budget_s=budget_s, max_steps=max_steps, lr=lr, batch_size=batch_size,
+        val_fraction=val_fraction, eval_every=eval_every,
+        golden=_golden_file(golden) if golden else None, name=name, version=version,
+        seed=seed, threads=threads, tracking_uri=tracking_uri, track=not no_track,
+        resume=resume)
+    try:
+        with stage_progress() as (progress, note):
+            result = run_finetune(cfg, progress=progress, notify=note.print)
+    except MLError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        fail(f"interrupted; continue with: edgewise llm finetune ... --out {out_dir} --resume")
+    if json_out:
+        print_json({"bundle": str(result.bundle_dir) if result.bundle_dir else None,
+                    "paused": result.paused, "run_id": result.run_id,
+                    "metrics": result.metrics})
+        return
+    if result.manifest is None:
+        out.print(f"paused; continue with --resume (run in {out_dir / 'run'})")
+        return
+    m, spec = result.metrics, result.manifest.adapter
+    out.print(f"[green]{result.manifest.release_name}[/] -> {result.bundle_dir}: LoRA r{spec.rank} "
+              f"for {spec.base_release}, {m['adapter_bytes'] / 2**20:.2f} MB")
+    out.print(f"  {m['steps']} steps in {m['train_s']:.0f}s; validation loss "
+              f"{m['base_val_loss']:.3f} -> {m['best_val_loss']:.3f} (step {m['best_step']})")
+    out.print(f"  golden: {m['golden_passed']}/{m['golden_total']} with the adapter, "
+              f"{m['golden_passed_base']} without; base golden kept "
+              f"{m['base_golden_passed_with_adapter']}/{m['base_golden_total']}")
+    out.print(f"  curve: {out_dir / 'run' / 'learning_curve.png'}; card: "
+              f"{result.bundle_dir / 'MODEL_CARD.md'}")
 
 
 def register(app: typer.Typer) -> None:

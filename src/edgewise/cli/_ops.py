@@ -215,7 +215,13 @@ def events(server: ServerOpt, token: TokenOpt,
 def bundle_validate(bundle: Path) -> None:
     """Check a bundle directory: manifest, files, hashes, model type, golden set (or, for an
     app, its OCI image layout)."""
-    from ..artifacts import AppManifest, BundleError, LlmManifest, validate_bundle
+    from ..artifacts import (
+        AppManifest,
+        BundleError,
+        LlmAdapterManifest,
+        LlmManifest,
+        validate_bundle,
+    )
 
     try:
         manifest = validate_bundle(bundle)
@@ -226,6 +232,9 @@ def bundle_validate(bundle: Path) -> None:
         what = (f"container app {manifest.app.digest[:19]}, health check "
                 + (f"GET :{probe.http.port}{probe.http.path}" if probe.http else
                    f"command {' '.join(probe.command or ())}"))
+    elif isinstance(manifest, LlmAdapterManifest):
+        what = (f"LoRA adapter r{manifest.adapter.rank} for {manifest.adapter.base_release}, "
+                f"{len(manifest.adapter.golden)} golden prompts")
     elif isinstance(manifest, LlmManifest):
         what = (f"{manifest.llm.architecture} {manifest.llm.file_type} LLM, "
                 f"{len(manifest.llm.golden)} golden prompts")

@@ -86,18 +86,21 @@ class LlamaModel:
     thread-safe, and the local API may get concurrent requests."""
 
     def __init__(self, path: Path | str, *, n_ctx: int = 512, threads: int | None = None,
-                 logits_all: bool = False) -> None:
+                 logits_all: bool = False, lora_path: Path | str | None = None) -> None:
         llama_cpp = _llama_cpp()
         self.path = Path(path)
+        self.lora_path = Path(lora_path) if lora_path is not None else None
         self.threads = threads or free_cores()
         self.n_ctx = n_ctx
         self.lock = threading.Lock()
         try:
             self.llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=n_ctx,
                                        n_threads=self.threads, n_threads_batch=self.threads,
-                                       logits_all=logits_all, seed=0, verbose=False)
+                                       logits_all=logits_all, seed=0, verbose=False,
+                                       lora_path=None if lora_path is None else str(lora_path))
         except (ValueError, RuntimeError, OSError) as exc:
-            raise LlmRuntimeError(f"llama.cpp cannot load {self.path.name}: {exc}") from exc
+            what = self.path.name + (f" + {self.lora_path.name}" if self.lora_path else "")
+            raise LlmRuntimeError(f"llama.cpp cannot load {what}: {exc}") from exc
 
     def close(self) -> None:
         self.llm.close()
