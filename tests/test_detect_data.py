@@ -251,3 +251,18 @@ def test_cli_synth_and_stats(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout.strip().splitlines()[-1])
     assert report["images"] == 6 and report["split"]["val"]["images"] >= 1
+
+
+def test_cli_train_refuses_bad_input(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from edgewise.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["detect", "train", "--data", str(tmp_path / "none"), "--out",
+                              str(tmp_path / "run")])
+    assert res.exit_code == 1 and "no such file or folder" in res.output
+    res = runner.invoke(app, ["detect", "train", "--data", str(tmp_path), "--out",
+                              str(tmp_path / "run"), "--time-budget", "soon"])
+    assert res.exit_code == 1 and "cannot read duration" in res.output
+    assert not (tmp_path / "run").exists()

@@ -100,6 +100,15 @@ def test_few_steps_learn_and_export(tmp_path: Path) -> None:
     for name in ("best.pt", "model.onnx", "metrics.json", "config.json"):
         assert (tmp_path / "run" / name).is_file()
     assert json.loads((tmp_path / "run" / "config.json").read_text())["max_steps"] == 40
+    # Transfer learning: the stride <= 8 blocks keep their ImageNet weights, later ones moved.
+    imagenet = CenterNetDetector(10, input_size=(96, 96))
+    trained = result.model
+    assert torch.equal(trained.stem.weight, imagenet.stem.weight)
+    assert torch.equal(trained.blocks[4]._project_conv.weight,
+                       imagenet.blocks[4]._project_conv.weight)
+    assert torch.equal(trained.blocks[4]._bn2.running_mean, imagenet.blocks[4]._bn2.running_mean)
+    assert not torch.equal(trained.blocks[12]._project_conv.weight,
+                           imagenet.blocks[12]._project_conv.weight)
     # The same validation images through an untrained head score (about) nothing.
     torch.manual_seed(0)
     untrained = CenterNetDetector(10, input_size=(96, 96), score_threshold=0.05)

@@ -1,4 +1,4 @@
-"""`edgewise detect ...`: object-detection data sets: synthetic scenes and statistics."""
+"""`edgewise detect ...`: object detection: synthetic scenes, data-set statistics, training."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from typing import Annotated
 
 import typer
 
-from ._common import console, fail, print_json
+from ._common import console, fail, print_json, stage_progress
 
-detect_app = typer.Typer(help="Object detection: synthetic scenes, data-set statistics.",
+detect_app = typer.Typer(help="Object detection: synthetic scenes, data-set statistics, training.",
                          no_args_is_help=True)
 
 
@@ -71,3 +71,47 @@ def stats(
     except MLError as exc:
         fail(str(exc))
     print_json(report)
+
+
+@detect_app.command("train")
+def train(
+    data: Annotated[Path, typer.Option(help="COCO, YOLO or VOC data set folder "
+                                            "(e.g. from `edgewise detect synth`)")],
+    out_dir: Annotated[Path, typer.Option("--out", help="new folder: best.pt, model.onnx, "
+                                                        "metrics.json, config.json")],
+    time_budget: Annotated[str, typer.Option("--time-budget", help="e.g. 90s, 5m")] = "2m",
+    size: Annotated[int, typer.Option(help="input side in pixels (multiple of 32)")] = 160,
+    batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    lr: Annotated[float, typer.Option(help="peak learning rate (AdamW)")] = 3e-3,
+    val_fraction: Annotated[float, typer.Option(help="share held out for validation")] = 0.2,
+    scratch: Annotated[bool, typer.Option(
+        "--scratch", help="random backbone instead of the ImageNet EfficientNet-Lite0")] = False,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Train a CenterNet detector on the pretrained EfficientNet-Lite0 on this CPU; export
+    ONNX with decoding and NMS inside (image [1,3,H,W] -> boxes, scores, labels)."""
+    from ..ml import MLError
+    from ..ml.detect import DetectConfig, train_detector
+    from ..ml.train import parse_duration
+
+    if not 0 < val_fraction < 1:
+        fail("--val-fraction must be between 0 and 1")
+    try:
+        budget_s = parse_duration(time_budget)
+    except ValueError as exc:
+        fail(str(exc))
+    cfg = DetectConfig(data=str(data), out_dir=str(out_dir), input_size=size,
+                       time_budget_s=budget_s, batch_size=batch_size, lr=lr,
+                       val_fraction=val_fraction, pretrained=not scratch, seed=seed,
+                       val_every_s=max(30.0, budget_s / 5))
+    try:
+        with stage_progress() as (report, _):
+            result = train_detector(cfg, progress=report)
+    except MLError as exc:
+        fail(str(exc))
+    m = result.metrics
+    console.print(f"[green]{result.out_dir}[/]: validation mAP@0.5 {m['val_map50']:.3f}, "
+                  f"mAP@0.5:0.95 {m['val_map50_95']:.3f} after {m['steps']} steps "
+                  f"({m['train_s']:.0f} s)")
+    print_json({"out": str(result.out_dir), **{k: v for k, v in m.items()
+                                               if k not in ("history", "val_stats")}})

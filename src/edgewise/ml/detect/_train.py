@@ -46,7 +46,7 @@ class DetectConfig:
     batch_size: int = 16
     lr: float = 3e-3
     weight_decay: float = 1e-4
-    frozen_frac: float = 0.3  # share of the budget with the whole backbone frozen
+    frozen_frac: float = 0.3  # share of the budget with the whole backbone frozen (pretrained)
     trainable_from_block: int = 5  # then blocks from here (stride 16 and up) are fine-tuned
     val_fraction: float = 0.2
     val_every_s: float = 60.0
@@ -85,7 +85,7 @@ def resize_dataset(dataset: DetectionDataset, size: int) -> DetectionDataset:
 
 def _normalise(images: np.ndarray, model: CenterNetDetector) -> torch.Tensor:
     """uint8 [B, H, W, 3] -> the contract's float [B, 3, H, W]."""
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    x = torch.tensor(images, dtype=torch.float32).permute(0, 3, 1, 2) / 255
     mean = torch.tensor(model.spec.mean).view(1, 3, 1, 1)
     std = torch.tensor(model.spec.std).view(1, 3, 1, 1)
     return (x - mean) / std
@@ -177,7 +177,8 @@ def _check_onnx(model: CenterNetDetector, path: Path, dataset: DetectionDataset)
 # ---- the loop -------------------------------------------------------------------------------
 
 def _set_backbone_trainable(model: CenterNetDetector, from_block: int | None) -> None:
-    """None: all frozen (BatchNorm statistics too); else blocks >= from_block train."""
+    """None: all frozen (BatchNorm statistics too); else blocks >= from_block train (-1: the
+    stem too)."""
     parts = model.backbone_modules()  # [stem, block 0, block 1, ...]
     for i, part in enumerate(parts):
         train = from_block is not None and i - 1 >= from_block
@@ -211,7 +212,8 @@ def train_detector(cfg: DetectConfig, *, progress: ProgressFn | None = None,
                               pretrained=cfg.pretrained, max_detections=cfg.max_detections,
                               score_threshold=cfg.score_threshold)
     model.train()
-    trainable_from: int | None = None
+    # A random backbone has nothing worth freezing: from scratch, all of it trains (stem too).
+    trainable_from: int | None = None if cfg.pretrained else -1
     _set_backbone_trainable(model, trainable_from)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
