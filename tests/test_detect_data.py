@@ -109,6 +109,19 @@ def test_coco_round_trip(tmp_path: Path) -> None:
         write_coco(ds, tmp_path / "b")
 
 
+def test_yolo_sub_folders_to_coco(tmp_path: Path) -> None:
+    root = make_yolo(tmp_path / "y")
+    (root / "images" / "train").mkdir()
+    (root / "labels" / "train").mkdir()
+    (root / "images" / "im1.png").rename(root / "images" / "train" / "im1.png")
+    (root / "labels" / "im1.txt").rename(root / "labels" / "train" / "im1.txt")
+    ds = load_yolo(root)
+    assert ds.file_names == ("im0.png", "train/im1.png") and ds.num_boxes == 3
+    back = load_coco(write_coco(ds, tmp_path / "c"))
+    assert back.file_names == ds.file_names
+    np.testing.assert_allclose(back.boxes[1], BOXES[1], atol=1e-4)
+
+
 def test_box_outside_image(tmp_path: Path) -> None:
     bad = [BOXES[0], np.array([[30, 20, 45, 29]], np.float32)]
     with pytest.raises(DatasetError, match=r"im1.png.*outside the 40x30 image"):

@@ -214,7 +214,9 @@ def write_coco(dataset: DetectionDataset, out_dir: Path | str, *,
         images, anns = [], []
         for i, (image, boxes, labels, name) in enumerate(zip(
                 dataset.images, dataset.boxes, dataset.labels, dataset.file_names, strict=True)):
-            Image.fromarray(image).save(tmp / "images" / name)
+            target = tmp / "images" / name
+            target.parent.mkdir(parents=True, exist_ok=True)  # YOLO names keep sub-folders
+            Image.fromarray(image).save(target)
             images.append({"id": i + 1, "file_name": name, "width": int(image.shape[1]),
                            "height": int(image.shape[0])})
             for (x1, y1, x2, y2), label in zip(boxes.tolist(), labels.tolist(), strict=True):
