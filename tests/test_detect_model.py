@@ -97,8 +97,12 @@ def test_few_steps_learn_and_export(tmp_path: Path) -> None:
     result = train_detector(cfg, dataset=ds)
     m = result.metrics
     assert m["steps"] == 40 and m["onnx_box_parity_px"] <= 0.05
-    for name in ("best.pt", "model.onnx", "metrics.json", "config.json"):
+    for name in ("best.pt", "model.onnx", "metrics.json", "config.json", "detector.json"):
         assert (tmp_path / "run" / name).is_file()
+    contract = json.loads((tmp_path / "run" / "detector.json").read_text())
+    assert contract["class_names"] == list(ds.class_names)
+    assert contract["input"]["shape"] == [1, 3, 96, 96]
+    assert contract["input"]["mean"] == pytest.approx([127 / 255] * 3)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["max_steps"] == 40
     # Transfer learning: the stride <= 8 blocks keep their ImageNet weights, later ones moved.
     imagenet = CenterNetDetector(10, input_size=(96, 96))

@@ -4,7 +4,8 @@ Reads top to bottom: data (resize to the input size, stratified split), targets 
 Gaussian heatmaps), loss, the loop (backbone frozen for the first part of the budget, then its
 later blocks fine-tuned), validation mAP (pycocotools) with the best weights kept, and the
 outputs: `best.pt` (self-describing checkpoint), `model.onnx` (decoding and NMS inside, checked
-against torch), `metrics.json`, `config.json`.
+against torch), `detector.json` (its input/output contract and class names), `metrics.json`,
+`config.json`.
 
 Invariant: `train_detector` writes its outputs only after training finished and the exported
 ONNX reproduced the torch model's boxes on validation images; the shared helpers (time parsing,
@@ -30,7 +31,8 @@ from ._data import DetectionDataset, detection_split, detection_stats, load_dete
 from ._eval import Detections, evaluate_detections
 from ._model import STRIDE, CenterNetDetector, export_detector_onnx, onnx_detect
 
-__all__ = ["DetectConfig", "DetectResult", "predict", "resize_dataset", "train_detector"]
+__all__ = ["DetectConfig", "DetectResult", "detector_contract", "predict", "resize_dataset",
+           "train_detector"]
 
 ProgressFn = Callable[[str, float, float], None]
 _BOX_PARITY_PX = 0.05
@@ -271,7 +273,23 @@ def train_detector(cfg: DetectConfig, *, progress: ProgressFn | None = None,
                  out_dir / "best.pt")
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    (out_dir / "detector.json").write_text(json.dumps(detector_contract(model, full.class_names),
+                                                      indent=1))
     return DetectResult(out_dir, model, metrics)
+
+
+def detector_contract(model: CenterNetDetector, class_names: tuple[str, ...]) -> dict[str, Any]:
+    """What any runtime needs to use `model.onnx`: input and its normalisation, outputs, class
+    names (label i is `class_names[i]`)."""
+    h, w = model.input_size
+    return {"input": {"name": "image", "shape": [1, 3, h, w], "dtype": "float32",
+                      "channels": "RGB", "pixels": "x / 255, then (x - mean) / std",
+                      "mean": list(model.spec.mean), "std": list(model.spec.std)},
+            "outputs": {"boxes": "float32 [N, 4] x1, y1, x2, y2 in input pixels",
+                        "scores": "float32 [N], sorted descending",
+                        "labels": "int64 [N], index into class_names"},
+            "max_detections": model.max_detections, "score_threshold": model.score_threshold,
+            "nms_iou": model.nms_iou, "class_names": list(class_names)}
 
 
 def _validate(model, val_ds, step, parts, history, best, best_state):
