@@ -120,3 +120,15 @@ def test_few_steps_learn_and_export(tmp_path: Path) -> None:
     val = full.subset(detection_split(full, cfg.val_fraction, cfg.seed)[1])
     before = evaluate_detections(val, predict(untrained, val))["map50"]
     assert m["val_map50"] > before + 0.05, (before, m["val_map50"])
+
+
+@pytest.mark.slow
+def test_from_scratch_trains_everything(tmp_path: Path) -> None:
+    ds = synth_scenes(SynthConfig(scenes=12, size_px=64, min_object_frac=0.2, seed=2))
+    cfg = DetectConfig(data="", out_dir=str(tmp_path / "run"), input_size=64, max_steps=4,
+                       batch_size=4, pretrained=False, val_every_s=1e9, time_budget_s=600)
+    model = train_detector(cfg, dataset=ds).model
+    torch.manual_seed(cfg.seed)
+    start = CenterNetDetector(10, input_size=(64, 64), pretrained=False)
+    assert not torch.equal(model.stem.weight, start.stem.weight)  # nothing frozen
+    assert model.stem_bn.momentum == 0.1

@@ -15,6 +15,9 @@ free-core count, learning-rate shape, atomic checkpoint writes) come from `ml.tr
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -216,6 +219,13 @@ def train_detector(cfg: DetectConfig, *, progress: ProgressFn | None = None,
     model.train()
     # A random backbone has nothing worth freezing: from scratch, all of it trains (stem too).
     trainable_from: int | None = None if cfg.pretrained else -1
+    if not cfg.pretrained:
+        # TensorFlow's BatchNorm momentum (0.01) suits fine-tuning ImageNet statistics; from
+        # random weights a short run's running statistics would stay near their start, and
+        # the eval-mode network (validation, ONNX) would answer the same for every image.
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.momentum = 0.1
     _set_backbone_trainable(model, trainable_from)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
@@ -257,24 +267,33 @@ def train_detector(cfg: DetectConfig, *, progress: ProgressFn | None = None,
     model.eval()
     train_s = time.monotonic() - start
 
-    # outputs, written only now that training finished
-    out_dir.mkdir(parents=True, exist_ok=True)
-    onnx_path = export_detector_onnx(model, out_dir / "model.onnx")
-    parity_px = _check_onnx(model, onnx_path, val_ds)
-    final = evaluate_detections(val_ds, predict(model, val_ds))
-    metrics = {"val_map50": final["map50"], "val_map50_95": final["map50_95"],
-               "per_class": final["per_class"], "steps": step, "train_s": round(train_s, 1),
-               "onnx_box_parity_px": parity_px, "history": history,
-               "train_images": len(train_ds), "val_images": len(val_ds),
-               "val_stats": detection_stats(val_ds)}
-    _save_atomic({"state_dict": model.state_dict(), "class_names": list(full.class_names),
-                  "config": asdict(cfg), "metrics": {k: metrics[k] for k in
-                                                     ("val_map50", "val_map50_95", "steps")}},
-                 out_dir / "best.pt")
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
-    (out_dir / "detector.json").write_text(json.dumps(detector_contract(model, full.class_names),
+    # outputs: all written to a temporary sibling folder that becomes out_dir only once the
+    # ONNX export reproduced torch, so a failed run leaves nothing half-written
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        onnx_path = export_detector_onnx(model, tmp / "model.onnx")
+        parity_px = _check_onnx(model, onnx_path, val_ds)
+        final = evaluate_detections(val_ds, predict(model, val_ds))
+        metrics = {"val_map50": final["map50"], "val_map50_95": final["map50_95"],
+                   "per_class": final["per_class"], "steps": step,
+                   "train_s": round(train_s, 1), "onnx_box_parity_px": parity_px,
+                   "history": history, "train_images": len(train_ds),
+                   "val_images": len(val_ds), "val_stats": detection_stats(val_ds)}
+        _save_atomic({"state_dict": model.state_dict(), "class_names": list(full.class_names),
+                      "config": asdict(cfg),
+                      "metrics": {k: metrics[k] for k in ("val_map50", "val_map50_95", "steps")}},
+                     tmp / "best.pt")
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        (tmp / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+        (tmp / "detector.json").write_text(json.dumps(detector_contract(model, full.class_names),
                                                       indent=1))
+        if out_dir.exists():
+            out_dir.rmdir()  # empty, checked at the start
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return DetectResult(out_dir, model, metrics)
 
 
@@ -296,7 +315,7 @@ def _validate(model, val_ds, step, parts, history, best, best_state):
     m = evaluate_detections(val_ds, predict(model, val_ds))
     history.append({"step": step, "val_map50": m["map50"], "val_map50_95": m["map50_95"],
                     **parts})
-    if m["map50"] > best or best_state is None:
+    if m["map50"] >= best:  # ties: the later, longer-trained weights
         best = m["map50"]
         best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return best, best_state
