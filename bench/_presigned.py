@@ -102,3 +102,48 @@ def run_wrk(url: str, signatures: Path, *, connections: int, seconds: float,
             "socket_errors": r["errors"], "checkins_per_s": round(ok / wall, 1),
             "p50_ms": round(r["p50_us"] / 1000, 2), "p99_ms": round(r["p99_us"] / 1000, 2),
             "server_cpu_ms_per_checkin": round(cpu * 1000 / max(ok, 1), 3)}
+
+
+def pgbench_ceiling(db_url: str, *, connections: int, seconds: float, workdir: Path) -> dict:
+    """PostgreSQL's own rate for a check-in's statements (the read of `checkin._POLL` and
+    the nonce insert, each in autocommit as the server sends them), from pgbench on this
+    machine: the ceiling the server's rate is a fraction of."""
+    import glob
+
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.dialects import postgresql
+
+    from edgewise.server.devices.checkin import _POLL
+
+    pgbench = sorted(glob.glob("/usr/lib/postgresql/*/bin/pgbench")) or [shutil.which("pgbench")]
+    if not pgbench or pgbench[-1] is None:
+        raise RuntimeError("pgbench not found (Debian: postgresql-client)")
+    url = db_url.replace("postgresql+psycopg://", "postgresql://")
+    engine = create_engine(db_url)
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE IF EXISTS bench_devices"))
+        conn.execute(text("CREATE TABLE bench_devices AS SELECT row_number() OVER "
+                          "(ORDER BY id) AS n, id FROM devices"))
+        conn.execute(text("ALTER TABLE bench_devices ADD PRIMARY KEY (n)"))
+        n = conn.execute(text("SELECT count(*) FROM bench_devices")).scalar_one()
+    engine.dispose()
+    poll = str(_POLL.compile(dialect=postgresql.dialect(),
+                             compile_kwargs={"render_postcompile": True}))
+    poll = poll.replace("%(device_id)s::VARCHAR", "(SELECT id FROM bench_devices WHERE n = :n)")
+    poll = poll.replace("%(param_1)s::INTEGER", "1").replace("%(param_2)s::VARCHAR", "'null'")
+    script = workdir / "checkin.sql"
+    script.write_text(
+        "\\set n random(1, :ndev)\n" + " ".join(poll.split()) + ";\n"
+        "INSERT INTO device_nonces (device_id, nonce, expires_at) VALUES ((SELECT id FROM "
+        "bench_devices WHERE n = :n), md5(random()::text || clock_timestamp()::text), "
+        "extract(epoch from now()) + 300);\n")
+    done = subprocess.run(
+        [pgbench[-1], "-n", "-M", "prepared", "-c", str(connections), "-j", "2",
+         "-T", str(max(1, round(seconds))), "-D", f"ndev={n}", "-f", str(script), url],
+        capture_output=True, text=True)
+    m = re.search(r"tps = ([0-9.]+)", done.stdout)
+    if done.returncode != 0 or m is None:
+        raise RuntimeError(f"pgbench failed: {done.stdout}\n{done.stderr}")
+    lat = re.search(r"latency average = ([0-9.]+) ms", done.stdout)
+    return {"pgbench_checkins_per_s": round(float(m.group(1)), 1),
+            "pgbench_latency_avg_ms": float(lat.group(1)) if lat else None}

@@ -30,7 +30,7 @@ import threading
 import time
 from pathlib import Path
 
-from _presigned import have_wrk, presign, run_wrk
+from _presigned import have_wrk, pgbench_ceiling, presign, run_wrk
 
 from edgewise.sim import Scenario, run_fleet, write_report
 from edgewise.sim._scenario import (
@@ -130,6 +130,12 @@ def presigned_checkins(result, db: str, seconds: float, levels: list[int],
                 **run_wrk(result.url, sigs, connections=conc, seconds=seconds,
                           server_pids=[r.proc.pid for r in result.replicas], workdir=workdir),
                 "load_avg_1m": round(os.getloadavg()[0], 2)}
+        if result.db_url.startswith("postgresql"):
+            # The database's own rate for the same statements, at the same concurrency.
+            ceiling = pgbench_ceiling(result.db_url, connections=conc, seconds=seconds,
+                                      workdir=workdir)
+            line.update(ceiling, fraction_of_db_ceiling=round(
+                line["checkins_per_s"] / max(ceiling["pgbench_checkins_per_s"], 1e-9), 3))
         emit(line)
         if line["non2xx"] == 0 and line["p99_ms"] < P99_LIMIT_MS and (
                 best is None or line["checkins_per_s"] > best["checkins_per_s"]):
@@ -137,8 +143,9 @@ def presigned_checkins(result, db: str, seconds: float, levels: list[int],
     emit({"bench": "checkins-presigned-max", "db": db, "devices": len(devices),
           "replicas": len(result.replicas), "workers": result.server.workers,
           "p99_limit_ms": P99_LIMIT_MS,
-          **({k: best[k] for k in ("checkins_per_s", "concurrency", "p50_ms", "p99_ms",
-                                   "server_cpu_ms_per_checkin")} if best else
+          **({k: best.get(k) for k in ("checkins_per_s", "concurrency", "p50_ms", "p99_ms",
+                                       "server_cpu_ms_per_checkin", "pgbench_checkins_per_s",
+                                       "fraction_of_db_ceiling")} if best else
              {"checkins_per_s": 0.0}),
           "load_avg_1m": round(os.getloadavg()[0], 2)})
 

@@ -53,6 +53,7 @@ from ._faults import (
     power_cut_hook,
     skewed_clock,
 )
+from ._invariants import db_snapshot
 from ._network import DeviceLink, LinkStats, SimTransport, shared_transport
 from ._processes import AgentProcess, ServerProcess, free_port, process_tree, tree_rss_mb
 from ._scenario import HardwareProfile, NetworkProfile, ReleaseSpec, Scenario
@@ -172,6 +173,7 @@ class Fleet:
         self.timings: dict[str, float] = {}
         self.restarts: list[dict[str, Any]] = []
         self.replica_kills: list[dict[str, Any]] = []
+        self._fault_lock = threading.Lock()
         self.broker: BrokerProcess | None = None
         self.broker_outages: list[dict[str, Any]] = []
         self.rollout_id: str | None = None
@@ -616,10 +618,7 @@ class Fleet:
     _restarting = False
 
     def _restart_server(self, spec) -> None:
-        from ._invariants import db_snapshot
-
-        self._restarting = True
-        try:
+        with self._one_fault():
             before = db_snapshot(self.db_url)
             t = time.monotonic()
             if getattr(spec, "hard", False):
@@ -632,14 +631,9 @@ class Fleet:
             self.restarts.append({"t": round(t - self._t0, 2), "down_s": round(
                 time.monotonic() - t, 2), "snapshot": before})
             self.say(f"server restarted ({time.monotonic() - t:.1f}s down)")
-        finally:
-            self._restarting = False
 
     def _kill_replica(self, spec) -> None:
-        from ._invariants import db_snapshot
-
-        self._restarting = True
-        try:
+        with self._one_fault():
             replica = self.replicas[spec.replica]
             before = db_snapshot(self.db_url)
             t = time.monotonic()
@@ -657,8 +651,17 @@ class Fleet:
             self.replica_kills.append(entry)
             self.restarts.append({"t": entry["t"], "down_s": entry["down_s"],
                                   "snapshot": before})
-        finally:
-            self._restarting = False
+
+    @contextlib.contextmanager
+    def _one_fault(self):
+        """One server fault at a time: a restart still waiting for its server to come up (a
+        slow start under load) must not have that process killed by the next fault."""
+        with self._fault_lock:
+            self._restarting = True
+            try:
+                yield
+            finally:
+                self._restarting = False
 
     _broker_down = False
 
