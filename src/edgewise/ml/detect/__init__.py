@@ -1,0 +1,48 @@
+"""Object detection: data sets (COCO, YOLO, VOC, synthetic scenes), COCO-style evaluation
+(pycocotools), and a CenterNet detector on EfficientNet-Lite0 exported with its decoding and
+NMS inside the ONNX graph.
+
+Invariant: like the rest of `edgewise.ml`, readers raise `DatasetError` for bad data and never
+download anything; boxes are x1, y1, x2, y2 in pixels of the image they belong to.
+"""
+
+from ._data import (
+    BOX_SIZE_BINS,
+    DetectionDataset,
+    detection_split,
+    detection_stats,
+    load_coco,
+    load_detection_dataset,
+    load_voc,
+    load_yolo,
+    write_coco,
+)
+from ._eval import Detections, coco_ground_truth, evaluate_detections
+from ._model import CenterNetDetector, export_detector_onnx, onnx_detect
+from ._synth import SynthConfig, synth_scenes, write_synth_coco
+from ._train import DetectConfig, DetectResult, resize_dataset, train_detector
+
+__all__ = [
+    "BOX_SIZE_BINS",
+    "CenterNetDetector",
+    "DetectConfig",
+    "DetectResult",
+    "DetectionDataset",
+    "Detections",
+    "SynthConfig",
+    "coco_ground_truth",
+    "detection_split",
+    "detection_stats",
+    "evaluate_detections",
+    "export_detector_onnx",
+    "load_coco",
+    "load_detection_dataset",
+    "load_voc",
+    "load_yolo",
+    "onnx_detect",
+    "resize_dataset",
+    "synth_scenes",
+    "train_detector",
+    "write_coco",
+    "write_synth_coco",
+]
