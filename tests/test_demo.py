@@ -97,7 +97,7 @@ def test_llm_demo_answers_ships_a_template_as_a_delta_and_rolls_back_a_collapsed
         assert device["history"][3]["download"]["sent_bytes"] < 6_000_000
     assert "answers 'What is the capital of Germany?': 'The capital of Germany is Berlin" \
         in result.stderr
-    assert "(smollm2-lora@1.0.0) answers 'Wh" in result.stderr
+    assert "(smollm2-lora@1.0.0) answers '" in result.stderr
     assert "the adapter committed on 2/2" in result.stderr
     assert "the device knows the fact" in result.stderr
     assert "warning: blk." not in result.stderr  # llama.cpp's per-tensor log stays quiet
