@@ -13,8 +13,15 @@ Prints JSON lines:
    "goal": "<= 0.05"}
   {"bench": "llm-adapter-speed", "gen_tok_s_base", "gen_tok_s_adapter", "cost", "load_s_base",
    "load_s_adapter", "threads"}   medians of alternating runs, same file and threads
+  {"bench": "llm-adapter-delivery", "seconds_to_answer", "seconds_to_verdict", "state",
+   "sent_bytes", "base_gguf_bytes", "health": {...}}
+        a real server and agent daemon (its own local API) running the base: from the
+        adapter release's assignment to the device's chat API answering a learned fact
+        (poll, download, verify, install, activate, reload), and to the health check's
+        verdict (committed, or rolled back)
 
     python bench/llm_adapters.py [--time-budget 10m] [--samples 240] [--rank 8] [--runs 3]
+                                 [--poll-interval-s 1]
 """
 
 from __future__ import annotations
@@ -66,6 +73,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--poll-interval-s", type=float, default=1.0)
     args = ap.parse_args()
     threads = args.threads or free_cores()
 
@@ -97,6 +105,8 @@ def main() -> None:
 
         measure(base / "model.gguf", result.bundle_dir / "adapter.gguf", facts.held_out,
                 result.manifest.adapter.base_golden, threads=threads, runs=args.runs)
+        deliver(root, base, result.bundle_dir, result.manifest.adapter.golden[0],
+                poll_interval_s=args.poll_interval_s)
 
 
 def measure(gguf: Path, adapter: Path, held_out, base_golden, *, threads: int,
@@ -144,6 +154,91 @@ def measure(gguf: Path, adapter: Path, held_out, base_golden, *, threads: int,
           "load_s_base": round(statistics.median(loads["base"]), 3),
           "load_s_adapter": round(statistics.median(loads["adapter"]), 3),
           "threads": threads, "load_avg": round(os.getloadavg()[0], 2)})
+
+
+def deliver(root: Path, base: Path, bundle: Path, learned, *, poll_interval_s: float) -> None:
+    """The adapter as a release: a real server over TLS and a real agent daemon serving its
+    chat API; seconds from the assignment until that API answers the learned fact."""
+    import secrets
+
+    import httpx
+
+    from edgewise.agent import StateDir, enroll
+    from edgewise.server.client import OperatorClient, publish_bundle
+    from edgewise.sim import AgentProcess, ServerProcess, free_port
+    from edgewise.trust import init_certs, init_keys
+
+    keys = init_keys(root / "keys")
+    certs = init_certs(root / "certs", hostnames=["127.0.0.1", "localhost"])
+    token = secrets.token_urlsafe(24)
+    server = ServerProcess(data_dir=root / "server", root_path=keys.root_json,
+                           online_key_path=keys.online_key, admin_token=token,
+                           tls_cert=certs.server_cert, tls_key=certs.server_key,
+                           ca_path=certs.ca_cert, log_path=root / "server.log").start()
+    state, port = root / "device", free_port()
+    agent = None
+    try:
+        client = OperatorClient(server.url, token=token, verify=str(certs.ca_cert))
+        enroll(state, server_url=server.url, token=client.create_enrollment_token(),
+               root_path=keys.root_json, name="bench", hardware="bench", ca_path=certs.ca_cert)
+        agent = AgentProcess(state_dir=state, poll_interval_s=poll_interval_s, api_port=port,
+                             log_path=root / "agent.log").start()
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+
+        def answer() -> str | None:
+            try:
+                r = httpx.post(url, timeout=120, json={
+                    "messages": [{"role": "user", "content": learned.prompt}],
+                    "temperature": 0, "max_tokens": learned.max_tokens})
+            except httpx.HTTPError:
+                return None
+            return r.json()["choices"][0]["message"]["content"] if r.status_code == 200 else None
+
+        def settled(release_id: str) -> bool:
+            """Committed, or back at rest without it (rolled back, failed)."""
+            rec = StateDir(state).load_record()
+            return rec.target is None and (rec.state.value != "committed" or (
+                rec.installed is not None and rec.installed.release_id == release_id))
+
+        def wait(ok, what: str, timeout_s: float = 900) -> float:
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                if ok():
+                    return time.monotonic()
+                time.sleep(0.2)
+            sys.exit(f"timed out waiting for {what}; see {root / 'agent.log'}")
+
+        def ship(bundle_dir: Path) -> tuple[str, float]:
+            release = publish_bundle(client, bundle_dir, root_path=keys.root_json,
+                                     targets_key_path=keys.targets_key)
+            t0 = time.monotonic()
+            client.assign(release["id"])
+            return release["id"], t0
+
+        note("the device installs the base ...")
+        ship(base)
+        wait(lambda: answer() is not None, "the base to answer")
+        note("the device installs the adapter ...")
+        lora_id, t0 = ship(bundle)
+        # The local API follows the active slot, which switches before the health check: the
+        # first answer with the adapter can come before the commit; both are timed.
+        first = wait(lambda: answer_accepted(answer() or "", learned.accept),
+                     "the adapter's answer")
+        done = wait(lambda: settled(lora_id), "the adapter's verdict")
+        rec = StateDir(state).load_record()
+        emit({"bench": "llm-adapter-delivery", "seconds_to_answer": round(first - t0, 2),
+              "seconds_to_verdict": round(done - t0, 2), "state": rec.state.value,
+              "poll_interval_s": poll_interval_s,
+              "sent_bytes": rec.last_download.get("sent_bytes"),
+              "base_gguf_bytes": (base / "model.gguf").stat().st_size,
+              "health": {k: rec.last_health.get(k) for k in (
+                  "passed", "gen_tok_s", "adapter_golden_passed", "base_golden_passed")},
+              "load_avg": round(os.getloadavg()[0], 2)})
+    finally:
+        if agent is not None:
+            agent.stop()
+        server.stop()
+
 
 if __name__ == "__main__":
     main()

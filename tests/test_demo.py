@@ -76,21 +76,28 @@ def test_demo_ships_a_bundle_the_user_trained(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_llm_demo_answers_ships_a_template_as_a_delta_and_rolls_back_a_collapsed_quant(
         tmp_path: Path) -> None:
+    """... and ships a LoRA adapter fine-tuned on v2: only its few MB travel, every device
+    commits it and answers a fact it learned."""
     result = subprocess.run(edgewise_command("demo", "--llm", "--devices", "2", "--workdir",
                                              str(tmp_path)),
-                            capture_output=True, text=True, timeout=900)
+                            capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     devices = json.loads(result.stdout.strip().splitlines()[-1])["devices"]
     assert len(devices) == 2
     for device in devices:
-        assert (device["release"], device["state"]) == ("smollm2@2.0.0", "rolled-back")
+        assert (device["release"], device["state"]) == ("smollm2-lora@1.0.0", "committed")
         outcomes = [(h["release"], h["outcome"]) for h in device["history"]]
         assert outcomes == [("smollm2@1.0.0", "committed"), ("smollm2@2.0.0", "committed"),
-                            ("smollm2@3.0.0", "rolled-back")]
+                            ("smollm2@3.0.0", "rolled-back"), ("smollm2-lora@1.0.0", "committed")]
         # A new chat template: a delta of kilobytes against the 98 MB model.
         v2 = device["history"][1]["download"]
         assert v2["delta_files"] == 1 and v2["sent_bytes"] < 100_000
         assert "golden prompts answered wrongly" in device["history"][2]["reason"]
+        # The adapter: its bundle only, about 5% of the model.
+        assert device["history"][3]["download"]["sent_bytes"] < 6_000_000
     assert "answers 'What is the capital of Germany?': 'The capital of Germany is Berlin" \
         in result.stderr
+    assert "(smollm2-lora@1.0.0) answers '" in result.stderr
+    assert "the adapter committed on 2/2" in result.stderr
+    assert "the device knows the fact" in result.stderr
     assert "warning: blk." not in result.stderr  # llama.cpp's per-tensor log stays quiet

@@ -222,24 +222,3 @@ def test_finetune_pauses_resumes_and_llama_cpp_answers_with_the_adapter(
         plain.close()
         adapted.close()
 
-
-def test_the_agent_refuses_an_adapter_release_before_downloading(tmp_path: Path) -> None:
-    """Adapter releases are not installed by devices yet: the agent says so from the manifest
-    alone (before any byte of the adapter is fetched) instead of failing on the bundle."""
-    from types import SimpleNamespace
-
-    from edgewise.agent import UpdateRejected
-    from edgewise.agent._daemon import Agent
-
-    raw = {"format_version": 1, "name": "smollm2-lora", "version": "1.0.0",
-           "kind": "llm-adapter", "requires": ["llm-lora"],
-           "files": {"adapter.gguf": {"sha256": "0" * 64, "size": 1}},
-           "adapter": {"adapter": "adapter.gguf", "base_release": "smollm2@1.0.0",
-                       "base_sha256": "0" * 64, "base_chat_template_sha256": "0" * 64,
-                       "rank": 8, "alpha": 16, "target_modules": ["attn_q"], "n_ctx": 256,
-                       "golden": [{"prompt": "p", "accept": ["x"]}]}}
-    manifest = parse_manifest(json.dumps(raw))
-    agent = SimpleNamespace(config=SimpleNamespace(ram_limit_mb=None))
-    with pytest.raises(UpdateRejected, match="does not install adapter releases yet"):
-        Agent._check_can_install(agent, manifest, tmp_path)  # type: ignore[arg-type]
-    assert not any(tmp_path.iterdir())

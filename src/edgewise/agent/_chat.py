@@ -9,11 +9,41 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
-from ..artifacts import LlmManifest
+from ..artifacts import LlmAdapterManifest, LlmManifest
 
-__all__ = ["ChatError", "chat_completion", "chat_stream", "models_list"]
+__all__ = ["ChatError", "ServedLlm", "chat_completion", "chat_stream", "models_list"]
+
+
+@dataclass(frozen=True)
+class ServedLlm:
+    """What the active slot serves: an LLM release, or a LoRA adapter release applied to its
+    base (the base's chat contract: context, generation defaults)."""
+
+    base: LlmManifest
+    adapter: LlmAdapterManifest | None = None
+
+    @property
+    def name(self) -> str:
+        return (self.adapter or self.base).name
+
+    @property
+    def release_name(self) -> str:
+        return (self.adapter or self.base).release_name
+
+    @property
+    def llm(self):
+        return self.base.llm
+
+    def answers_to(self, model: Any) -> bool:
+        """A request's `model`: the served release, or with an adapter also its base's name
+        (one adapter at a time: the base is served with it applied)."""
+        names = {None, "", self.name, self.release_name}
+        if self.adapter is not None:
+            names |= {self.base.name, self.base.release_name}
+        return model in names
 
 ROLES = {"system", "user", "assistant"}
 
@@ -47,11 +77,11 @@ def _number(request: dict, key: str, default: float, lo: float, hi: float) -> fl
     return float(value)
 
 
-def _arguments(request: Any, manifest: LlmManifest) -> dict[str, Any]:
+def _arguments(request: Any, manifest: ServedLlm) -> dict[str, Any]:
     if not isinstance(request, dict):
         raise ChatError("the body must be a JSON object")
     model = request.get("model")
-    if model not in (None, "", manifest.name, manifest.release_name):
+    if not isinstance(model, str | None) or not manifest.answers_to(model):
         raise ChatError(f"model {model!r} is not on this device (it runs {manifest.name})",
                         status=404)
     messages = request.get("messages")
@@ -118,8 +148,12 @@ def models_list(local) -> dict[str, Any]:
         model, manifest = local.llm()
     except NoModelError:
         return {"object": "list", "data": []}
-    return {"object": "list", "data": [{
-        "id": manifest.name, "object": "model", "created": int(time.time()),
-        "owned_by": "edgewise", "release": manifest.release_name,
-        "context_length": manifest.llm.n_ctx, "quantization": manifest.llm.file_type,
-        "threads": model.threads}]}
+    entry = {"id": manifest.name, "object": "model", "created": int(time.time()),
+             "owned_by": "edgewise", "release": manifest.release_name,
+             "context_length": manifest.llm.n_ctx, "quantization": manifest.llm.file_type,
+             "threads": model.threads}
+    if manifest.adapter is not None:
+        spec = manifest.adapter.adapter
+        entry |= {"base": manifest.base.release_name,
+                  "adapter": {"format": spec.format, "rank": spec.rank, "alpha": spec.alpha}}
+    return {"object": "list", "data": [entry]}

@@ -53,7 +53,7 @@ from ._errors import (
     InsufficientDisk,
     UpdateRejected,
 )
-from ._llm import device_ram_mb
+from ._llm import BASE_GGUF, BASE_MANIFEST, adapter_base, device_ram_mb, llm_base
 from ._machine import (
     MAX_STATE_ENTRIES,
     REST_STATES,
@@ -412,14 +412,13 @@ class Agent:
                 raise UpdateRejected(f"{manifest.release_name} is a container app, and this "
                                      f"device cannot run it: {why}")
         if isinstance(manifest, LlmAdapterManifest):
-            raise UpdateRejected(f"{manifest.release_name} is an LLM adapter (for "
-                                 f"{manifest.adapter.base_release}); this agent does not install "
-                                 "adapter releases yet")
+            self._check_adapter_base(manifest)
+        if (isinstance(manifest, LlmManifest | LlmAdapterManifest)
+                and importlib.util.find_spec("llama_cpp") is None):
+            raise UpdateRejected(f"{manifest.release_name} is an LLM, and this device has "
+                                 "no LLM runtime: update the agent with pip install "
+                                 "'edgewise[llm]'")
         if isinstance(manifest, LlmManifest):
-            if importlib.util.find_spec("llama_cpp") is None:
-                raise UpdateRejected(f"{manifest.release_name} is an LLM, and this device has "
-                                     "no LLM runtime: update the agent with pip install "
-                                     "'edgewise[llm]'")
             limit = (self.config.ram_limit_mb if self.config.ram_limit_mb is not None
                      else device_ram_mb())
             if limit is not None and manifest.llm.ram_mb > limit:
@@ -441,6 +440,22 @@ class Agent:
                 + (f"its image {unpacked / 2**20:.0f} MB + " if unpacked else "")
                 + f"margin), {free / 2**20:.0f} MB free; the current release keeps running")
 
+    def _check_adapter_base(self, manifest: LlmAdapterManifest) -> tuple[str, Path, Path]:
+        """An adapter installs only where the committed release runs its base: the exact
+        GGUF it was trained on (by sha256), as that release or as another adapter on it.
+        Returns that base (`llm_base`)."""
+        spec = manifest.adapter
+        slot = self.record.installed_slot
+        committed = self._slot_manifest(slot)
+        base = llm_base(self.slots.path(slot), committed) if slot is not None else None
+        if base is None or base[0] != spec.base_sha256:
+            runs = committed.release_name if committed is not None else "no release"
+            raise UpdateRejected(
+                f"{manifest.release_name} is a LoRA adapter for {spec.base_release} (GGUF "
+                f"sha256 {spec.base_sha256[:12]}), and this device runs {runs}: roll out "
+                f"{spec.base_release} to it first, then a new build of the adapter")
+        return base
+
     def _installed_files(self) -> dict[str, tuple[str, Path]]:
         """rel path -> (sha256, path) of the committed release's files: delta bases, and
         files copied instead of downloaded when unchanged (an app's shared image layers:
@@ -449,7 +464,17 @@ class Agent:
         manifest = self._slot_manifest(slot)
         if slot is None or manifest is None:
             return {}
-        return {rel: (e.sha256, self.slots.path(slot) / rel) for rel, e in manifest.files.items()}
+        files = {rel: (e.sha256, self.slots.path(slot) / rel) for rel, e in manifest.files.items()}
+        if isinstance(manifest, LlmAdapterManifest):
+            # The base linked into an adapter's slot: a new base release is a delta against
+            # it (or no download at all), as if the base itself were committed.
+            try:
+                model = adapter_base(self.slots.path(slot)).llm.model
+            except HealthCheckFailed:
+                return files
+            files.setdefault(model, (manifest.adapter.base_sha256,
+                                     self.slots.path(slot) / BASE_GGUF))
+        return files
 
     def _fetch_file(self, trusted: TrustedClient, target: str, dest: Path, sha256: str,
                     base: tuple[str, Path] | None, stats: dict[str, int]) -> int:
@@ -535,15 +560,27 @@ class Agent:
         try:
             self.slots.install(rec.pending_slot, self._download_dir(rec), meta={
                 "release_id": rec.target.release_id, "name": rec.target.name,
-                "version": rec.target.version})
+                "version": rec.target.version}, links=self._base_links(rec))
             path = self.slots.path(rec.pending_slot)
             manifest = read_manifest(path)
             installed = self._slot_manifest(rec.installed_slot)
             self._runtime(manifest).stage(path, manifest,
                                           keep=[installed] if installed is not None else [])
-        except (OSError, RuntimeError, BundleError, ContainerError) as exc:
+        except (OSError, RuntimeError, BundleError, ContainerError, UpdateRejected) as exc:
             return self._fail(rec, exc)
         return Event.INSTALLED
+
+    def _base_links(self, rec: AgentRecord) -> dict[str, Path] | None:
+        """For an adapter: the committed slot's base GGUF and manifest, to link into its slot
+        (checked byte for byte: the adapter means nothing on other weights)."""
+        manifest = read_manifest(self._download_dir(rec))
+        if not isinstance(manifest, LlmAdapterManifest):
+            return None
+        _sha, gguf, base_manifest = self._check_adapter_base(manifest)
+        if file_sha256(gguf)[0] != manifest.adapter.base_sha256:
+            raise BundleError(f"the base GGUF on this device ({gguf}) does not match its "
+                              "signed sha256: it is damaged, the adapter cannot use it")
+        return {BASE_GGUF: gguf, BASE_MANIFEST: base_manifest}
 
     def _activate(self, rec: AgentRecord) -> Event:
         assert rec.pending_slot is not None

@@ -15,14 +15,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from ..artifacts import AppManifest, BundleError, LlmManifest, read_manifest
+from ..artifacts import AppManifest, BundleError, LlmAdapterManifest, LlmManifest, read_manifest
 from ..llm import LlamaModel
 from ..trust import client_tls, load_root, public_key_hex
 from ._anomaly import DriftLog, detector_identity, local_threshold
-from ._chat import ChatError, chat_completion, chat_stream, models_list
+from ._chat import ChatError, ServedLlm, chat_completion, chat_stream, models_list
 from ._client import enroll_device
 from ._errors import AgentConfigError, HealthCheckFailed, NoModelError
-from ._llm import load_llm
+from ._llm import load_adapter_llm, load_llm
 from ._runtime import OnnxModel, Prediction
 from ._slots import SlotStore
 from ._store import Identity, StateDir
@@ -126,8 +126,10 @@ def _upcoming(paths: StateDir, rec) -> dict[str, Any] | None:
 
 
 class LocalModel:
-    """The active slot's model (an `OnnxModel`, or a `LlamaModel` for an LLM release), loaded
-    on first use and reloaded when the active slot or the release in it changes."""
+    """The active slot's model (an `OnnxModel`, or a `LlamaModel` for an LLM release, with its
+    LoRA adapter applied for an adapter release), loaded on first use and reloaded when the
+    active slot or the release in it changes (an adapter committed or rolled back: no agent
+    restart)."""
 
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = Path(state_dir)
@@ -154,8 +156,14 @@ class LocalModel:
                 if isinstance(manifest, AppManifest):
                     raise NoModelError(f"the active release {manifest.release_name} is a "
                                        "container app: this device runs no model")
-                loaded = (load_llm(path, manifest) if isinstance(manifest, LlmManifest)
-                          else OnnxModel(path))
+                if isinstance(manifest, LlmAdapterManifest):
+                    # The base (linked into the adapter's slot) with the adapter applied.
+                    loaded, base = load_adapter_llm(path, manifest)
+                    manifest = ServedLlm(base, manifest)
+                elif isinstance(manifest, LlmManifest):
+                    loaded, manifest = load_llm(path, manifest), ServedLlm(manifest)
+                else:
+                    loaded = OnnxModel(path)
                 self._loaded = (key, loaded, manifest)
             return self._loaded[1], self._loaded[2]
 
@@ -166,7 +174,7 @@ class LocalModel:
                                "POST /v1/chat/completions or `edgewise agent chat`")
         return model
 
-    def llm(self) -> tuple[LlamaModel, LlmManifest]:
+    def llm(self) -> tuple[LlamaModel, ServedLlm]:
         model, manifest = self._active()
         if not isinstance(model, LlamaModel):
             raise NoModelError(f"the active release {manifest.release_name} is not an LLM")

@@ -1,7 +1,8 @@
 """On-device inference and the health check, per bundle kind (the component runtime seam).
 
 What differs per kind sits behind `ComponentRuntime` (stage, activate, health-check, stop):
-image models run on onnxruntime (here) and LLMs on llama.cpp (`_llm`), both served from the
+image models run on onnxruntime (here) and LLMs and their LoRA adapters on llama.cpp
+(`_llm`), all served from the
 active slot by the agent itself (`ModelRuntime`); container apps run in podman or docker
 (`_containers.ContainerRuntime`). The update state machine calls the seam, whatever the kind;
 a rollback is `activate` of the committed slot.
@@ -24,6 +25,7 @@ import numpy as np
 from ..artifacts import (
     BundleError,
     BundleManifest,
+    LlmAdapterManifest,
     LlmManifest,
     Manifest,
     Preprocessing,
@@ -176,6 +178,10 @@ def health_check(bundle_dir: Path, *, ram_limit_mb: float | None = None) -> Heal
         from ._llm import llm_health_check
 
         return llm_health_check(Path(bundle_dir), manifest, ram_limit_mb=ram_limit_mb)
+    if isinstance(manifest, LlmAdapterManifest):
+        from ._llm import adapter_health_check
+
+        return adapter_health_check(Path(bundle_dir), manifest, ram_limit_mb=ram_limit_mb)
     return onnx_health_check(bundle_dir)
 
 

@@ -40,8 +40,12 @@ class SlotStore:
             raise ValueError(f"unknown slot {slot!r}")
         return self.dir / slot
 
-    def install(self, slot: str, source: Path, *, meta: dict) -> None:
-        """Replace `slot` with a copy of the bundle directory `source`."""
+    def install(self, slot: str, source: Path, *, meta: dict,
+                links: dict[str, Path] | None = None) -> None:
+        """Replace `slot` with a copy of the bundle directory `source`, plus `links`: name ->
+        a file already on this device (an adapter's base GGUF), hard-linked into the slot
+        (no copy, no download; copied where the file system cannot link), so the slot holds
+        everything it runs whatever later happens to the other slot."""
         if slot == self.active():
             raise RuntimeError(f"refusing to write the active slot {slot}")
         staging = Path(tempfile.mkdtemp(dir=self.dir, prefix=f".{slot}-"))
@@ -53,6 +57,11 @@ class SlotStore:
                     shutil.copyfile(src, dest)
                     with open(dest, "rb") as f:
                         os.fsync(f.fileno())
+            for name, existing in (links or {}).items():
+                try:
+                    os.link(existing, staging / name)
+                except OSError:
+                    shutil.copyfile(existing, staging / name)
             (staging / "slot.json").write_text(json.dumps(meta))
             target = self.path(slot)
             if target.exists():

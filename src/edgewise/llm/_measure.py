@@ -56,12 +56,14 @@ class LlmMeasurement:
 
 
 def measure_llm(path: Path | str, *, golden: Sequence[GoldenPrompt], eval_text: str | None,
-                n_ctx: int, threads: int | None = None, gen_tokens: int = 63) -> LlmMeasurement:
-    """Load, answer the golden prompts, time prompt processing and generation, then score
-    `eval_text` (None: skip perplexity)."""
+                n_ctx: int, threads: int | None = None, gen_tokens: int = 63,
+                lora_path: Path | str | None = None) -> LlmMeasurement:
+    """Load (with the LoRA adapter `lora_path` applied, if given), answer the golden prompts,
+    time prompt processing and generation, then score `eval_text` (None: skip perplexity;
+    it is the base's alone, so it is measured without an adapter)."""
     before = rss_mb()
     t0 = time.perf_counter()
-    model = LlamaModel(path, n_ctx=n_ctx, threads=threads)
+    model = LlamaModel(path, n_ctx=n_ctx, threads=threads, lora_path=lora_path)
     load_s = time.perf_counter() - t0
     try:
         results = []
