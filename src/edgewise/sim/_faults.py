@@ -58,11 +58,12 @@ def disk_full_slots(fault: DiskFull) -> Callable[[Path], SlotStore]:
     """A slot backend whose disk is full for the next `fault.left` installs."""
 
     class FullDiskSlotStore(SlotStore):
-        def install(self, slot: str, source: Path, *, meta: dict) -> None:
+        def install(self, slot: str, source: Path, *, meta: dict,
+                    links: dict[str, Path] | None = None) -> None:
             if fault.left > 0:
                 fault.left -= 1
                 raise OSError(errno.ENOSPC, "No space left on device (simulated)")
-            super().install(slot, source, meta=meta)
+            super().install(slot, source, meta=meta, links=links)
 
     return FullDiskSlotStore
 
