@@ -9,6 +9,7 @@ schema change holds an advisory lock, so replicas starting together migrate once
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -90,6 +91,9 @@ def _schema_lock(engine: Engine) -> Iterator[Connection]:
                 connection.commit()
 
 
+_LOCAL_LOCKS = {work: threading.Lock() for work in _WORK_KEYS}
+
+
 @dataclass(frozen=True)
 class Lease:
     """The right to do one piece of scheduled work now (`exclusive`)."""
@@ -108,9 +112,18 @@ def exclusive(engine: Engine, work: str) -> Iterator[Lease | None]:
     """A lease if this process may do `work` now, else None: on PostgreSQL, for the one
     replica that holds its advisory lock (held until the block ends; a replica that dies
     releases it with its connection); the others get None and skip. SQLite serves one
-    process: always a lease."""
+    process: a lease unless another thread of it holds this work."""
     if engine.dialect.name != "postgresql":
-        yield Lease(None)
+        # One process, but several threads (the tick loop, a request's first tick): they
+        # take turns too, or both would add the same rollout members.
+        lock = _LOCAL_LOCKS[work]
+        if not lock.acquire(blocking=False):
+            yield None
+            return
+        try:
+            yield Lease(None)
+        finally:
+            lock.release()
         return
     key = _WORK_KEYS[work]
     with engine.connect() as connection:
