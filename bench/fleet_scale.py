@@ -32,6 +32,7 @@ from pathlib import Path
 
 from _presigned import have_wrk, pgbench_ceiling, presign, run_wrk
 
+from edgewise.server.app import SLOW_CHECKIN_ENV
 from edgewise.sim import Scenario, run_fleet, write_report
 from edgewise.sim._scenario import (
     ClockSkewSpec,
@@ -117,8 +118,9 @@ def checkins(result, db: str, seconds: float, levels: list[int]) -> None:
 
 
 def presigned_checkins(result, db: str, seconds: float, levels: list[int],
-                       workdir: Path) -> None:
-    """The check-in rate without the Python load generator's cost (`_presigned`)."""
+                       workdir: Path, path: str = "fast") -> None:
+    """The check-in rate without the Python load generator's cost (`_presigned`). `path`:
+    which code answered PostgreSQL check-ins (`--checkin-paths`)."""
     devices = [(d.device_id, d.agent.paths.device_key()) for d in result.devices
                if d.agent is not None]
     best = None
@@ -126,7 +128,7 @@ def presigned_checkins(result, db: str, seconds: float, levels: list[int],
         sigs = presign(devices, int(seconds * 4000) + 1000, workdir / "signatures.txt")
         line = {"bench": "checkins-presigned", "db": db, "devices": len(devices),
                 "replicas": len(result.replicas), "workers": result.server.workers,
-                "concurrency": conc,
+                "checkin_path": path, "concurrency": conc,
                 **run_wrk(result.url, sigs, connections=conc, seconds=seconds,
                           server_pids=[r.proc.pid for r in result.replicas], workdir=workdir),
                 "load_avg_1m": round(os.getloadavg()[0], 2)}
@@ -142,6 +144,7 @@ def presigned_checkins(result, db: str, seconds: float, levels: list[int],
             best = line
     emit({"bench": "checkins-presigned-max", "db": db, "devices": len(devices),
           "replicas": len(result.replicas), "workers": result.server.workers,
+          "checkin_path": path,
           "p99_limit_ms": P99_LIMIT_MS,
           **({k: best.get(k) for k in ("checkins_per_s", "concurrency", "p50_ms", "p99_ms",
                                        "server_cpu_ms_per_checkin", "pgbench_checkins_per_s",
@@ -165,6 +168,9 @@ def main() -> None:
     ap.add_argument("--presigned-levels", default="1,4,16,64",
                     help="wrk connections for the presigned check-ins ('' skips them)")
     ap.add_argument("--skip-python-checkins", action="store_true")
+    ap.add_argument("--checkin-paths", default="fast",
+                    help="PostgreSQL check-in code to measure, in turn: fast (asyncpg on the "
+                         "event loop), general (SQLAlchemy in a thread: the baseline)")
     ap.add_argument("--workdir", type=Path, default=Path("/dev/shm") if
                     Path("/dev/shm").is_dir() else None)
     ap.add_argument("--out", type=Path, default=Path("bench-out/fleet_scale"))
@@ -172,14 +178,20 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("edgewise.agent").setLevel(logging.CRITICAL)
 
-    for db in args.db.split(","):
+    runs = [(db, path) for db in args.db.split(",")
+            for path in (args.checkin_paths.split(",") if db == "postgresql" else ["general"])]
+    for db, path in runs:
         pg = db == "postgresql"
+        if path == "general":
+            os.environ[SLOW_CHECKIN_ENV] = "1"  # the servers run_fleet starts inherit it
+        else:
+            os.environ.pop(SLOW_CHECKIN_ENV, None)
         sc = scenario(args.devices, db, args.workers, args.timeout_s,
                       args.replicas if pg else 1, args.server_workers if pg else 1)
         work = Path(tempfile.mkdtemp(prefix=f"fleet-{db}-", dir=args.workdir))
         load_before = os.getloadavg()
 
-        def after(result, db=db, sc=sc, load_before=load_before, work=work):
+        def after(result, db=db, sc=sc, load_before=load_before, work=work, path=path):
             summary, passed = write_report(result, args.out / db)
             emit({"bench": "rollout", "devices": summary["devices"],
                   "faulty": summary["faulty"], "stages": summary["stages"],
@@ -201,7 +213,8 @@ def main() -> None:
                          [int(x) for x in args.levels.split(",")])
             if args.presigned_levels and have_wrk():
                 presigned_checkins(result, db, args.checkin_s,
-                                   [int(x) for x in args.presigned_levels.split(",")], work)
+                                   [int(x) for x in args.presigned_levels.split(",")], work,
+                                   path)
 
         run_fleet(sc, work, after=after,
                   progress=lambda m: print(f"# {m}", file=sys.stderr, flush=True))

@@ -10,10 +10,12 @@ from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
+from edgewise.agent._client import ServerClient
 from edgewise.server.app import ServerConfig, create_app
 from edgewise.server.devices import service
 from edgewise.server.devices.models import Device, DeviceNonce
@@ -22,7 +24,7 @@ from edgewise.server.releases import service as releases
 from edgewise.server.releases.models import Release, ReleaseVariant
 from edgewise.server.rollouts.models import Rollout, RolloutDevice
 from edgewise.trust import new_device_key, public_key_hex
-from edgewise.trust._device_auth import sign_request
+from edgewise.trust._device_auth import REPLAY_HEADER, sign_request
 from tests._postgres import pg_bin_dir, throwaway_postgres
 from tests.conftest import ADMIN
 
@@ -179,3 +181,36 @@ def test_last_seen_is_written_at_a_coarse_resolution(app: TestClient) -> None:
         with app.app.state.ctx.sessions() as session:  # every nonce kept, shared by replicas
             assert session.scalar(select(func.count()).select_from(DeviceNonce).where(
                 DeviceNonce.device_id == device_id)) == 3
+
+
+class ResendingProxy(httpx.BaseTransport):
+    """A load balancer whose first upstream took the request and died before answering:
+    it sends the same bytes again (nginx's proxy_next_upstream) and returns that answer."""
+
+    def __init__(self, upstream: httpx.BaseTransport) -> None:
+        self.upstream = upstream
+        self.sent: list[str] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if not self.sent:
+            self.sent.append(request.headers["authorization"])
+            self.upstream.handle_request(request).read()  # taken; its answer is lost
+        self.sent.append(request.headers["authorization"])
+        return self.upstream.handle_request(request)
+
+
+@pytest.mark.parametrize("path", [PATH, "/api/v1/device/reports"])
+def test_a_request_resent_by_a_proxy_is_signed_anew_not_refused(app: TestClient,
+                                                               path: str) -> None:
+    device_id, key = enroll(app)
+    proxy = ResendingProxy(app._transport)
+    client = ServerClient("http://testserver", device_id=device_id, key=key, transport=proxy)
+    if path == PATH:
+        assert client.assignment() is None
+    else:
+        client.report({"state": "idle", "event": "heartbeat", "message": "after a resend"})
+    assert len(proxy.sent) == 3 and proxy.sent[0] == proxy.sent[1] != proxy.sent[2]
+    if path == PATH:  # a plain replay (someone else's copy) is still refused, and says why
+        replayed = app.get(PATH, headers={"Authorization": proxy.sent[2]})
+        assert replayed.status_code == 401
+        assert replayed.headers[REPLAY_HEADER] == "replayed"

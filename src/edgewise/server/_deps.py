@@ -161,7 +161,7 @@ def require_device(request: Request, body: BodyDep, session: SessionDep) -> Devi
         verify_request(signed, device.public_key, request.method, signed_target(request), body)
         ctx.replay_guard.check(signed, session=session)
     except DeviceAuthError as exc:
-        raise Unauthorized(str(exc)) from exc
+        raise Unauthorized.device(exc) from exc
     request.state.actor = f"device:{device.id}"
     return device
 

@@ -1,5 +1,9 @@
 """Domain errors of the server; `app.py` maps each class to one HTTP status in one handler."""
 
+from __future__ import annotations
+
+from ..trust._device_auth import REPLAY_HEADER, DeviceAuthError, ReplayedRequest
+
 __all__ = [
     "Conflict",
     "DomainError",
@@ -14,9 +18,10 @@ __all__ = [
 class DomainError(Exception):
     status_code = 400
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.headers = headers
 
 
 class InvalidInput(DomainError):
@@ -27,6 +32,13 @@ class InvalidInput(DomainError):
 
 class Unauthorized(DomainError):
     status_code = 401
+
+    @classmethod
+    def device(cls, exc: DeviceAuthError) -> Unauthorized:
+        """A device request refused; a replayed nonce says so in a header (`DeviceAuth` then
+        signs the request anew: its first send was taken, the answer lost)."""
+        headers = {REPLAY_HEADER: "replayed"} if isinstance(exc, ReplayedRequest) else None
+        return cls(str(exc), headers=headers)
 
 
 class Forbidden(DomainError):

@@ -9,22 +9,26 @@ schema change holds an advisory lock, so replicas starting together migrate once
 
 from __future__ import annotations
 
+import fcntl
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy import Connection, Engine, MetaData, create_engine, inspect, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 __all__ = ["FIRST_REVISION", "SchemaError", "current_revision", "ensure_schema", "exclusive",
-           "head_revision", "migrate", "target_metadata"]
+           "head_revision", "migrate", "serialized", "target_metadata"]
 
 FIRST_REVISION = "0001"  # the schema of Edgewise 0.1.0, before migrations existed
 _LOCK_KEY = 0x45646765  # "Edge": the advisory lock every schema change takes (PostgreSQL)
 # Scheduled work that must run on one replica at a time, each under its own advisory lock.
 _WORK_KEYS = {"rollout-tick": _LOCK_KEY + 1, "notify": _LOCK_KEY + 2}
+# Work every replica may do, but one at a time (each waits for the lock).
+_SERIAL_KEYS = {"tuf-metadata": _LOCK_KEY + 3}
 
 
 class SchemaError(ValueError):
@@ -138,6 +142,33 @@ def exclusive(engine: Engine, work: str) -> Iterator[Lease | None]:
                     connection.rollback()
                     connection.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
                     connection.commit()
+
+
+@contextmanager
+def serialized(engine: Engine, work: str, *, lock_file: Path) -> Iterator[None]:
+    """Wait until no other server process does `work`, then do it: on PostgreSQL under an
+    advisory lock (replicas on any host), on SQLite under a file lock (the processes of one
+    host; an SQLite database is not shared further)."""
+    if engine.dialect.name != "postgresql":
+        lock_file.parent.mkdir(parents=True, exist_ok=True)
+        with lock_file.open("a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+        return
+    key = _SERIAL_KEYS[work]
+    with engine.connect() as connection:
+        connection.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+        connection.commit()
+        try:
+            yield
+        finally:
+            with suppress(DBAPIError):  # a lost connection has released it already
+                connection.rollback()
+                connection.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                connection.commit()
 
 
 def _upgrade(connection: Connection, revision: str = "head") -> None:

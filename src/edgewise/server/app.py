@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import anyio.to_thread
@@ -26,12 +28,13 @@ from ._db import make_engine, make_sessionmaker
 from ._deps import ServerContext
 from ._errors import DomainError, ServiceBusy
 from ._gate import DbGate
-from ._schema import ensure_schema, exclusive
+from ._schema import ensure_schema, exclusive, serialized
 from .audit import models as _audit_models  # noqa: F401
 from .audit.routes import AuditMiddleware
 from .audit.routes import router as audit_router
 from .dashboard.routes import router as dashboard_router
 from .devices import models as _device_models  # noqa: F401  (register tables)
+from .devices.checkin_pg import AsyncCheckin, CheckinFastPath
 from .devices.replay import DatabaseReplayGuard
 from .devices.replay import prune as prune_nonces
 from .devices.routes import router as devices_router
@@ -140,6 +143,9 @@ BACKGROUND_SESSIONS = 4
 # Threads for plain-def endpoints beyond the database slots (TUF metadata and targets, health).
 SPARE_THREADS = 24
 SHUTDOWN_JOIN_S = 2.0  # how long shutdown waits for a background loop's current tick
+# Set (to anything) to answer PostgreSQL check-ins on the general path: the baseline that
+# bench/fleet_scale.py --checkin-paths measures the fast path against, in the same run.
+SLOW_CHECKIN_ENV = "EDGEWISE_SLOW_CHECKIN"
 
 
 def create_app(config: ServerConfig) -> FastAPI:
@@ -162,8 +168,17 @@ def create_app(config: ServerConfig) -> FastAPI:
         root=load_root(config.root_path).to_bytes(),
         online_signer=load_signer(config.online_key_path),
         remote=remote,
+        # Replicas sign metadata one at a time, so versions follow one another.
+        serialize=partial(serialized, engine, "tuf-metadata",
+                          lock_file=config.data_dir / "tuf" / ".metadata.lock"),
     )
     sessions = make_sessionmaker(engine)
+    # PostgreSQL: the device poll is answered on the event loop (asyncpg), before routing.
+    fast_checkin = (AsyncCheckin(config.resolved_db_url, pool_size=config.db_slots,
+                                 queue_timeout_s=config.queue_timeout_s,
+                                 retry_after_s=config.retry_after_s)
+                    if engine.dialect.name == "postgresql"
+                    and not os.environ.get(SLOW_CHECKIN_ENV) else None)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -197,6 +212,8 @@ def create_app(config: ServerConfig) -> FastAPI:
                 thread.join(timeout=max(0.0, deadline - time.monotonic()))
             if mqtt is not None:
                 mqtt.close()
+            if fast_checkin is not None:
+                await fast_checkin.close()
 
     app = FastAPI(
         lifespan=lifespan,
@@ -221,11 +238,13 @@ def create_app(config: ServerConfig) -> FastAPI:
     )
 
     app.add_middleware(AuditMiddleware)
+    if fast_checkin is not None:
+        app.add_middleware(CheckinFastPath, checkin=fast_checkin)  # outermost: first in line
 
     @app.exception_handler(DomainError)
     async def _domain_error(_request: Request, exc: DomainError) -> JSONResponse:
         headers = ({"Retry-After": str(exc.retry_after_s)} if isinstance(exc, ServiceBusy)
-                   else None)
+                   else exc.headers)
         return JSONResponse(status_code=exc.status_code, content={"detail": exc.message},
                             headers=headers)
 
@@ -257,7 +276,6 @@ def create_app(config: ServerConfig) -> FastAPI:
 
 def app_from_env() -> FastAPI:
     """The app of one worker process of `edgewise server run --workers N` (uvicorn factory)."""
-    import os
 
     return create_app(ServerConfig.from_env(os.environ[CONFIG_ENV]))
 

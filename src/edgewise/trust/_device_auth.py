@@ -40,10 +40,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 __all__ = [
     "MAX_SKEW_S",
+    "REPLAY_HEADER",
     "SCHEME",
     "DeviceAuth",
     "DeviceAuthError",
     "ReplayGuard",
+    "ReplayedRequest",
     "SignedRequest",
     "busy_delay_s",
     "load_device_key",
@@ -63,6 +65,21 @@ _HEADER = re.compile(rf"^{SCHEME} id=([A-Za-z0-9_-]{{1,32}}),ts=(\d{{1,12}}),"
 
 class DeviceAuthError(Exception):
     """A device request that is not signed, not signed right, stale or replayed."""
+
+
+class ReplayedRequest(DeviceAuthError):
+    """A nonce the server has already accepted. From a device's own client this means its
+    first send reached a server whose answer was lost (a load balancer that re-sent the
+    request to another replica after the first one died): the server answers 401 with
+    `REPLAY_HEADER`, and `DeviceAuth` signs the request anew once."""
+
+    def __init__(self) -> None:
+        super().__init__("replayed device request (nonce already used)")
+
+
+# The 401 for a replayed nonce says so in this header, so a client can tell it from a refusal
+# of its key without reading the body (a download's body is streamed).
+REPLAY_HEADER = "X-Edgewise-Auth-Refused"
 
 
 def new_device_key() -> tuple[Ed25519PrivateKey, bytes]:
@@ -168,7 +185,7 @@ class ReplayGuard:
         with self._lock:
             seen = self._seen.setdefault(signed.device_id, {})
             if signed.nonce in seen:
-                raise DeviceAuthError("replayed device request (nonce already used)")
+                raise ReplayedRequest()
             if len(seen) >= self.PRUNE_AT:
                 seen = {n: t for n, t in seen.items() if t > now}
                 self._seen[signed.device_id] = seen
@@ -244,6 +261,10 @@ class DeviceAuth(httpx.Auth):
                 break
             self._sleep(delay)
             waited += delay
+            self._sign(request)
+            response = yield request
+        if response.status_code == 401 and response.headers.get(REPLAY_HEADER) == "replayed":
+            # Our earlier send of this request was accepted, its answer lost on the way.
             self._sign(request)
             response = yield request
         date = response.headers.get("date")

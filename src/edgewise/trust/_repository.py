@@ -14,6 +14,8 @@ import os
 import re
 import tempfile
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -62,6 +64,7 @@ class ServerRepository:
         timestamp_expiry: timedelta = timedelta(days=1),
         snapshot_expiry: timedelta = timedelta(days=7),
         remote: RemoteObjects | None = None,
+        serialize: Callable[[], AbstractContextManager[object]] | None = None,
     ) -> None:
         self.dir = Path(directory)
         # An object store that holds every object too (`server.storage`): the local
@@ -72,6 +75,11 @@ class ServerRepository:
         self.metadata_dir.mkdir(parents=True, exist_ok=True)
         self.objects_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        # Several server processes may share this directory (replicas): `serialize` is their
+        # common lock (a PostgreSQL advisory lock, or a file lock on one host), held around
+        # every write of metadata, so versions follow one another whoever signs them.
+        self._serialize = serialize
+        self._write_depth = 0
         self._signer = online_signer
         self._timestamp_expiry = timestamp_expiry
         self._snapshot_expiry = snapshot_expiry
@@ -85,10 +93,30 @@ class ServerRepository:
         for role in (Snapshot.type, Timestamp.type):
             if keyid not in root_md.signed.roles[role].keyids:
                 raise KeyFileError(f"the online key is not a {role} key of the trusted root")
-        name = self.metadata_dir / f"{root_md.signed.version}.root.json"
-        if not name.exists():
-            _atomic_write(name, root_md.to_bytes())
-        self._resign_if_online_key_changed()
+        with self._writing():
+            name = self.metadata_dir / f"{root_md.signed.version}.root.json"
+            if not name.exists():
+                _atomic_write(name, root_md.to_bytes())
+            self._resign_if_online_key_changed()
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """This thread may write metadata: the process's lock, then (outermost only) the lock
+        shared with other processes; then the newest root on disk, which another process
+        may have added since."""
+        with self._lock:
+            self._write_depth += 1
+            try:
+                if self._write_depth > 1 or self._serialize is None:
+                    yield
+                    return
+                with self._serialize():
+                    latest = self._latest_root()
+                    if latest is not None and latest.signed.version > self.root.signed.version:
+                        self.root = latest
+                    yield
+            finally:
+                self._write_depth -= 1
 
     def _resign_if_online_key_changed(self) -> None:
         """After an online-key rotation the server restarts with the new key: snapshot and
@@ -114,7 +142,7 @@ class ServerRepository:
             raise VerificationError(f"root metadata is malformed: {exc}") from exc
         if not isinstance(md.signed, Root):
             raise VerificationError(f"expected root metadata, got {md.signed.type}")
-        with self._lock:
+        with self._writing():
             if md.signed.version != self.root.signed.version + 1:
                 raise VerificationError(f"root version {md.signed.version} does not follow "
                                         f"{self.root.signed.version}")
@@ -191,7 +219,7 @@ class ServerRepository:
     def publish_deltas(self, add: dict[str, TargetFile], *, now: datetime | None = None) -> int:
         """Sign delta targets with the online key (the delegated `deltas` role)."""
         now = now or datetime.now(UTC)
-        with self._lock:
+        with self._writing():
             for path, info in add.items():
                 if not path.startswith(f"{DELTAS}/"):
                     raise VerificationError(f"{path}: delta targets live under {DELTAS}/")
@@ -264,14 +292,14 @@ class ServerRepository:
             raise VerificationError(f"targets metadata is malformed: {exc}") from exc
         if not isinstance(md.signed, Targets):
             raise VerificationError(f"expected targets metadata, got {md.signed.type}")
-        try:
-            self.root.signed.verify_delegate(Targets.type, md.signed_bytes, md.signatures)
-        except UnsignedMetadataError as exc:
-            raise VerificationError(
-                "targets metadata is not signed by the targets key of the trusted root") from exc
         if md.signed.is_expired(now):
             raise VerificationError("targets metadata has already expired")
-        with self._lock:
+        with self._writing():  # the root as of now: another process may have rotated keys
+            try:
+                self.root.signed.verify_delegate(Targets.type, md.signed_bytes, md.signatures)
+            except UnsignedMetadataError as exc:
+                raise VerificationError("targets metadata is not signed by the targets key of "
+                                        "the trusted root") from exc
             current = self.current_targets()
             current_version = Metadata[Targets].from_bytes(current).signed.version if current else 0
             if md.signed.version != current_version + 1:
@@ -325,6 +353,18 @@ class ServerRepository:
     def refresh_online_metadata(self, *, now: datetime | None = None) -> bool:
         """Re-sign snapshot and timestamp when either is in the last half of its lifetime."""
         now = now or datetime.now(UTC)
+        if not self._online_metadata_aging(now):  # the common case: no lock taken
+            return False
+        with self._writing():
+            if not self._online_metadata_aging(now):  # another process has just signed
+                return False
+            snap = self._snapshot().signed
+            deltas = snap.meta.get(f"{DELTAS}.json")
+            self._sign_snapshot_and_timestamp(snap.meta["targets.json"].version, now,
+                                              deltas_version=deltas.version if deltas else None)
+            return True
+
+    def _online_metadata_aging(self, now: datetime) -> bool:
         with self._lock:
             ts = self._timestamp()
             if ts is None:
@@ -332,10 +372,5 @@ class ServerRepository:
             snap_version = ts.signed.snapshot_meta.version
             snap = Metadata[Snapshot].from_bytes(
                 (self.metadata_dir / f"{snap_version}.snapshot.json").read_bytes()).signed
-            if (ts.signed.expires - now > self._timestamp_expiry / 2
-                    and snap.expires - now > self._snapshot_expiry / 2):
-                return False
-            deltas = snap.meta.get(f"{DELTAS}.json")
-            self._sign_snapshot_and_timestamp(snap.meta["targets.json"].version, now,
-                                              deltas_version=deltas.version if deltas else None)
-            return True
+            return (ts.signed.expires - now <= self._timestamp_expiry / 2
+                    or snap.expires - now <= self._snapshot_expiry / 2)

@@ -40,6 +40,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from ...trust._device_auth import (
     MAX_SKEW_S,
     DeviceAuthError,
+    ReplayedRequest,
     SignedRequest,
     parse_device_auth,
     verify_request,
@@ -136,19 +137,14 @@ def _check_in(engine: Engine, signed: SignedRequest, target: str, shared_nonces:
     # (read, then one write statement), with no BEGIN/COMMIT around them.
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         row = conn.execute(_POLL, {"device_id": signed.device_id}).first()
-        if row is None or row.revoked_at is not None or not row.public_key:
-            raise DeviceAuthError("unknown device (not enrolled, or revoked)")
-        verify_request(signed, row.public_key, "GET", target, b"", public=_public_key)
-        # A check-in is a read; "last seen" is kept at a coarse resolution so polling fleets
-        # do not turn every check-in into a write of the device row.
-        touch = row.last_seen_at is None or now - row.last_seen_at > LAST_SEEN_RESOLUTION
+        touch = authenticate(signed, row, target, now)
         if shared_nonces:
             try:
                 conn.execute(_NONCE_AND_SEEN if touch else _NONCE,
                              {"device_id": signed.device_id, "nonce": signed.nonce,
                               "expires_at": float(signed.ts + MAX_SKEW_S), "now": now})
             except IntegrityError:
-                raise DeviceAuthError("replayed device request (nonce already used)") from None
+                raise ReplayedRequest() from None
         else:
             replay_guard.check(signed)
             if touch:
@@ -157,26 +153,54 @@ def _check_in(engine: Engine, signed: SignedRequest, target: str, shared_nonces:
 
 
 def _answer(conn: Connection, device_id: str, row: Any) -> dict[str, Any]:
-    timezone = row.timezone or "UTC"
-    release_id = row[7]
-    if release_id is None:
+    window = None
+    if needs_group_window(row):
+        window = first_group_window(conn.execute(_GROUP_WINDOWS, {"device_id": device_id}),
+                                    row[TAGS] or [])
+    return answer_body(row, window)
+
+
+def authenticate(signed: SignedRequest, row: Any, target: str, now: datetime) -> bool:
+    """Refuse a check-in that is not this enrolled device's own (DeviceAuthError); else
+    whether "last seen" is due: a check-in is a read, and "last seen" is kept at a coarse
+    resolution so that polling fleets do not turn every check-in into a write of the row."""
+    if row is None or row[REVOKED_AT] is not None or not row[PUBLIC_KEY]:
+        raise DeviceAuthError("unknown device (not enrolled, or revoked)")
+    verify_request(signed, row[PUBLIC_KEY], "GET", target, b"", public=_public_key)
+    return row[LAST_SEEN] is None or now - row[LAST_SEEN] > LAST_SEEN_RESOLUTION
+
+
+# Columns of a `_POLL` row, by position (SQLAlchemy rows and asyncpg records both index).
+PUBLIC_KEY, REVOKED_AT, HARDWARE, TIMEZONE, WINDOW, TAGS, LAST_SEEN = range(7)
+RELEASE_ID, NAME, VERSION, TARGET, VARIANT_VERSION, VARIANT_TARGET, ROLLOUT_ID = range(7, 14)
+GROUP_WINDOWS = 14
+
+
+def needs_group_window(row: Any) -> bool:
+    """Whether the answer needs the groups' windows: an assignment, no window of the device's
+    own, and some group that has one."""
+    return row[RELEASE_ID] is not None and not row[WINDOW] and bool(row[GROUP_WINDOWS])
+
+
+def answer_body(row: Any, group_window: dict[str, Any] | None) -> dict[str, Any]:
+    timezone = row[TIMEZONE] or "UTC"
+    if row[RELEASE_ID] is None:
         return {"release_id": None, "name": None, "version": None, "manifest_target": None,
                 "window": None, "timezone": timezone, "rollout_id": None}
-    variant = row[11] is not None and bool(row.hardware)
-    return {"release_id": release_id, "name": row[8],
-            "version": row[11] if variant else row[9],
-            "manifest_target": row[12] if variant else row[10],
-            "window": row.window or (_group_window(conn, device_id, row.tags or [])
-                                     if row.group_windows else None),
-            "timezone": timezone, "rollout_id": row[13]}
+    variant = row[VARIANT_VERSION] is not None and bool(row[HARDWARE])
+    return {"release_id": row[RELEASE_ID], "name": row[NAME],
+            "version": row[VARIANT_VERSION] if variant else row[VERSION],
+            "manifest_target": row[VARIANT_TARGET] if variant else row[TARGET],
+            "window": row[WINDOW] or group_window,
+            "timezone": timezone, "rollout_id": row[ROLLOUT_ID]}
 
 
-def _group_window(conn: Connection, device_id: str, tags: list[str]) -> dict[str, Any] | None:
+def first_group_window(groups: Any, tags: list[str]) -> dict[str, Any] | None:
     """The first window (by group name) of a group the device belongs to: a static group
-    that lists it, or a dynamic group whose selector tags it carries."""
+    that lists it, or a dynamic group whose selector tags it carries. `groups`: the rows of
+    `_GROUP_WINDOWS`."""
     have = set(tags)
-    for kind, selector, window, member in conn.execute(_GROUP_WINDOWS,
-                                                       {"device_id": device_id}):
+    for kind, selector, window, member in groups:
         if not window:
             continue
         if (kind == "static" and member is not None) or \

@@ -17,7 +17,7 @@ from sqlalchemy import delete
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from ...trust._device_auth import MAX_SKEW_S, DeviceAuthError, SignedRequest
+from ...trust._device_auth import MAX_SKEW_S, ReplayedRequest, SignedRequest
 from .models import DeviceNonce
 
 __all__ = ["DatabaseReplayGuard", "prune"]
@@ -32,7 +32,7 @@ class DatabaseReplayGuard:
             session.commit()
         except IntegrityError:
             session.rollback()
-            raise DeviceAuthError("replayed device request (nonce already used)") from None
+            raise ReplayedRequest() from None
 
 
 def prune(session: Session, *, now: float | None = None) -> int:

@@ -196,7 +196,7 @@ async def my_assignment(request: Request) -> Response:
                 shared_nonces=isinstance(ctx.replay_guard, DatabaseReplayGuard),
                 replay_guard=ctx.replay_guard)
         except DeviceAuthError as exc:
-            raise Unauthorized(str(exc)) from exc
+            raise Unauthorized.device(exc) from exc
     request.state.actor = f"device:{answer.device_id}"
     return Response(answer.json(), media_type="application/json")
 
