@@ -148,6 +148,7 @@ def test_adapter_releases_show_their_base_and_bytes_against_the_full_model(
     assert "GGUF sha256 eeeeeeeeeeee" in fleet
     assert re.search(r'data-testid="adapter-base">\s*' + re.escape(base_link), release_page)
     assert "vs 2.9 MiB as a full model" in release_page and percent in release_page
+    assert "Golden set" not in release_page  # an image model's fields: not for an adapter
     assert "vs 138.1 MiB as a full model" in orphan_page
     assert re.search(r'data-testid="adapter-base">\s*' + re.escape(base_link), rollout_page)
     transfer = re.search(r'data-testid="transfer">(.*?)</dd>', rollout_page, re.S).group(1)
