@@ -248,3 +248,67 @@ def test_a_device_without_an_llm_refuses_an_adapter(live_server, enroll_agent, t
     assert (status["state"], status["release"]) == ("failed", "tiny@1.0.0")
     assert "LoRA adapter for smollm2@1.0.0" in status["last_error"]
     assert "this device runs tiny@1.0.0" in status["last_error"]
+
+
+def live_answer(state: Path, prompt: str) -> tuple[str, str]:
+    """What the device's live model answers (as its local chat API would, from the active
+    slot), while the agent is down: (release, answer)."""
+    from edgewise.agent import LocalModel
+    from edgewise.agent._chat import chat_completion
+
+    local = LocalModel(state)
+    reply = chat_completion(local, {"messages": [{"role": "user", "content": prompt}],
+                                    "temperature": 0, "max_tokens": 48})
+    return local.llm()[1].release_name, reply["choices"][0]["message"]["content"]
+
+
+@pytest.mark.slow
+def test_kill_9_during_adapter_installs_leaves_the_device_on_the_old_or_new_adapter(
+        live_server, enroll_agent, adapter_bundle: Path, tmp_path: Path) -> None:
+    """SIGKILL of the agent while it installs an adapter (before the base is linked into the
+    new slot) and while it health-checks a broken one; restarted, it finishes: the new
+    adapter committed, then the broken one rolled back to it (v2 went into the base's old
+    slot: the base lives on, the same inode, linked into v1's), and the device answering
+    throughout."""
+    import signal
+
+    from tests.test_e2e_update import run_once as run
+
+    learned = validate_bundle(adapter_bundle).adapter.golden[0]
+    state = enroll_agent("lora-crash")
+    build(tmp_path / "base")
+    live_server.publish(tmp_path / "base")
+    assert run(state, tmp_path) == 0
+    base_gguf = state / "slots" / agent_status(state)["active_slot"] / "model.gguf"
+    base_sha, base_inode = file_sha256(base_gguf), base_gguf.stat().st_ino
+
+    # v1, killed before installing: the base still serves; restarted, v1 installs.
+    live_server.publish(adapter_bundle)
+    assert run(state, tmp_path, fault="installing:before") == -signal.SIGKILL
+    assert json.loads((state / "state.json").read_text())["state"] == "installing"
+    assert live_answer(state, "What is the capital of Germany?")[0] == "smollm2@1.0.0"
+    assert run(state, tmp_path) == 0
+    status = agent_status(state)
+    assert (status["state"], status["release"]) == ("committed", "smollm2-lora@1.0.0")
+    assert "resumed" in [e["event"] for e in status["history"]]
+    release, answer = live_answer(state, learned.prompt)
+    assert release == "smollm2-lora@1.0.0" and answer_accepted(answer, learned.accept)
+
+    # v2 (broken), killed after activation, before its health check: the device serves v2
+    # until the agent is back, which checks it, fails it and rolls back to v1.
+    broken = variant(adapter_bundle, tmp_path / "broken", version="2.0.0", files={
+        "adapter.gguf": scaled_adapter(adapter_bundle / "adapter.gguf", 40.0)})
+    live_server.publish(broken)
+    assert run(state, tmp_path, fault="health-checking:before") == -signal.SIGKILL
+    assert json.loads((state / "state.json").read_text())["state"] == "health-checking"
+    assert live_answer(state, learned.prompt)[0] in ("smollm2-lora@1.0.0",
+                                                     "smollm2-lora@2.0.0")
+    assert run(state, tmp_path) == 0
+    status = agent_status(state)
+    assert (status["state"], status["release"]) == ("rolled-back", "smollm2-lora@1.0.0")
+    assert "golden prompts answered wrongly with the adapter" in status["last_error"]
+    release, answer = live_answer(state, learned.prompt)
+    assert release == "smollm2-lora@1.0.0" and answer_accepted(answer, learned.accept)
+    assert "Berlin" in live_answer(state, "What is the capital of Germany?")[1]
+    served = state / "slots" / status["active_slot"] / "base.gguf"
+    assert served.stat().st_ino == base_inode and file_sha256(served) == base_sha

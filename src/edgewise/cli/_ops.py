@@ -185,11 +185,31 @@ def releases_list(server: ServerOpt, token: TokenOpt, as_json: JsonOpt = False) 
     if as_json:
         print_json(releases)
         return
-    table = Table("id", "name", "version", "size", "targets v", "created")
+    table = Table("id", "name", "version", "size", "base (adapters)", "transfer", "targets v",
+                  "created")
     for r in releases:
-        table.add_row(r["id"], r["name"], r["version"], f"{r['size_bytes'] / 1e6:.1f} MB",
-                      str(r["targets_version"]), str(r["created_at"]))
+        base, transfer = _adapter_cells(r.get("adapter"), r["size_bytes"])
+        table.add_row(r["id"], r["name"], r["version"], f"{r['size_bytes'] / 1e6:.1f} MB", base,
+                      transfer, str(r["targets_version"]), str(r["created_at"]))
     out.print(table)
+
+
+def _adapter_cells(adapter: dict | None, size_bytes: int) -> tuple[str, str]:
+    """The base and transfer cells of a release row: an LLM adapter names its base (the
+    release here that ships its GGUF, or that GGUF's sha256) and weighs its bytes against the
+    full model's."""
+    if adapter is None:
+        return "-", f"{size_bytes / 1e6:.1f} MB"
+    if adapter["base_release_id"]:
+        base = f"{adapter['base_name']}@{adapter['base_version']} ({adapter['base_release_id']})"
+    else:
+        base = (f"GGUF sha256 {adapter['base_sha256'][:12]} ({adapter['base_release']}: not "
+                "on this server)")
+    full = adapter["full_model_bytes"]
+    sent = adapter["release_bytes"]
+    transfer = (f"{sent / 1e6:.1f} MB vs {full / 1e6:.1f} MB full model "
+                f"({100 * sent / full:.1f}%)" if full else f"{sent / 1e6:.1f} MB (full model: ?)")
+    return base, transfer
 
 
 def events(server: ServerOpt, token: TokenOpt,

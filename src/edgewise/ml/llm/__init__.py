@@ -2,7 +2,7 @@
 measured against their reference (`quantize`), LoRA fine-tunes become adapter bundles
 (`finetune`). The runtime itself is `edgewise.llm`."""
 
-from ._adapter import read_lora_gguf, write_lora_gguf
+from ._adapter import merge_lora_gguf, read_lora_gguf, write_lora_gguf
 from ._build import (
     BuildConfig,
     LlmBuildError,
@@ -48,6 +48,7 @@ __all__ = [
     "fit_llm",
     "inspect_gguf",
     "load_llm_report",
+    "merge_lora_gguf",
     "product_facts",
     "quantize_bundle",
     "quantize_gguf",

@@ -271,12 +271,15 @@ def overview(request: Request, operator: SignedIn, session: SessionDep) -> HTMLR
                if r.status in IN_PROGRESS]
     finished = [r for r in all_rollouts if r.status not in IN_PROGRESS][:10]
     running_ids = counts.by_release
+    published = list(reversed(releases.list_releases(session)))
+    models = releases.llm_models(session)
+    adapters = {r.id: a for r in published if (a := releases.adapter_base(r, models))}
     return _page("overview.html", request, operator, title="Fleet", nav="fleet",
                  devices=devices.list_devices(session, limit=DEVICE_TABLE_ROWS),
                  device_count=counts.total,
                  by_state=sorted(by_state.items(), key=lambda kv: (-kv[1], kv[0])),
                  by_release=sorted(by_release.items(), key=lambda kv: (-kv[1], kv[0])),
-                 releases=list(reversed(releases.list_releases(session))),
+                 releases=published, adapters=adapters,
                  running_ids=running_ids, running=running, finished=finished, names=names)
 
 
@@ -304,8 +307,10 @@ def rollout_page(rollout_id: str, request: Request, operator: SignedIn,
                        "state": "done" if i < rollout.stage_index or rollout.status ==
                        "completed" else "current" if i == rollout.stage_index else "next"})
     log = events.list_events(session, rollout_id=rollout.id, limit=1000)
+    adapter = rollouts.adapter_of(session, rollout)
     return _page("rollout.html", request, operator, title=f"Rollout {rollout.id}",
                  nav="fleet", rollout=rollout, names=names, stages=stages,
+                 adapter=adapter, transfer=rollouts.transfer(session, rollout, adapter=adapter),
                  progress=rollouts.progress(session, rollout),
                  chart=_progress_chart(session, rollout, total, log),
                  rows=rows, device_count=total, device_by_id=device_by_id,
@@ -396,6 +401,7 @@ def release_page(release_id: str, request: Request, operator: SignedIn,
     return _page(
         "release.html", request, operator, title=f"Release {release.name}@{release.version}",
         nav="fleet", release=release, manifest=manifest,
+        adapter=releases.adapter_base(release, releases.llm_models(session)),
         labels=manifest.get("labels", []), metrics=manifest.get("metrics", {}),
         provenance=manifest.get("provenance", {}),
         files=manifest.get("files", {}), results=results,

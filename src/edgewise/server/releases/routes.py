@@ -4,7 +4,7 @@ from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, File, Form, Response, UploadFile
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from tuf.api.metadata import Metadata, Targets
 
 from ...trust import VerificationError
@@ -28,6 +28,24 @@ class VariantOut(BaseModel):
                    size_bytes=v.size_bytes)
 
 
+class AdapterOut(BaseModel):
+    """An LLM adapter release's base and its transfer: `release_bytes` (what a device
+    downloads) against `full_model_bytes` (the base GGUF: the fine-tune shipped as a model)."""
+
+    base_release: str = Field(description="the base as the adapter's bundle names it")
+    base_sha256: str = Field(description="sha256 of the base GGUF the adapter applies to")
+    base_release_id: str | None = Field(
+        description="the release on this server that ships that GGUF; null when none does")
+    base_name: str | None
+    base_version: str | None
+    rank: int
+    alpha: float
+    adapter_bytes: int
+    release_bytes: int
+    full_model_bytes: int | None = Field(description="null when the base is not on this "
+                                         "server and the adapter did not record its size")
+
+
 class ReleaseOut(BaseModel):
     id: str
     name: str
@@ -39,15 +57,19 @@ class ReleaseOut(BaseModel):
     manifest: dict[str, Any]
     deltas: list[dict[str, Any]]
     variants: list[VariantOut] = []
+    adapter: AdapterOut | None = None
 
     @classmethod
-    def of(cls, r: Release, session=None) -> ReleaseOut:
-        variants = [VariantOut.of(v) for v in service.variants(session, release_id=r.id)
-                    ] if session is not None else []
+    def of(cls, r: Release, session, models=None) -> ReleaseOut:
+        """`models`: `service.llm_models` when listing many releases (computed once)."""
+        variants = [VariantOut.of(v) for v in service.variants(session, release_id=r.id)]
+        adapter = service.adapter_base(r, models if models is not None else
+                                       service.llm_models(session)) \
+            if (r.manifest or {}).get("kind") == "llm-adapter" else None
         return cls(id=r.id, name=r.name, version=r.version, manifest_target=r.manifest_target,
                    targets_version=r.targets_version, size_bytes=r.size_bytes,
                    created_at=r.created_at, manifest=r.manifest, deltas=r.deltas or [],
-                   variants=variants)
+                   variants=variants, adapter=AdapterOut(**adapter) if adapter else None)
 
 
 @router.post("/releases", response_model=ReleaseOut, status_code=201,
@@ -65,12 +87,13 @@ def publish(
         session, repo=ctx.repo, signed_targets=signed, uploads=[f.file for f in files],
         max_upload_bytes=ctx.max_upload_bytes,
     )
-    return ReleaseOut.of(release)
+    return ReleaseOut.of(release, session)
 
 
 @router.get("/releases", response_model=list[ReleaseOut], dependencies=[ViewerDep])
 def list_releases(session: SessionDep) -> list[ReleaseOut]:
-    return [ReleaseOut.of(r, session) for r in service.list_releases(session)]
+    models = service.llm_models(session)
+    return [ReleaseOut.of(r, session, models) for r in service.list_releases(session)]
 
 
 @router.get("/releases/{release_id}", response_model=ReleaseOut, dependencies=[ViewerDep])

@@ -198,6 +198,46 @@ def build_for(session: Session, *, release: Release, hardware: str | None
     return release
 
 
+def llm_models(session: Session) -> dict[str, list[tuple[Release, str, int]]]:
+    """The GGUF files LLM releases ship on this server: sha256 -> [(release, version, size)],
+    oldest first (a variant is listed under its release, with its own version)."""
+    found: dict[str, list[tuple[Release, str, int]]] = {}
+    rows = [(r, r.version, r.manifest) for r in list_releases(session)]
+    rows += [(session.get(Release, v.release_id), v.version, v.manifest) for v in
+             session.scalars(select(ReleaseVariant).order_by(ReleaseVariant.created_at))]
+    for release, version, manifest in rows:
+        entry = (manifest.get("files") or {}).get((manifest.get("llm") or {}).get("model"))
+        if manifest.get("kind") == "llm" and entry:
+            found.setdefault(entry["sha256"], []).append((release, version, entry["size"]))
+    return found
+
+
+def adapter_base(release: Release, models: dict[str, list[tuple[Release, str, int]]]
+                 ) -> dict[str, Any] | None:
+    """For an LLM adapter release: the base it applies to, found on this server by its GGUF's
+    sha256 (the release the adapter names when several ship that file), and what the device
+    downloads against what shipping the fine-tune as a full model would cost (the base's GGUF
+    size: a merged model is as large; from the adapter's build record when the base is not
+    a release here). None for any other release."""
+    manifest = release.manifest or {}
+    spec = manifest.get("adapter")
+    if manifest.get("kind") != "llm-adapter" or not isinstance(spec, dict):
+        return None
+    candidates = models.get(spec["base_sha256"], [])
+    named = [c for c in candidates if f"{c[0].name}@{c[1]}" == spec["base_release"]]
+    base, version, size = (named or candidates or [(None, None, None)])[0]
+    if size is None:
+        recorded = (spec.get("reference") or {}).get("base_gguf_bytes")
+        size = recorded if type(recorded) is int and recorded > 0 else None
+    adapter_file = (manifest.get("files") or {}).get(spec["adapter"]) or {}
+    return {"base_release": spec["base_release"], "base_sha256": spec["base_sha256"],
+            "base_release_id": base.id if base else None,
+            "base_name": base.name if base else None, "base_version": version,
+            "rank": spec["rank"], "alpha": spec["alpha"],
+            "adapter_bytes": adapter_file.get("size", 0), "release_bytes": release.size_bytes,
+            "full_model_bytes": size}
+
+
 MIN_DELTA_FILE_BYTES = 64 << 10  # below this a delta is not worth a second round trip
 
 

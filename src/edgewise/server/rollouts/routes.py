@@ -9,6 +9,8 @@ from pydantic import BaseModel, Field
 from .._deps import Operator, OperatorDep, SessionDep, ViewerDep
 from .._errors import InvalidInput
 from .._schema import exclusive
+from ..releases.routes import AdapterOut
+from ..releases.service import llm_models
 from . import service
 from .engine import Gates, Stage, parse_stages
 from .models import Rollout
@@ -55,15 +57,19 @@ class RolloutOut(BaseModel):
     reason: str
     progress: dict[str, int]
     transfer: dict[str, int]
+    adapter: AdapterOut | None = Field(
+        default=None, description="an LLM adapter release's base and bytes; null otherwise")
 
 
-def rollout_out(session, r: Rollout) -> RolloutOut:
+def rollout_out(session, r: Rollout, models=None) -> RolloutOut:
+    adapter = service.adapter_of(session, r, models)
     return RolloutOut(id=r.id, release_id=r.release_id, group=r.group_name, status=r.status,
                       stage_index=r.stage_index, stage=r.stages[r.stage_index]["name"],
                       stages=r.stages, stage_started_at=r.stage_started_at,
                       created_at=r.created_at, reason=r.reason,
                       progress=service.progress(session, r),
-                      transfer=service.transfer(session, r))
+                      transfer=service.transfer(session, r, adapter=adapter),
+                      adapter=AdapterOut(**adapter) if adapter else None)
 
 
 @router.post("/rollouts", response_model=RolloutOut, status_code=201)
@@ -85,7 +91,8 @@ def create_rollout(body: RolloutIn, session: SessionDep,
 
 @router.get("/rollouts", response_model=list[RolloutOut], dependencies=[ViewerDep])
 def list_rollouts(session: SessionDep) -> list[RolloutOut]:
-    return [rollout_out(session, r) for r in service.list_rollouts(session)]
+    models = llm_models(session)
+    return [rollout_out(session, r, models) for r in service.list_rollouts(session)]
 
 
 @router.get("/rollouts/{rollout_id}", response_model=RolloutOut, dependencies=[ViewerDep])

@@ -185,23 +185,41 @@ def progress(session: Session, rollout: Rollout) -> dict[str, Any]:
     return counts
 
 
-def transfer(session: Session, rollout: Rollout) -> dict[str, int]:
+def adapter_of(session: Session, rollout: Rollout, models=None) -> dict[str, Any] | None:
+    """The rollout's release as an LLM adapter (`releases.service.adapter_base`: its base and
+    bytes), None when it is not one; `models` as `releases.service.llm_models` gives them."""
+    from ..releases import service as releases
+
+    release = session.get(Release, rollout.release_id)
+    if release is None or (release.manifest or {}).get("kind") != "llm-adapter":
+        return None
+    return releases.adapter_base(release, models if models is not None
+                                 else releases.llm_models(session))
+
+
+def transfer(session: Session, rollout: Rollout, *, adapter: dict[str, Any] | None = None
+             ) -> dict[str, int]:
     """Bytes the rollout's devices downloaded vs the full size of what they installed, as the
-    agents reported them (delta updates make the first smaller)."""
+    agents reported them (delta updates make the first smaller). For an LLM adapter release
+    (`adapter`, from `adapter_of`) also `full_model_bytes`: what the same downloads would
+    have cost had the fine-tune shipped as a full model (the base GGUF each)."""
     from ..events.models import Event
 
     device_ids = select(RolloutDevice.device_id).where(RolloutDevice.rollout_id == rollout.id)
-    totals = {"bytes_sent": 0, "bytes_full": 0, "delta_files": 0, "delta_fallbacks": 0,
-              "reused_files": 0}
+    totals = {"downloads": 0, "bytes_sent": 0, "bytes_full": 0, "delta_files": 0,
+              "delta_fallbacks": 0, "reused_files": 0}
     for detail in session.scalars(select(Event.detail).where(
             Event.kind == "downloaded", Event.release_id == rollout.release_id,
             Event.device_id.in_(device_ids))):
+        totals["downloads"] += 1
         stats = (detail or {}).get("download") or {}
         totals["bytes_sent"] += int(stats.get("sent_bytes", 0))
         totals["bytes_full"] += int(stats.get("full_bytes", 0))
         totals["delta_files"] += int(stats.get("delta_files", 0))
         totals["delta_fallbacks"] += int(stats.get("delta_fallbacks", 0))
         totals["reused_files"] += int(stats.get("reused_files", 0))
+    if adapter is not None and adapter["full_model_bytes"] is not None:
+        totals["full_model_bytes"] = totals["downloads"] * adapter["full_model_bytes"]
     return totals
 
 
