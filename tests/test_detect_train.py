@@ -79,6 +79,25 @@ def test_pause_resume_tracking_and_bundle(scenes, tmp_path: Path) -> None:
     assert json.loads((out / "metrics.json").read_text())["bundle"] == str(out / "bundle")
 
 
+def test_out_folder_rules(tmp_path: Path) -> None:
+    from edgewise.ml.detect._train import _check_out_dir
+
+    out = tmp_path / "run"
+    assert _check_out_dir(out, resume=False) is None
+    out.mkdir()
+    (out / "mlflow.db").write_bytes(b"")  # a run stopped before its first checkpoint
+    assert _check_out_dir(out, resume=False) is None
+    with pytest.raises(MLError, match="nothing to resume"):
+        _check_out_dir(out, resume=True)
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(MLError, match="exists and is not empty"):
+        _check_out_dir(out, resume=False)
+    (out / "last.pt").write_bytes(b"")
+    with pytest.raises(MLError, match="unfinished run"):
+        _check_out_dir(out, resume=False)
+    assert _check_out_dir(out, resume=True) == out / "last.pt"
+
+
 def test_train_task_detect_refuses_classifier_options(tmp_path: Path) -> None:
     result = subprocess.run(edgewise_command("train", "--task", "detect", "--data",
                                              str(tmp_path), "--epochs", "3", "--balance",

@@ -46,6 +46,7 @@ ProgressFn = Callable[[str, float, float], None]
 NotifyFn = Callable[[str], None]
 _BOX_PARITY_PX = 0.05
 _LAST_CHECKPOINT = "last.pt"  # in OUT while a run is unfinished; gone once it completed
+_TRACKING_STORE = ("mlflow.db", "mlartifacts")  # `ml.tracking`'s default store in OUT
 # What must stay equal for `resume` to continue a run rather than start a different one.
 _RESUME_KEYS = ("data", "input_size", "batch_size", "lr", "weight_decay", "frozen_frac",
                 "trainable_from_block", "val_fraction", "pretrained", "hflip",
@@ -224,7 +225,9 @@ def _check_out_dir(out_dir: Path, resume: bool) -> Path | None:
     if last.is_file():
         raise MLError(f"{out_dir} holds an unfinished run; continue it with --resume or "
                       "choose another --out")
-    if out_dir.exists() and any(out_dir.iterdir()):
+    # A run stopped before its first checkpoint leaves only the MLflow store: a new run
+    # starts there (and adds its own MLflow run).
+    if out_dir.exists() and any(p.name not in _TRACKING_STORE for p in out_dir.iterdir()):
         raise MLError(f"{out_dir} exists and is not empty; choose a new folder")
     return None
 
