@@ -13,11 +13,12 @@ Prints JSON lines on stdout:
                                     later blocks tuned) and the issue's baseline, the same
                                     detector from a random backbone, at the same budget
   {"bench": "detect-onnx", "backbone": ..., "test_map50", "test_map50_95", "onnx_bytes"}
-                                    the bundle's model.onnx run by the agent's runtime (PNG ->
-                                    the manifest's preprocessing -> onnxruntime -> boxes) on the
-                                    held-out scenes, scored by pycocotools
+                                    the bundle scored as `edgewise eval` scores it (the
+                                    manifest's preprocessing -> onnxruntime -> boxes in image
+                                    pixels -> pycocotools) on the held-out scenes
   {"bench": "detect-latency", "threads": 1 | 2, "p50_ms", "p95_ms"}
-                                    per image, batch 1, the pretrained bundle, onnxruntime
+                                    per image, batch 1, the pretrained bundle in the agent's
+                                    runtime (PNG -> preprocessing -> onnxruntime)
   {"bench": "detect-goals", ...}    the issue's goals: mAP@0.5 >= 0.85 after 15 minutes; transfer
                                     learning >= 5 points ahead of scratch
 """
@@ -35,12 +36,12 @@ from pathlib import Path
 
 import numpy as np
 
+from edgewise.artifacts import validate_bundle
 from edgewise.ml.detect import (
     DetectConfig,
-    Detections,
     SynthConfig,
     detection_stats,
-    evaluate_detections,
+    evaluate_detector_bundle,
     synth_scenes,
     train_detector,
 )
@@ -65,22 +66,6 @@ def png(image: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(image, mode="RGB").save(buf, format="PNG")
     return buf.getvalue()
-
-
-def score_bundle(bundle: Path, test) -> dict:
-    """mAP of the bundle on `test` as a device computes its boxes (every detection the graph
-    returns: mAP wants the whole precision-recall curve, not only those >= min_score)."""
-    from edgewise.agent import OnnxModel, preprocess_image
-
-    model = OnnxModel(bundle)
-    pre = model.manifest.preprocessing
-    if tuple(test.images[0].shape[:2]) != tuple(pre.input_size):
-        raise SystemExit(f"test scenes must be at the input size {pre.input_size}")
-    found = []
-    for image in test.images:
-        boxes, scores, labels = model.detect(preprocess_image(png(image), pre))
-        found.append(Detections(boxes, scores, labels))
-    return evaluate_detections(test, found)
 
 
 def latency(bundle: Path, test, threads: int, runs: int) -> dict:
@@ -148,7 +133,7 @@ def main() -> None:
                   "onnx_bytes": onnx_bytes, "warnings": m.get("warnings")})
             results[backbone] = {"val_map50": m["val_map50"], "test_map50": None}
             continue
-        s = score_bundle(r.bundle_dir, test)
+        s = evaluate_detector_bundle(r.bundle_dir, validate_bundle(r.bundle_dir), test)
         emit({"bench": "detect-onnx", "backbone": backbone, "test_map50": round(s["map50"], 4),
               "test_map50_95": round(s["map50_95"], 4), "onnx_bytes": onnx_bytes,
               "per_class_ap50": {k: None if v["ap50"] is None else round(v["ap50"], 3)

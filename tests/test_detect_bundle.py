@@ -24,11 +24,17 @@ from edgewise.artifacts import (
     validate_bundle,
     write_bundle,
 )
-from edgewise.ml import MLError
-from edgewise.ml.detect import export_detector_onnx, write_detector_bundle
+from edgewise.ml import DatasetError, MLError
+from edgewise.ml.detect import (
+    DetectionDataset,
+    export_detector_onnx,
+    write_coco,
+    write_detector_bundle,
+)
 from edgewise.ml.detect._train import detector_contract
+from edgewise.ml.evaluate import evaluate_bundle
 from edgewise.sim import edgewise_command
-from tests._detect import CLASSES, SCENES, BlobDetector, make_detector_bundle, png, scene
+from tests._detect import CLASSES, SCENES, SQUARE, BlobDetector, make_detector_bundle, png, scene
 from tests.test_e2e_update import run_once
 
 SPEC = ObjectDetectionSpec(max_detections=10, min_score=0.4, iou_threshold=0.5,
@@ -143,6 +149,25 @@ def test_predict_gives_boxes_in_image_pixels(bundles) -> None:
     np.testing.assert_allclose(got["green"], [64, 64, 112, 112], atol=0.5)
     assert all(d["score"] >= read_manifest(bundles["good"]).detection.min_score
                for d in out["detections"])
+
+
+def test_eval_scores_a_detector_bundle_by_map(bundles, tmp_path: Path) -> None:
+    # Ground truth at 128 px (the bundle's input is 64 px: boxes are scaled back).
+    images, boxes, labels = [], [], []
+    for squares in SCENES[:3]:
+        images.append(scene(squares, size=128))
+        boxes.append(np.array([[2 * x, 2 * y, 2 * (x + SQUARE), 2 * (y + SQUARE)]
+                               for _, x, y in squares], np.float32))
+        labels.append(np.array([CLASSES.index(c) for c, _, _ in squares], np.int64))
+    gt = DetectionDataset(tuple(images), tuple(boxes), tuple(labels), CLASSES,
+                          ("a.png", "b.png", "c.png"), "squares")
+    write_coco(gt, tmp_path / "coco")
+    good = evaluate_bundle(bundles["good"], str(tmp_path / "coco"))
+    assert good["kind"] == "object-detector" and good["images"] == 3
+    assert good["map50"] == 1.0 and good["map50_95"] > 0.9
+    assert evaluate_bundle(bundles["shift"], str(tmp_path / "coco"))["map50"] == 0.0
+    with pytest.raises(DatasetError, match="is an object detector: pass --data"):
+        evaluate_bundle(bundles["good"])
 
 
 def test_detector_rollout_commits_then_moved_boxes_roll_back(live_server, enroll_agent,

@@ -2,8 +2,7 @@
 
 What differs per kind sits behind `ComponentRuntime` (stage, activate, health-check, stop):
 image models (classifiers, generators' anomaly scores, object detectors: `_detect`) run on
-onnxruntime (here) and LLMs and their LoRA adapters on llama.cpp
-(`_llm`), all served from the
+onnxruntime (here) and LLMs and their LoRA adapters on llama.cpp (`_llm`), all served from the
 active slot by the agent itself (`ModelRuntime`); container apps run in podman or docker
 (`_containers.ContainerRuntime`). The update state machine calls the seam, whatever the kind;
 a rollback is `activate` of the committed slot.
@@ -169,7 +168,6 @@ class OnnxModel:
         return Prediction(label=labels[order[0]], index=int(order[0]),
                           score=float(probs[order[0]]),
                           top=[(labels[i], float(probs[i])) for i in order], anomaly=anomaly)
-
 
     def _predict_boxes(self, image: bytes) -> DetectionPrediction:
         """The detections scoring >= the manifest's min_score, best first, as boxes in the

@@ -152,11 +152,13 @@ def _train_detector(args: dict) -> None:
 def evaluate(
     bundle: Annotated[Path, typer.Argument(help="bundle directory (or a train --out DIR)")],
     data: Annotated[str, typer.Option(help="'fashion-mnist', an IDX directory or an image "
+                                           "folder; for a detector a COCO, YOLO or VOC "
                                            "folder")] = "fashion-mnist",
     split: Annotated[str, typer.Option(help="test | train")] = "test",
     limit: Annotated[int | None, typer.Option(help="first N images only")] = None,
 ) -> None:
-    """Score a bundle on a data set with onnxruntime, exactly as a device runs it."""
+    """Score a bundle on a data set with onnxruntime, exactly as a device runs it (a
+    detector: mAP@0.5 and mAP@0.5:0.95 by pycocotools)."""
     from ..artifacts import ArtifactError
     from ..ml import MLError
     from ..ml.evaluate import evaluate_bundle
@@ -165,6 +167,11 @@ def evaluate(
         result = evaluate_bundle(bundle, data, split=split, limit=limit)
     except (MLError, ArtifactError) as exc:
         fail(str(exc))
-    out.print(f"{result['bundle']}: accuracy {result['accuracy']:.4f} on {result['images']} "
-              f"{split} images of {data} ({result['seconds']:.1f} s)")
+    if result.get("kind") == "object-detector":
+        out.print(f"{result['bundle']}: mAP@0.5 {result['map50']:.4f}, mAP@0.5:0.95 "
+                  f"{result['map50_95']:.4f} on {result['images']} images of {data} "
+                  f"({result['seconds']:.1f} s)")
+    else:
+        out.print(f"{result['bundle']}: accuracy {result['accuracy']:.4f} on "
+                  f"{result['images']} {split} images of {data} ({result['seconds']:.1f} s)")
     print_json(result)

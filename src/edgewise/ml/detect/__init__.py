@@ -6,7 +6,12 @@ Invariant: like the rest of `edgewise.ml`, readers raise `DatasetError` for bad 
 download anything; boxes are x1, y1, x2, y2 in pixels of the image they belong to.
 """
 
-from ._bundle import GOLDEN_IMAGES, contract_preprocessing, write_detector_bundle
+from ._bundle import (
+    GOLDEN_IMAGES,
+    contract_preprocessing,
+    evaluate_detector_bundle,
+    write_detector_bundle,
+)
 from ._data import (
     BOX_SIZE_BINS,
     DetectionDataset,
@@ -38,6 +43,7 @@ __all__ = [
     "detection_stats",
     "detector_contract",
     "evaluate_detections",
+    "evaluate_detector_bundle",
     "export_detector_onnx",
     "load_coco",
     "load_detection_dataset",

@@ -4,9 +4,10 @@ The golden set is what the device's health check runs (`edgewise.agent._detect`)
 (as PNG for people and tools, and as the exact preprocessed tensors), and the boxes onnxruntime
 found on them here, with the same graph the device will run.
 
-Invariant: golden inputs are made with the device's own arithmetic (pixels / 255, then
-(x - mean) / std in float32, NCHW); a bundle is written only when its golden images hold at
-least one box scoring >= `min_score`, since a check with nothing to find proves nothing.
+Invariant: images reach the graph only through the bundle's preprocessing contract
+(`preprocess_images`: the device's arithmetic), for golden inputs and for evaluation alike; a
+bundle is written only when its golden images hold at least one box scoring >= `min_score`,
+since a check with nothing to find proves nothing.
 """
 
 from __future__ import annotations
@@ -20,10 +21,13 @@ from typing import Any
 import numpy as np
 
 from ...artifacts import BundleManifest, ObjectDetectionSpec, Preprocessing, write_bundle
-from ..errors import MLError
-from ..quick import _p95_latency_ms
+from ..errors import DatasetError, MLError
+from ..quick import _ort_session, _p95_latency_ms, preprocess_images
+from ._data import DetectionDataset
+from ._eval import Detections, evaluate_detections
 
-__all__ = ["GOLDEN_IMAGES", "contract_preprocessing", "write_detector_bundle"]
+__all__ = ["GOLDEN_IMAGES", "contract_preprocessing", "evaluate_detector_bundle",
+           "write_detector_bundle"]
 
 GOLDEN_IMAGES = 4
 _CANDIDATES = 32  # golden images are the candidates with the most confident boxes
@@ -43,18 +47,20 @@ def contract_preprocessing(contract: Mapping[str, Any]) -> Preprocessing:
 
 
 def _inputs(images: Sequence[np.ndarray], pre: Preprocessing) -> np.ndarray:
-    """uint8 RGB [H, W, 3] images at the input size -> float32 [N, 3, H, W], as the agent's
-    `preprocess_image` computes it."""
+    """uint8 RGB [H, W, 3] images at the input size -> the contract's float32 [N, 3, H, W]."""
     h, w = pre.input_size
-    out = []
     for i, image in enumerate(images):
         if image.dtype != np.uint8 or image.shape != (h, w, 3):
             raise MLError(f"golden candidate {i}: expected uint8 RGB [{h}, {w}, 3], got "
                           f"{image.dtype} {list(image.shape)}")
-        pixels = np.asarray(image, np.float32) / 255.0
-        pixels = (pixels - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
-        out.append(pixels.transpose(2, 0, 1))
-    return np.stack(out).astype(np.float32)
+    return preprocess_images(np.stack(images), pre)
+
+
+def _detect(session, x: np.ndarray, input_name: str) -> tuple[np.ndarray, ...]:
+    try:
+        return tuple(session.run(["boxes", "scores", "labels"], {input_name: x}))
+    except Exception as exc:  # onnxruntime raises its own untyped errors
+        raise MLError(f"onnxruntime cannot run the detector: {exc}") from exc
 
 
 def _png(image: np.ndarray) -> bytes:
@@ -75,8 +81,6 @@ def write_detector_bundle(
     """Bundle an exported detector (`model.onnx` as `export_detector_onnx` writes it, and its
     `detector.json` contract): the golden images are the `golden_count` of the first
     candidate `images` (uint8 RGB at the input size) on which it finds the most boxes."""
-    import onnxruntime as ort
-
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise MLError(f"{out_dir} exists and is not empty; choose a new folder")
@@ -88,14 +92,8 @@ def write_detector_bundle(
         raise MLError("a detector bundle needs at least one golden image")
     candidates = list(images[:_CANDIDATES])
     x = _inputs(candidates, pre)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    try:
-        session = ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
-        found = [session.run(["boxes", "scores", "labels"], {pre.input_name: x[i:i + 1]})
-                 for i in range(len(x))]
-    except Exception as exc:  # onnxruntime raises its own untyped errors
-        raise MLError(f"{model}: onnxruntime cannot run the detector: {exc}") from exc
+    session = _ort_session(model, threads=1)
+    found = [_detect(session, x[i:i + 1], pre.input_name) for i in range(len(x))]
     confident = [int((scores >= min_score).sum()) for _, scores, _ in found]
     order = sorted(range(len(found)), key=lambda i: -confident[i])[:golden_count]
     order = [i for i in order if confident[i]]
@@ -133,3 +131,36 @@ def write_detector_bundle(
         metrics={**(metrics or {}), "golden_boxes": int(sum(confident[i] for i in order)),
                  "p95_latency_ms": round(p95_ms, 2)},
         provenance=dict(provenance or {}), kind="object-detector", detection=spec)
+
+
+def evaluate_detector_bundle(bundle_dir: Path | str, manifest: BundleManifest,
+                             dataset: DetectionDataset, *, limit: int | None = None
+                             ) -> dict[str, Any]:
+    """mAP of a (validated) detector bundle on a detection data set, run as a device runs it:
+    each image resized and normalised per the contract, the graph's boxes scaled back to the
+    image's pixels, every detection the graph returns scored (mAP wants the whole
+    precision-recall curve). Classes are matched by name; detections of classes the data set
+    does not have are dropped."""
+    if manifest.detection is None:
+        raise MLError(f"{manifest.release_name} is not an object detector")
+    to_data = {manifest.labels.index(n): i for i, n in enumerate(dataset.class_names)
+               if n in manifest.labels}
+    missing = [n for n in dataset.class_names if n not in manifest.labels]
+    if missing:
+        raise DatasetError(f"classes {missing} of {dataset.source} are not classes of the "
+                           f"bundle ({', '.join(manifest.labels)})")
+    if limit:
+        dataset = dataset.subset(range(min(limit, len(dataset))))
+    pre = manifest.preprocessing
+    session = _ort_session(Path(bundle_dir) / manifest.model)
+    in_h, in_w = pre.input_size
+    found = []
+    for image in dataset.images:
+        boxes, scores, labels = _detect(session, preprocess_images(image[None], pre),
+                                        pre.input_name)
+        h, w = image.shape[:2]
+        keep = np.array([int(c) in to_data for c in labels], bool).reshape(-1)
+        found.append(Detections(
+            boxes[keep] * np.array([w / in_w, h / in_h, w / in_w, h / in_h], np.float32),
+            scores[keep], np.array([to_data[int(c)] for c in labels[keep]], np.int64)))
+    return evaluate_detections(dataset, found)
