@@ -170,6 +170,13 @@ def test_eval_scores_a_detector_bundle_by_map(bundles, tmp_path: Path) -> None:
         evaluate_bundle(bundles["good"])
 
 
+def test_compress_refuses_a_detector_clearly(bundles, tmp_path: Path) -> None:
+    from edgewise.ml.compress import CompressError, compress_bundle
+
+    with pytest.raises(CompressError, match="is an object detector"):
+        compress_bundle(bundles["good"], tmp_path / "out")
+
+
 def test_detector_rollout_commits_then_moved_boxes_roll_back(live_server, enroll_agent,
                                                                bundles, tmp_path: Path) -> None:
     state = enroll_agent("cam")
