@@ -182,8 +182,9 @@ class GeneratorSpec(_Strict):
 
 
 class ObjectDetectionSpec(_Strict):
-    """An object detector (`kind: object-detector`): what its ONNX graph returns and how the
-    device checks it.
+    """An object detector (`kind: object-detector`, section `detection`; not `detector`, the
+    anomaly score some image bundles carry): what its ONNX graph returns and how the device
+    checks it.
 
     The model maps the preprocessed image (input `preprocessing.input_name`, batch 1) to
     `boxes` float32 [N, 4] (x1, y1, x2, y2 in input pixels), `scores` float32 [N] (sorted

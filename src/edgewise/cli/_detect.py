@@ -94,6 +94,9 @@ def train(
     resume: Annotated[bool, typer.Option(help="continue an interrupted run in --out")] = False,
     stop_after_steps: Annotated[int | None, typer.Option(
         min=1, help="pause after N steps (continue later with --resume)")] = None,
+    min_score: Annotated[float, typer.Option(
+        min=0.01, max=1.0, help="bundle: detections from this score on are served and "
+                                "health-checked")] = 0.3,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Train a CenterNet detector on the pretrained EfficientNet-Lite0 on this CPU; export
@@ -103,13 +106,14 @@ def train(
                         batch_size=batch_size, lr=lr, val_fraction=val_fraction,
                         pretrained=not scratch, name=name, version=version,
                         tracking_uri=tracking_uri, track=not no_tracking, resume=resume,
-                        stop_after_steps=stop_after_steps, seed=seed)
+                        stop_after_steps=stop_after_steps, min_score=min_score, seed=seed)
 
 
 def run_detect_training(*, data: Path, out_dir: Path, time_budget: str, size: int,
                         batch_size: int, lr: float, val_fraction: float, pretrained: bool,
                         name: str | None, version: str, tracking_uri: str | None, track: bool,
-                        resume: bool, stop_after_steps: int | None, seed: int) -> None:
+                        resume: bool, stop_after_steps: int | None, seed: int,
+                        min_score: float = 0.3) -> None:
     """`edgewise detect train` and `edgewise train --task detect`."""
     from ..ml import MLError
     from ..ml.detect import DetectConfig, train_detector
@@ -126,7 +130,7 @@ def run_detect_training(*, data: Path, out_dir: Path, time_budget: str, size: in
                        val_fraction=val_fraction, pretrained=pretrained, seed=seed,
                        val_every_s=max(30.0, budget_s / 5), name=name, version=version,
                        track=track, tracking_uri=tracking_uri, resume=resume,
-                       stop_after_steps=stop_after_steps)
+                       stop_after_steps=stop_after_steps, bundle_min_score=min_score)
     try:
         with stage_progress() as (report, out_console):
             result = train_detector(cfg, progress=report, notify=out_console.print)
