@@ -47,6 +47,11 @@ def test_pause_resume_tracking_and_bundle(scenes, tmp_path: Path) -> None:
     assert not (out / "last.pt").exists()
     for name in ("model.onnx", "best.pt", "metrics.json", "detector.json", "config.json"):
         assert (out / name).is_file()
+    from PIL import Image
+
+    assert done.metrics["val_images"] == 5
+    with Image.open(out / "val_detections.png") as grid:  # 5 images of 64 px, 4 a row
+        assert grid.size == (4 * 64, 2 * 64)
 
     # The same six steps without a pause reach the same weights (optimiser, RNGs, frozen
     # blocks and schedule all carried over), and no bundle where nothing scores 0.99.
@@ -62,6 +67,7 @@ def test_pause_resume_tracking_and_bundle(scenes, tmp_path: Path) -> None:
     assert done.bundle_dir == out / "bundle"
     manifest = validate_bundle(done.bundle_dir)
     assert manifest.name == "scenes" and manifest.kind == "object-detector"
+    assert "val_detections.png" in manifest.files
     assert manifest.labels == scenes.class_names
     assert manifest.metrics["val_map50"] == done.metrics["val_map50"]
     report = health_check(done.bundle_dir)

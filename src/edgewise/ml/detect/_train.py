@@ -5,7 +5,8 @@ Gaussian heatmaps), loss, the loop (backbone frozen for the first part of the bu
 later blocks fine-tuned), validation mAP (pycocotools) with the best weights kept, and the
 outputs: `best.pt` (self-describing checkpoint), `model.onnx` (decoding and NMS inside, checked
 against torch), `detector.json` (its input/output contract and class names), `metrics.json`,
-`config.json`, and `bundle/` (what devices install: `_bundle`).
+`config.json`, `val_detections.png` (validation images with the boxes found and the true
+ones), and `bundle/` (what devices install: `_bundle`).
 
 Invariant: `train_detector` writes its outputs only after training finished and the exported
 ONNX reproduced the torch model's boxes on validation images; until then OUT holds only the
@@ -38,6 +39,7 @@ from ._bundle import write_detector_bundle
 from ._data import DetectionDataset, detection_split, detection_stats, load_detection_dataset
 from ._eval import Detections, evaluate_detections
 from ._model import STRIDE, CenterNetDetector, export_detector_onnx, onnx_detect
+from ._report import detections_png
 
 __all__ = ["DetectConfig", "DetectResult", "detector_contract", "predict", "resize_dataset",
            "train_detector"]
@@ -47,6 +49,7 @@ NotifyFn = Callable[[str], None]
 _BOX_PARITY_PX = 0.05
 _LAST_CHECKPOINT = "last.pt"  # in OUT while a run is unfinished; gone once it completed
 _TRACKING_STORE = ("mlflow.db", "mlartifacts")  # `ml.tracking`'s default store in OUT
+_VAL_PNG = "val_detections.png"  # validation images: found boxes (colour) and true (white)
 # What must stay equal for `resume` to continue a run rather than start a different one.
 _RESUME_KEYS = ("data", "input_size", "batch_size", "lr", "weight_decay", "frozen_frac",
                 "trainable_from_block", "val_fraction", "pretrained", "hflip",
@@ -397,7 +400,8 @@ def _finish(cfg: DetectConfig, model: CenterNetDetector, full: DetectionDataset,
         report("export", 0, 2)
         onnx_path = export_detector_onnx(model, tmp / "model.onnx")
         parity_px = _check_onnx(model, onnx_path, val_ds)
-        final = evaluate_detections(val_ds, predict(model, val_ds))
+        val_predictions = predict(model, val_ds)
+        final = evaluate_detections(val_ds, val_predictions)
         metrics = {"val_map50": final["map50"], "val_map50_95": final["map50_95"],
                    "per_class": final["per_class"], "steps": state["step"],
                    "train_s": round(state["trained_s"], 1), "onnx_box_parity_px": parity_px,
@@ -410,6 +414,8 @@ def _finish(cfg: DetectConfig, model: CenterNetDetector, full: DetectionDataset,
         contract = detector_contract(model, full.class_names)
         (tmp / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
         (tmp / "detector.json").write_text(json.dumps(contract, indent=1))
+        (tmp / _VAL_PNG).write_bytes(detections_png(val_ds, val_predictions,
+                                                    min_score=cfg.bundle_min_score))
         report("export", 1, 2)
         bundle_dir = _bundle(cfg, onnx_path, contract, val_ds, metrics, tmp, tracker, say)
         metrics["bundle"] = str(out_dir / "bundle") if bundle_dir else None
@@ -424,7 +430,7 @@ def _finish(cfg: DetectConfig, model: CenterNetDetector, full: DetectionDataset,
         tracker.log_metrics({"val_map50": metrics["val_map50"],
                              "val_map50_95": metrics["val_map50_95"],
                              "train_s": metrics["train_s"]}, step=state["step"])
-        for name in ("metrics.json", "config.json", "detector.json"):
+        for name in ("metrics.json", "config.json", "detector.json", _VAL_PNG):
             tracker.log_artifact(out_dir / name)
         if bundle_dir:
             tracker.log_artifact(out_dir / "bundle", "bundle")
@@ -440,6 +446,7 @@ def _bundle(cfg: DetectConfig, onnx_path: Path, contract: dict[str, Any], val_ds
         write_detector_bundle(
             tmp / "bundle", model=onnx_path, contract=contract, images=val_ds.images,
             name=_name(cfg), version=cfg.version, min_score=cfg.bundle_min_score,
+            extra_files={_VAL_PNG: tmp / _VAL_PNG},
             metrics={k: metrics[k] for k in ("val_map50", "val_map50_95", "steps",
                                              "train_s", "train_images", "val_images")},
             provenance={"recipe": "edgewise.ml.detect", "dataset": cfg.data,
