@@ -170,6 +170,19 @@ def test_eval_scores_a_detector_bundle_by_map(bundles, tmp_path: Path) -> None:
         evaluate_bundle(bundles["good"])
 
 
+def test_cli_validate_and_eval_describe_a_detector(bundles) -> None:
+    from typer.testing import CliRunner
+
+    from edgewise.cli import _app
+
+    runner = CliRunner()
+    result = runner.invoke(_app.app, ["bundle", "validate", str(bundles["good"])])
+    assert result.exit_code == 0, result.output
+    assert "object detector, 3 classes, 3 golden images (IoU >= 0.5" in result.output
+    result = runner.invoke(_app.app, ["eval", str(bundles["good"])])
+    assert result.exit_code == 1 and "is an object detector: pass --data" in result.output
+
+
 def test_compress_refuses_a_detector_clearly(bundles, tmp_path: Path) -> None:
     from edgewise.ml.compress import CompressError, compress_bundle
 
