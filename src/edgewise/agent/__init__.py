@@ -3,6 +3,7 @@ back, serve inference locally. Needs no torch."""
 
 from ._anomaly import DriftLog, denoise_images, generate_images, image_grid_png, learn_normal
 from ._daemon import Agent, AgentConfig, FaultPoint
+from ._detect import DetectionPrediction, draw_detections
 from ._errors import (
     AgentConfigError,
     AgentError,
@@ -34,6 +35,7 @@ __all__ = [
     "AgentConfigError",
     "AgentError",
     "AgentTransportError",
+    "DetectionPrediction",
     "DriftLog",
     "Event",
     "FaultPoint",
@@ -51,6 +53,7 @@ __all__ = [
     "defer_update",
     "enroll",
     "denoise_images",
+    "draw_detections",
     "generate_images",
     "image_grid_png",
     "learn_normal",

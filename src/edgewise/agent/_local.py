@@ -21,6 +21,7 @@ from ..trust import client_tls, load_root, public_key_hex
 from ._anomaly import DriftLog, detector_identity, local_threshold
 from ._chat import ChatError, ServedLlm, chat_completion, chat_stream, models_list
 from ._client import enroll_device
+from ._detect import DetectionPrediction
 from ._errors import AgentConfigError, HealthCheckFailed, NoModelError
 from ._llm import load_adapter_llm, load_llm
 from ._runtime import OnnxModel, Prediction
@@ -180,7 +181,8 @@ class LocalModel:
             raise NoModelError(f"the active release {manifest.release_name} is not an LLM")
         return model, manifest
 
-    def predict(self, image: bytes, *, top_k: int = 3) -> tuple[Prediction, dict[str, Any]]:
+    def predict(self, image: bytes, *, top_k: int = 3
+                ) -> tuple[Prediction | DetectionPrediction, dict[str, Any]]:
         model = self.model()
         meta = self.slots.meta(self.slots.active() or "a") or {}
         prediction = model.predict(image, top_k=top_k)
@@ -291,7 +293,7 @@ class _Handler(BaseHTTPRequestHandler):
         image = self.rfile.read(length)
         try:
             prediction, meta = self.server.model.predict(image)
-        except NoModelError as exc:
+        except (NoModelError, HealthCheckFailed) as exc:  # nothing (sound) to answer with
             self._send(503, {"detail": str(exc)})
             return
         except ValueError as exc:
@@ -310,7 +312,8 @@ class _Server(ThreadingHTTPServer):
 
 
 class LocalApi:
-    """On a loopback address only: `GET /status`, `POST /predict` (raw image body),
+    """On a loopback address only: `GET /status`, `POST /predict` (raw image body; a
+    classifier answers labels and scores, an object detector boxes in the image's pixels),
     `POST /defer` ({"seconds": N}), `POST /feedback` ({"rating", "comment", "predicted",
     "correct"}); for an LLM release `GET /v1/models` and `POST /v1/chat/completions`
     (OpenAI's API, `stream: true` as server-sent events)."""

@@ -1,8 +1,8 @@
 """On-device inference and the health check, per bundle kind (the component runtime seam).
 
 What differs per kind sits behind `ComponentRuntime` (stage, activate, health-check, stop):
-image models run on onnxruntime (here) and LLMs and their LoRA adapters on llama.cpp
-(`_llm`), all served from the
+image models (classifiers, generators' anomaly scores, object detectors: `_detect`) run on
+onnxruntime (here) and LLMs and their LoRA adapters on llama.cpp (`_llm`), all served from the
 active slot by the agent itself (`ModelRuntime`); container apps run in podman or docker
 (`_containers.ContainerRuntime`). The update state machine calls the seam, whatever the kind;
 a rollback is `activate` of the committed slot.
@@ -33,6 +33,7 @@ from ..artifacts import (
     read_manifest,
 )
 from ..llm import rss_mb
+from ._detect import DetectionPrediction, golden_box_agreement
 from ._errors import HealthCheckFailed, UpdateRejected
 
 __all__ = ["ComponentRuntime", "HealthReport", "ModelRuntime", "OnnxModel", "Prediction",
@@ -41,11 +42,18 @@ __all__ = ["ComponentRuntime", "HealthReport", "ModelRuntime", "OnnxModel", "Pre
 
 def preprocess_image(data: bytes, contract: Preprocessing) -> np.ndarray:
     """Decode an image and turn it into one model input (batch of 1) per the contract."""
+    return _preprocess_sized(data, contract)[0]
+
+
+def _preprocess_sized(data: bytes, contract: Preprocessing
+                      ) -> tuple[np.ndarray, tuple[int, int]]:
+    """`preprocess_image`, and the decoded image's (width, height)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as img:
             img = img.convert("L" if contract.channels == 1 else "RGB")
+            size = img.size
             h, w = contract.input_size
             if img.size != (w, h):
                 img = img.resize((w, h), Image.Resampling.BILINEAR)
@@ -59,7 +67,7 @@ def preprocess_image(data: bytes, contract: Preprocessing) -> np.ndarray:
     pixels = (pixels - np.asarray(contract.mean, np.float32)) / np.asarray(contract.std, np.float32)
     if contract.layout == "NCHW":
         pixels = pixels.transpose(2, 0, 1)
-    return pixels[None].astype(np.float32)
+    return pixels[None].astype(np.float32), size
 
 
 @dataclass(frozen=True)
@@ -114,6 +122,14 @@ class OnnxModel:
     def run(self, batch: np.ndarray) -> np.ndarray:
         return np.asarray(self.session.run(None, {self.input_name: batch})[0])
 
+    def detect(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """An object detector's (boxes [N, 4] in input pixels, scores [N], labels [N]) for one
+        preprocessed image [1, ...]."""
+        boxes, scores, labels = self.session.run(["boxes", "scores", "labels"],
+                                                 {self.input_name: image})
+        return (np.asarray(boxes, np.float32).reshape(-1, 4),
+                np.asarray(scores, np.float32).reshape(-1), np.asarray(labels).reshape(-1))
+
     def anomaly(self, batch: np.ndarray) -> dict[str, Any] | None:
         """The bundle's anomaly score of one preprocessed input, or None without a detector."""
         spec = self.manifest.detector
@@ -132,7 +148,9 @@ class OnnxModel:
         return {"score": score, "threshold": spec.threshold,
                 "anomalous": bool(score > spec.threshold)}
 
-    def predict(self, image: bytes, *, top_k: int = 3) -> Prediction:
+    def predict(self, image: bytes, *, top_k: int = 3) -> Prediction | DetectionPrediction:
+        if self.manifest.detection is not None:
+            return self._predict_boxes(image)
         x = preprocess_image(image, self.manifest.preprocessing)
         anomaly = self.anomaly(x)
         if self.manifest.kind != "image-classifier":
@@ -150,6 +168,30 @@ class OnnxModel:
         return Prediction(label=labels[order[0]], index=int(order[0]),
                           score=float(probs[order[0]]),
                           top=[(labels[i], float(probs[i])) for i in order], anomaly=anomaly)
+
+    def _predict_boxes(self, image: bytes) -> DetectionPrediction:
+        """The detections scoring >= the manifest's min_score, best first, as boxes in the
+        submitted image's pixels (the model saw it resized to its input size)."""
+        spec = self.manifest.detection
+        assert spec is not None
+        x, (width, height) = _preprocess_sized(image, self.manifest.preprocessing)
+        boxes, scores, labels = self.detect(x)
+        in_h, in_w = self.manifest.preprocessing.input_size
+        scale = np.array([width / in_w, height / in_h, width / in_w, height / in_h])
+        names = self.manifest.labels
+        found = []
+        for box, score, label in zip(boxes.astype(np.float64) * scale, scores.tolist(),
+                                     labels.tolist(), strict=True):
+            if score < spec.min_score:
+                continue
+            if not 0 <= label < len(names):
+                raise HealthCheckFailed(f"the model answered label {label}, outside its "
+                                        f"{len(names)} classes")
+            x1, y1, x2, y2 = (round(float(v), 2) for v in box)
+            found.append({"label": names[label], "index": int(label),
+                          "score": round(float(score), 4), "x1": x1, "y1": y1, "x2": x2,
+                          "y2": y2})
+        return DetectionPrediction(found, (width, height))
 
 
 @dataclass(frozen=True)
@@ -233,7 +275,8 @@ class ModelRuntime(ComponentRuntime):
 
 def onnx_health_check(bundle_dir: Path) -> HealthReport:
     """Load the model and run its golden set at batch 1: outputs within `atol`, same top-1
-    class, p95 latency under the manifest's limit."""
+    class, p95 latency under the manifest's limit (a detector: its golden boxes found again,
+    `_detector_health_check`)."""
     rss_before = rss_mb()
     model = OnnxModel(bundle_dir)
     spec = model.manifest.golden
@@ -241,6 +284,8 @@ def onnx_health_check(bundle_dir: Path) -> HealthReport:
         golden = load_golden(bundle_dir, model.manifest)
     except BundleError as exc:
         raise HealthCheckFailed(str(exc)) from exc
+    if model.manifest.detection is not None:
+        return _detector_health_check(model, golden.inputs, golden.outputs, rss_before)
     outputs, latencies = [], []
     try:
         model.run(golden.inputs[:1])  # warm-up, not timed
@@ -267,3 +312,45 @@ def onnx_health_check(bundle_dir: Path) -> HealthReport:
         reasons.append(f"p95 latency {p95:.1f} ms > limit {spec.max_latency_ms:g} ms")
     return HealthReport(not reasons, diff, agree, p95, "; ".join(reasons) or "ok",
                         memory_mb=round(memory, 2) if memory is not None else None)
+
+
+def _detector_health_check(model: OnnxModel, inputs: np.ndarray, expected: np.ndarray,
+                           rss_before: float | None) -> HealthReport:
+    """Run each golden image at batch 1 and match the boxes found with the golden boxes
+    (`_detect`): recall and precision at the manifest's bars, p95 latency under its limit."""
+    spec = model.manifest.detection
+    assert spec is not None
+    found, latencies = [], []
+    try:
+        model.detect(inputs[:1])  # warm-up, not timed
+        for x in inputs:
+            t0 = time.perf_counter()
+            found.append(model.detect(x[None]))
+            latencies.append((time.perf_counter() - t0) * 1000)
+    except Exception as exc:
+        raise HealthCheckFailed(f"inference failed on the golden images: {exc}") from exc
+    m = golden_box_agreement(expected, found, spec)
+    p95 = float(np.percentile(latencies, 95))
+    memory = rss_mb() - rss_before if rss_before is not None else None
+    reasons = []
+    if not m["golden_boxes"]:
+        reasons.append(f"the golden images hold no box scoring >= {spec.min_score:g}: the "
+                       "check would prove nothing")
+    elif m["recall"] < spec.min_recall:
+        reasons.append(f"found {m['found']} of {m['golden_boxes']} golden boxes (recall "
+                       f"{m['recall']:.0%} < {spec.min_recall:.0%} at IoU "
+                       f">= {spec.iou_threshold:g}, same label)")
+    if m["precision"] < spec.min_precision:
+        reasons.append(f"only {m['true_detections']} of {m['detections']} detections are "
+                       f"golden boxes (precision {m['precision']:.0%} < "
+                       f"{spec.min_precision:.0%})")
+    if p95 > model.manifest.golden.max_latency_ms:
+        reasons.append(f"p95 latency {p95:.1f} ms > limit "
+                       f"{model.manifest.golden.max_latency_ms:g} ms")
+    # The rollout gates read `top1_agreement` as "agrees with the golden set": for a
+    # detector, the weaker of recall and precision.
+    return HealthReport(not reasons, m["max_shift_px"], min(m["recall"], m["precision"]), p95,
+                        "; ".join(reasons) or "ok",
+                        memory_mb=round(memory, 2) if memory is not None else None,
+                        extra={k: round(v, 4) if isinstance(v, float) else v
+                               for k, v in m.items()})

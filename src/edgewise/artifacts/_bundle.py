@@ -36,6 +36,7 @@ from ._manifest import (
     LlmManifest,
     LlmSpec,
     Manifest,
+    ObjectDetectionSpec,
     Preprocessing,
     check_relative_path,
     parse_manifest,
@@ -245,6 +246,15 @@ def load_golden(bundle_dir: Path, manifest: BundleManifest) -> GoldenSet:
     if outputs.shape[0] != manifest.golden.count:
         raise BundleError(f"{manifest.golden.file}: {outputs.shape[0]} outputs for "
                           f"{manifest.golden.count} inputs")
+    if manifest.detection is not None:
+        if outputs.ndim != 3 or outputs.shape[2] != 6:
+            raise BundleError(f"{manifest.golden.file}: a detector's golden outputs are "
+                              f"[count, M, 6] box rows, not {list(outputs.shape)}")
+        labels = outputs[:, :, 5]
+        if not np.isfinite(outputs).all() or (labels < -1).any() \
+                or (labels >= len(manifest.labels)).any() or (labels != np.round(labels)).any():
+            raise BundleError(f"{manifest.golden.file}: golden box labels must be -1 (padding) "
+                              f"or 0..{len(manifest.labels) - 1}")
     return GoldenSet(inputs=inputs, outputs=outputs)
 
 
@@ -342,8 +352,10 @@ def write_bundle(
     kind: str = "image-classifier",
     detector: DetectorSpec | None = None,
     generator: GeneratorSpec | None = None,
+    detection: ObjectDetectionSpec | None = None,
 ) -> BundleManifest:
-    """Write a complete, self-validated bundle directory and return its manifest."""
+    """Write a complete, self-validated bundle directory and return its manifest. An object
+    detector (`detection`) brings its contract file among `extra_files`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
@@ -370,6 +382,8 @@ def write_bundle(
         kind=kind,
         detector=detector,
         generator=generator,
+        detection=detection,
+        requires=("object-detection",) if detection is not None else (),
     )
     (out_dir / MANIFEST_NAME).write_text(manifest.to_json())
     validate_bundle(out_dir)

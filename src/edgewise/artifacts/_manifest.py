@@ -5,11 +5,12 @@ relative path inside the bundle, the model is listed among the files, and the go
 describes a health check the device can run without any other information.
 
 Three kinds of bundle share the format: image models (`BundleManifest`: ONNX, a golden set of
-input tensors), LLMs (`LlmManifest`: a GGUF file, golden prompts, a perplexity bound) and
-container apps (`AppManifest`: an OCI image layout whose blobs are the bundle's files, plus the
-health check, restart policy and environment the device runs it with). An LLM adapter
-(`LlmAdapterManifest`: a GGUF LoRA adapter) names the base model it applies to by the sha256
-of the base's GGUF.
+input tensors; an object detector's golden set holds the boxes it must find, and its
+`detection` section how they are compared), LLMs (`LlmManifest`: a GGUF file, golden
+prompts, a perplexity bound) and container apps (`AppManifest`: an OCI image layout whose
+blobs are the bundle's files, plus the health check, restart policy and environment the
+device runs it with). An LLM adapter (`LlmAdapterManifest`: a GGUF LoRA adapter) names the
+base model it applies to by the sha256 of the base's GGUF.
 A manifest names the reader features it needs in `requires`; a reader that lacks one refuses
 the manifest with a message that says to update, before any other file is fetched.
 """
@@ -43,6 +44,7 @@ __all__ = [
     "Manifest",
     "DetectorSpec",
     "FileEntry",
+    "ObjectDetectionSpec",
     "GeneratorSpec",
     "GoldenSpec",
     "OCI_INDEX",
@@ -57,7 +59,7 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "edgewise.json"
 # Reader features a manifest may require (`requires`); image bundles require none, so readers
 # that predate the field still read them.
-FEATURES = frozenset({"llm-gguf", "llm-lora", "oci-app"})
+FEATURES = frozenset({"llm-gguf", "llm-lora", "oci-app", "object-detection"})
 
 
 def check_relative_path(path: str) -> str:
@@ -179,6 +181,39 @@ class GeneratorSpec(_Strict):
         return None if v is None else check_relative_path(v)
 
 
+class ObjectDetectionSpec(_Strict):
+    """An object detector (`kind: object-detector`, section `detection`; not `detector`, the
+    anomaly score some image bundles carry): what its ONNX graph returns and how the device
+    checks it.
+
+    The model maps the preprocessed image (input `preprocessing.input_name`, batch 1) to
+    `boxes` float32 [N, 4] (x1, y1, x2, y2 in input pixels), `scores` float32 [N] (sorted
+    descending) and `labels` int64 [N] indexing the manifest's `labels`, N <= `max_detections`;
+    decoding and NMS are inside the graph. `contract` is the same contract as JSON, for any
+    other tool.
+
+    A detection counts from `min_score` on: the local API returns those, and the health check
+    compares those. The golden set's outputs are the boxes the model found at build time,
+    float32 [count, M, 6] rows of (x1, y1, x2, y2, score, label), padded with label -1. On the
+    device a golden box is found when a detection of the same label overlaps it by IoU >=
+    `iou_threshold`; the release is healthy when at least `min_recall` of the golden boxes are
+    found and at least `min_precision` of its detections are golden boxes. Scores near
+    `min_score` flicker between builds (int8, another CPU), so a box matches a counterpart
+    scoring down to half of `min_score`."""
+
+    contract: str = "detector.json"
+    max_detections: int = Field(ge=1)
+    min_score: float = Field(gt=0, le=1)
+    iou_threshold: float = Field(default=0.5, gt=0, le=1)
+    min_recall: float = Field(default=0.9, ge=0, le=1)
+    min_precision: float = Field(default=0.9, ge=0, le=1)
+
+    @field_validator("contract")
+    @classmethod
+    def _safe_path(cls, v: str) -> str:
+        return check_relative_path(v)
+
+
 class _ManifestBase(_Strict):
     """What every bundle kind has: identity, files, provenance."""
 
@@ -222,8 +257,9 @@ class _ManifestBase(_Strict):
 
 class BundleManifest(_ManifestBase):
     # "generator": `model` computes the anomaly score (the health check runs it); the decoder
-    # is named by `generator`.
-    kind: Literal["image-classifier", "generator"] = "image-classifier"
+    # is named by `generator`. "object-detector": `model` finds boxes (`detection`), `labels`
+    # are its classes.
+    kind: Literal["image-classifier", "generator", "object-detector"] = "image-classifier"
     model: str = "model.onnx"
     labels: tuple[str, ...]
     preprocessing: Preprocessing
@@ -232,6 +268,7 @@ class BundleManifest(_ManifestBase):
     # they existed (and agents that predate them) are unaffected.
     detector: DetectorSpec | None = None
     generator: GeneratorSpec | None = None
+    detection: ObjectDetectionSpec | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> BundleManifest:
@@ -247,6 +284,15 @@ class BundleManifest(_ManifestBase):
                 roles.append(("denoiser model", self.generator.denoiser))
         if self.kind == "generator" and self.generator is None:
             raise ValueError("a generator bundle needs a generator section")
+        if (self.kind == "object-detector") != (self.detection is not None):
+            raise ValueError("an object-detector bundle has a detection section, and only it")
+        if self.detection is not None:
+            if "object-detection" not in self.requires:
+                raise ValueError("an object-detector bundle must require the reader feature "
+                                 "'object-detection'")
+            if self.detection.contract not in self.files:
+                raise ValueError(f"detector contract {self.detection.contract!r} is not listed "
+                                 "in files")
         for role, path in roles:
             if not path.endswith(".onnx") and role != "golden set":
                 raise ValueError(f"{role} file {path!r} must be an .onnx file")
@@ -258,7 +304,7 @@ class BundleManifest(_ManifestBase):
 
     def to_json(self) -> str:
         data = self.model_dump(mode="json")
-        for optional in ("detector", "generator"):
+        for optional in ("detector", "generator", "detection"):
             if data[optional] is None:
                 del data[optional]
         if not data["requires"]:

@@ -132,22 +132,36 @@ def predict(
     images: Annotated[list[Path], typer.Argument(help="image files (PNG, JPEG, ...)")],
     state: StateOpt,
     top_k: int = 3,
+    draw: Annotated[Path | None, typer.Option(
+        help="object detector: write each image with its boxes drawn to DIR/NAME.boxes.png")]
+    = None,
 ) -> None:
-    """Classify images with the active model, on this device (nothing is sent anywhere)."""
-    from ..agent import AgentError, LocalModel
+    """Classify images (or find objects in them) with the active model, on this device
+    (nothing is sent anywhere)."""
+    from ..agent import AgentError, DetectionPrediction, LocalModel, draw_detections
 
     model = LocalModel(state)
     failed = False
     for path in images:
         try:
-            prediction, meta = model.predict(path.read_bytes(), top_k=top_k)
+            data = path.read_bytes()
+            prediction, meta = model.predict(data, top_k=top_k)
         except AgentError as exc:
             fail(str(exc))
         except (OSError, ValueError) as exc:
             console.print(f"[red]{path}: {exc}[/]")
             failed = True
             continue
-        print_json({"image": str(path), **prediction.to_json(),
+        drawn = {}
+        if draw is not None and not isinstance(prediction, DetectionPrediction):
+            fail("--draw draws an object detector's boxes; the active model does not find "
+                 "objects")
+        if draw is not None and isinstance(prediction, DetectionPrediction):
+            draw.mkdir(parents=True, exist_ok=True)
+            target = draw / f"{path.stem}.boxes.png"
+            target.write_bytes(draw_detections(data, prediction))
+            drawn = {"drawn": str(target)}
+        print_json({"image": str(path), **prediction.to_json(), **drawn,
                     "release": f"{meta.get('name')}@{meta.get('version')}"})
     if failed:
         raise typer.Exit(1)

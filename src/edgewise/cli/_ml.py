@@ -17,8 +17,12 @@ def register(app: typer.Typer) -> None:
 
 def train(
     data: Annotated[str, typer.Option(help="'fashion-mnist', an IDX directory or an image "
-                                           "folder (one sub-folder per class)")]
+                                           "folder (one sub-folder per class); --task detect: "
+                                           "a COCO, YOLO or VOC folder")]
     = "fashion-mnist",
+    task: Annotated[str, typer.Option(help="classify | detect (object detection: the "
+                                           "CenterNet detector of `edgewise detect train`)")]
+    = "classify",
     out_dir: Annotated[Path, typer.Option("--out", help="output directory (bundle/ and run/)")]
     = Path("model"),
     time_budget: Annotated[str | None, typer.Option(
@@ -31,7 +35,8 @@ def train(
     = None,
     resolution: Annotated[int | None, typer.Option(help="backbone input size in pixels")] = None,
     epochs: Annotated[int | None, typer.Option(help="epochs (default: fit the budget)")] = None,
-    batch_size: Annotated[int, typer.Option()] = 256,
+    batch_size: Annotated[int | None, typer.Option(
+        min=1, help="default: 256 (classify), 16 (detect)")] = None,
     lr: Annotated[float | None, typer.Option(help="peak learning rate")] = None,
     augment: Annotated[str | None, typer.Option(
         help="none | flip | light | default | strong (default: by strategy)")] = None,
@@ -56,7 +61,13 @@ def train(
         help="cVAE bundle (edgewise gen train --kind cvae) for --balance generative/auto")]
     = None,
 ) -> None:
-    """Train an image classifier on this CPU and write a bundle (ONNX, golden set, card)."""
+    """Train an image classifier (or, with --task detect, an object detector) on this CPU and
+    write a bundle (ONNX, golden set, card)."""
+    if task == "detect":
+        _train_detector(locals())
+        return
+    if task != "classify":
+        fail(f"unknown --task {task!r} (classify | detect)")
 
     from ..ml import MLError
     from ..ml.train import TrainConfig, parse_duration
@@ -69,7 +80,8 @@ def train(
     config = TrainConfig(
         data=data, out_dir=str(out_dir), name=name, version=version, strategy=strategy,
         backbone=backbone, weights_path=str(weights) if weights else None,
-        resolution=resolution, time_budget_s=budget_s, epochs=epochs, batch_size=batch_size,
+        resolution=resolution, time_budget_s=budget_s, epochs=epochs,
+        **({"batch_size": batch_size} if batch_size else {}),
         lr=lr, augment=augment, trainable_blocks=trainable_blocks,
         feature_blocks=feature_blocks, train_per_class=train_per_class,
         tracking_uri=tracking_uri, track=not no_tracking,
@@ -105,14 +117,48 @@ def train(
                 "mlflow_run_id": result.run_id, **m})
 
 
+# Classifier options that have no meaning for a detector, with their defaults: given with
+# --task detect, they are refused rather than silently ignored.
+_CLASSIFY_ONLY = {"backbone": None, "weights": None, "epochs": None, "augment": None,
+                  "trainable_blocks": 4, "feature_blocks": None, "train_per_class": None,
+                  "stop_after_epochs": None, "balance": "none", "generator": None}
+
+
+def _train_detector(args: dict) -> None:
+    """`edgewise train --task detect`: the options mapped onto `edgewise detect train`
+    (--resolution is the input side, --strategy from-scratch a random backbone)."""
+    from ._detect import run_detect_training
+
+    given = [f"--{k.replace('_', '-')}" for k, default in _CLASSIFY_ONLY.items()
+             if args[k] != default]
+    if given:
+        fail(f"{', '.join(given)}: classifier options, not used by --task detect")
+    if args["strategy"] not in ("auto", "fine-tune", "from-scratch"):
+        fail(f"--strategy {args['strategy']} does not apply to a detector (auto | fine-tune: "
+             "the pretrained backbone, frozen then its later blocks tuned; from-scratch)")
+    if args["data"] == "fashion-mnist":
+        fail("--task detect needs --data: a COCO, YOLO or VOC folder (`edgewise detect synth "
+             "--out DIR` writes synthetic scenes)")
+    run_detect_training(
+        data=Path(args["data"]), out_dir=args["out_dir"],
+        time_budget=args["time_budget"] or "2m", size=args["resolution"] or 160,
+        batch_size=args["batch_size"] or 16, lr=args["lr"] or 3e-3, val_fraction=0.2,
+        pretrained=args["strategy"] != "from-scratch", name=args["name"],
+        version=args["version"], tracking_uri=args["tracking_uri"],
+        track=not args["no_tracking"], resume=args["resume"], stop_after_steps=None,
+        seed=args["seed"])
+
+
 def evaluate(
     bundle: Annotated[Path, typer.Argument(help="bundle directory (or a train --out DIR)")],
     data: Annotated[str, typer.Option(help="'fashion-mnist', an IDX directory or an image "
+                                           "folder; for a detector a COCO, YOLO or VOC "
                                            "folder")] = "fashion-mnist",
     split: Annotated[str, typer.Option(help="test | train")] = "test",
     limit: Annotated[int | None, typer.Option(help="first N images only")] = None,
 ) -> None:
-    """Score a bundle on a data set with onnxruntime, exactly as a device runs it."""
+    """Score a bundle on a data set with onnxruntime, exactly as a device runs it (a
+    detector: mAP@0.5 and mAP@0.5:0.95 by pycocotools)."""
     from ..artifacts import ArtifactError
     from ..ml import MLError
     from ..ml.evaluate import evaluate_bundle
@@ -121,6 +167,11 @@ def evaluate(
         result = evaluate_bundle(bundle, data, split=split, limit=limit)
     except (MLError, ArtifactError) as exc:
         fail(str(exc))
-    out.print(f"{result['bundle']}: accuracy {result['accuracy']:.4f} on {result['images']} "
-              f"{split} images of {data} ({result['seconds']:.1f} s)")
+    if result.get("kind") == "object-detector":
+        out.print(f"{result['bundle']}: mAP@0.5 {result['map50']:.4f}, mAP@0.5:0.95 "
+                  f"{result['map50_95']:.4f} on {result['images']} images of {data} "
+                  f"({result['seconds']:.1f} s)")
+    else:
+        out.print(f"{result['bundle']}: accuracy {result['accuracy']:.4f} on "
+                  f"{result['images']} {split} images of {data} ({result['seconds']:.1f} s)")
     print_json(result)

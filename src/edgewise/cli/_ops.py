@@ -258,6 +258,11 @@ def bundle_validate(bundle: Path) -> None:
     elif isinstance(manifest, LlmManifest):
         what = (f"{manifest.llm.architecture} {manifest.llm.file_type} LLM, "
                 f"{len(manifest.llm.golden)} golden prompts")
+    elif manifest.detection is not None:
+        what = (f"object detector, {len(manifest.labels)} classes, {manifest.golden.count} "
+                f"golden images (IoU >= {manifest.detection.iou_threshold:g}, recall >= "
+                f"{manifest.detection.min_recall:g}, precision >= "
+                f"{manifest.detection.min_precision:g})")
     else:
         what = f"{len(manifest.labels)} labels, golden set of {manifest.golden.count}"
     console.print(f"[green]valid[/] {manifest.release_name}: {len(manifest.files)} files, {what}")

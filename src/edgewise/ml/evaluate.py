@@ -2,7 +2,8 @@
 
 Invariant: the bundle is fully validated first, and the images go through exactly the bundle's
 preprocessing contract (`preprocess_images`), never through training code, so the figure is
-what the shipped model does. Labels are matched by class name, not by position.
+what the shipped model does. Labels are matched by class name, not by position. An object
+detector is scored by mAP on a detection data set (`ml.detect.evaluate_detector_bundle`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def evaluate_bundle(bundle: Path | str, data: str = "fashion-mnist", *,
                     split: str = "test", limit: int | None = None) -> dict[str, Any]:
     bundle_dir = resolve_bundle_dir(bundle)
     manifest = validate_bundle(bundle_dir)
+    if getattr(manifest, "detection", None) is not None:
+        return _evaluate_detector(bundle_dir, manifest, data, split=split, limit=limit)
     train, test = load_dataset(data)
     if split == "test":
         ds = test if test is not None else train  # a plain image folder: score all of it
@@ -63,3 +66,21 @@ def evaluate_bundle(bundle: Path | str, data: str = "fashion-mnist", *,
             "images": int(len(labels)), "accuracy": round(float((preds == labels).mean()), 4),
             "per_class_accuracy": per_class, "seconds": round(time.perf_counter() - started, 2),
             "manifest_test_accuracy": manifest.metrics.get("test_accuracy")}
+
+
+def _evaluate_detector(bundle_dir: Path, manifest, data: str, *, split: str,
+                       limit: int | None) -> dict[str, Any]:
+    """An object detector on a COCO, YOLO or VOC folder: mAP by pycocotools."""
+    from .detect import evaluate_detector_bundle, load_detection_dataset
+
+    if data == "fashion-mnist" or split != "test":
+        raise DatasetError(f"{manifest.release_name} is an object detector: pass --data, a "
+                           "COCO, YOLO or VOC folder, scored whole (no --split)")
+    started = time.perf_counter()
+    m = evaluate_detector_bundle(bundle_dir, manifest, load_detection_dataset(data),
+                                 limit=limit)
+    return {"bundle": manifest.release_name, "kind": "object-detector", "data": str(data),
+            "images": m["images"], "map50": round(m["map50"], 4),
+            "map50_95": round(m["map50_95"], 4), "detections": m["detections"],
+            "per_class": m["per_class"], "seconds": round(time.perf_counter() - started, 2),
+            "manifest_val_map50": manifest.metrics.get("val_map50")}

@@ -183,6 +183,11 @@ def compress_bundle(bundle_dir: Path | str, out_dir: Path | str,
     bundle_dir, out_dir = Path(bundle_dir), Path(out_dir)
     load_start = _load_avg()
     manifest = validate_bundle(bundle_dir)
+    if getattr(manifest, "detection", None) is not None:
+        # Its candidates would be judged by classification accuracy on labels it has not got.
+        raise CompressError(f"{manifest.release_name} is an object detector: `edgewise "
+                            "compress` does not build detector candidates yet (measured by "
+                            "mAP drop); ship the float32 bundle")
     cpu = detect_cpu()
 
     # ---- data ---------------------------------------------------------------------------------

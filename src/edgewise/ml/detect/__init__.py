@@ -1,11 +1,17 @@
 """Object detection: data sets (COCO, YOLO, VOC, synthetic scenes), COCO-style evaluation
 (pycocotools), and a CenterNet detector on EfficientNet-Lite0 exported with its decoding and
-NMS inside the ONNX graph.
+NMS inside the ONNX graph, bundled with golden images and the boxes the device must find.
 
 Invariant: like the rest of `edgewise.ml`, readers raise `DatasetError` for bad data and never
 download anything; boxes are x1, y1, x2, y2 in pixels of the image they belong to.
 """
 
+from ._bundle import (
+    GOLDEN_IMAGES,
+    contract_preprocessing,
+    evaluate_detector_bundle,
+    write_detector_bundle,
+)
 from ._data import (
     BOX_SIZE_BINS,
     DetectionDataset,
@@ -20,10 +26,11 @@ from ._data import (
 from ._eval import Detections, coco_ground_truth, evaluate_detections
 from ._model import CenterNetDetector, export_detector_onnx, onnx_detect
 from ._synth import SynthConfig, synth_scenes, write_synth_coco
-from ._train import DetectConfig, DetectResult, resize_dataset, train_detector
+from ._train import DetectConfig, DetectResult, detector_contract, resize_dataset, train_detector
 
 __all__ = [
     "BOX_SIZE_BINS",
+    "GOLDEN_IMAGES",
     "CenterNetDetector",
     "DetectConfig",
     "DetectResult",
@@ -31,9 +38,12 @@ __all__ = [
     "Detections",
     "SynthConfig",
     "coco_ground_truth",
+    "contract_preprocessing",
     "detection_split",
     "detection_stats",
+    "detector_contract",
     "evaluate_detections",
+    "evaluate_detector_bundle",
     "export_detector_onnx",
     "load_coco",
     "load_detection_dataset",
@@ -44,5 +54,6 @@ __all__ = [
     "synth_scenes",
     "train_detector",
     "write_coco",
+    "write_detector_bundle",
     "write_synth_coco",
 ]

@@ -5,11 +5,14 @@ Gaussian heatmaps), loss, the loop (backbone frozen for the first part of the bu
 later blocks fine-tuned), validation mAP (pycocotools) with the best weights kept, and the
 outputs: `best.pt` (self-describing checkpoint), `model.onnx` (decoding and NMS inside, checked
 against torch), `detector.json` (its input/output contract and class names), `metrics.json`,
-`config.json`.
+`config.json`, `val_detections.png` (validation images with the boxes found and the true
+ones), and `bundle/` (what devices install: `_bundle`).
 
 Invariant: `train_detector` writes its outputs only after training finished and the exported
-ONNX reproduced the torch model's boxes on validation images; the shared helpers (time parsing,
-free-core count, learning-rate shape, atomic checkpoint writes) come from `ml.train`.
+ONNX reproduced the torch model's boxes on validation images; until then OUT holds only the
+resume checkpoint `last.pt` (at most `_CHECKPOINT_EVERY_S` old) and the MLflow store. The
+shared pieces (time parsing, free-core count, learning-rate shape, atomic checkpoint writes,
+the MLflow seam) come from `ml.train` and `ml.tracking`.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -29,16 +33,27 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ExportError, MLError
-from ..train import _free_cores, _lr_factor, _save_atomic
+from ..tracking import Tracker, default_tracking_uri
+from ..train import _CHECKPOINT_EVERY_S, _bundle_name, _free_cores, _lr_factor, _save_atomic
+from ._bundle import write_detector_bundle
 from ._data import DetectionDataset, detection_split, detection_stats, load_detection_dataset
 from ._eval import Detections, evaluate_detections
 from ._model import STRIDE, CenterNetDetector, export_detector_onnx, onnx_detect
+from ._report import detections_png
 
 __all__ = ["DetectConfig", "DetectResult", "detector_contract", "predict", "resize_dataset",
            "train_detector"]
 
 ProgressFn = Callable[[str, float, float], None]
+NotifyFn = Callable[[str], None]
 _BOX_PARITY_PX = 0.05
+_LAST_CHECKPOINT = "last.pt"  # in OUT while a run is unfinished; gone once it completed
+_TRACKING_STORE = ("mlflow.db", "mlartifacts")  # `ml.tracking`'s default store in OUT
+_VAL_PNG = "val_detections.png"  # validation images: found boxes (colour) and true (white)
+# What must stay equal for `resume` to continue a run rather than start a different one.
+_RESUME_KEYS = ("data", "input_size", "batch_size", "lr", "weight_decay", "frozen_frac",
+                "trainable_from_block", "val_fraction", "pretrained", "hflip",
+                "max_detections", "score_threshold", "seed")
 
 
 @dataclass(frozen=True)
@@ -60,6 +75,14 @@ class DetectConfig:
     max_detections: int = 50
     score_threshold: float = 0.05  # low, as mAP wants the whole precision-recall curve
     seed: int = 0
+    name: str | None = None  # bundle name; default: from the data folder
+    version: str = "1.0.0"
+    bundle_min_score: float = 0.3  # detections the device serves and its health check matches
+    track: bool = False  # MLflow (the CLI turns it on)
+    tracking_uri: str | None = None  # default: sqlite store in out_dir
+    stop_after_steps: int | None = None  # pause (checkpoint, no export); `resume` continues
+    resume: bool = False
+    threads: int | None = None  # torch threads; default: the cores other work leaves free
 
 
 @dataclass(frozen=True)
@@ -67,6 +90,8 @@ class DetectResult:
     out_dir: Path
     model: CenterNetDetector
     metrics: dict[str, Any]
+    bundle_dir: Path | None = None
+    paused: bool = False
 
 
 # ---- data -----------------------------------------------------------------------------------
@@ -192,18 +217,39 @@ def _set_backbone_trainable(model: CenterNetDetector, from_block: int | None) ->
         part.train(train and model.training)
 
 
+def _check_out_dir(out_dir: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from (None: a fresh run); refuses a folder that holds
+    anything else, and a finished or foreign folder for --resume."""
+    last = out_dir / _LAST_CHECKPOINT
+    if resume:
+        if not last.is_file():
+            raise MLError(f"nothing to resume: {last} does not exist")
+        return last
+    if last.is_file():
+        raise MLError(f"{out_dir} holds an unfinished run; continue it with --resume or "
+                      "choose another --out")
+    # A run stopped before its first checkpoint leaves only the MLflow store: a new run
+    # starts there (and adds its own MLflow run).
+    if out_dir.exists() and any(p.name not in _TRACKING_STORE for p in out_dir.iterdir()):
+        raise MLError(f"{out_dir} exists and is not empty; choose a new folder")
+    return None
+
+
 def train_detector(cfg: DetectConfig, *, progress: ProgressFn | None = None,
+                   notify: NotifyFn | None = None,
                    dataset: DetectionDataset | None = None) -> DetectResult:
-    """Train, validate, export; `dataset` overrides reading `cfg.data` (tests, synthetic)."""
+    """Train, validate, export, bundle; `dataset` overrides reading `cfg.data` (tests,
+    synthetic). With `cfg.stop_after_steps` it pauses (checkpoint written, nothing exported)
+    and `cfg.resume` continues it."""
     report = progress or (lambda *_: None)
+    say = notify or (lambda *_: None)
     if cfg.input_size % 32 or not 64 <= cfg.input_size <= 640:
         raise MLError(f"input size must be a multiple of 32 in 64..640, not {cfg.input_size}")
     out_dir = Path(cfg.out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise MLError(f"{out_dir} exists and is not empty; choose a new folder")
+    resume_from = _check_out_dir(out_dir, cfg.resume)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    torch.set_num_threads(_free_cores())
+    torch.set_num_threads(cfg.threads or _free_cores())
 
     # data
     full = resize_dataset(dataset or load_detection_dataset(cfg.data), cfg.input_size)
@@ -226,21 +272,74 @@ def train_detector(cfg: DetectConfig, *, progress: ProgressFn | None = None,
         for module in model.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
                 module.momentum = 0.1
-    _set_backbone_trainable(model, trainable_from)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
-    start = time.monotonic()
-    step, best, best_state, history = 0, -1.0, None, []
-    last_val = start
+    step, trained_s, best, best_state, history = 0, 0.0, -1.0, None, []
+    if resume_from is not None:
+        ck = torch.load(resume_from, map_location="cpu", weights_only=True)
+        saved = json.loads(ck["config_json"])
+        diff = [k for k in _RESUME_KEYS if saved.get(k) != asdict(cfg).get(k)]
+        if diff:
+            raise MLError(f"cannot resume: the run was started with other settings ({diff})")
+        trainable_from = ck["trainable_from"]
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        torch.set_rng_state(ck["torch_rng"])
+        rng.bit_generator.state = json.loads(ck["numpy_rng_json"])
+        state = json.loads(ck["state_json"])
+        step, trained_s, best, history = (state["step"], state["trained_s"], state["best"],
+                                          state["history"])
+        best_state = ck.get("best_state")
+        say(f"resumed after step {step} ({trained_s:.0f} s trained)")
+    _set_backbone_trainable(model, trainable_from)
+
+    # tracking: the classifier's MLflow seam, its store under OUT by default
+    tracker: Tracker | None = None
+    if cfg.track:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tracker = Tracker(cfg.tracking_uri or default_tracking_uri(out_dir), out_dir,
+                          run_name=f"detect-{_name(cfg)}-{cfg.version}").__enter__()
+        tracker.log_params({**{k: v for k, v in asdict(cfg).items() if v is not None},
+                            "task": "detect", "train_images": len(train_ds),
+                            "val_images": len(val_ds), "resumed_at_step": step})
+    try:
+        state = {"step": step, "trained_s": trained_s, "best": best, "best_state": best_state,
+                 "history": history, "trainable_from": trainable_from}
+        paused = _loop(cfg, model, opt, train_ds, val_ds, train_images, num_classes, rng,
+                       tracker, report, say, out_dir, state)
+        if paused:
+            if tracker is not None:
+                tracker.__exit__(None, None, None)
+            say(f"paused after step {state['step']}; continue with --resume")
+            return DetectResult(out_dir, model, {"steps": state["step"],
+                                                 "history": state["history"]}, paused=True)
+        result = _finish(cfg, model, full, val_ds, state, out_dir, tracker, report, say)
+    except BaseException:
+        if tracker is not None:
+            tracker.__exit__(*sys.exc_info())
+        raise
+    if tracker is not None:
+        tracker.__exit__(None, None, None)
+    return result
+
+
+def _loop(cfg: DetectConfig, model: CenterNetDetector, opt, train_ds, val_ds, train_images,
+          num_classes: int, rng: np.random.Generator, tracker: Tracker | None,
+          report: ProgressFn, say: NotifyFn, out_dir: Path, state: dict[str, Any]) -> bool:
+    """Train in place until the budget (or max_steps) is spent; `state` carries step, trained
+    seconds, best mAP and weights, history. Returns whether it paused (stop_after_steps)."""
+    start = time.monotonic() - state["trained_s"]
+    last_val = last_save = time.monotonic()
+    trainable_from = state["trainable_from"]
     while True:
         elapsed = time.monotonic() - start
         frac = elapsed / cfg.time_budget_s
         if cfg.max_steps is not None:
-            frac = max(frac, step / cfg.max_steps)
+            frac = max(frac, state["step"] / cfg.max_steps)
         if frac >= 1.0:
             break
         if trainable_from is None and frac >= cfg.frozen_frac:
-            trainable_from = cfg.trainable_from_block
+            trainable_from = state["trainable_from"] = cfg.trainable_from_block
             _set_backbone_trainable(model, trainable_from)
         for group in opt.param_groups:
             group["lr"] = cfg.lr * _lr_factor(frac)
@@ -256,45 +355,113 @@ def train_detector(cfg: DetectConfig, *, progress: ProgressFn | None = None,
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        step += 1
+        state["step"] += 1
+        state["trained_s"] = time.monotonic() - start
         report("train detector", min(frac, 1.0) * 100, 100)
         if time.monotonic() - last_val >= cfg.val_every_s:
-            best, best_state = _validate(model, val_ds, step, parts, history, best, best_state)
+            _validate(model, val_ds, parts, state, tracker, say)
             _set_backbone_trainable(model, trainable_from)  # eval() above reset BN modes
             last_val = time.monotonic()
-    best, best_state = _validate(model, val_ds, step, {}, history, best, best_state)
-    model.load_state_dict(best_state)
-    model.eval()
-    train_s = time.monotonic() - start
+        paused = cfg.stop_after_steps is not None and state["step"] >= cfg.stop_after_steps
+        if paused or time.monotonic() - last_save >= _CHECKPOINT_EVERY_S:
+            _checkpoint(cfg, model, opt, rng, state, out_dir / _LAST_CHECKPOINT)
+            last_save = time.monotonic()
+        if paused:
+            return True
+    _validate(model, val_ds, {}, state, tracker, say)
+    return False
 
-    # outputs: all written to a temporary sibling folder that becomes out_dir only once the
+
+def _checkpoint(cfg: DetectConfig, model, opt, rng: np.random.Generator,
+                state: dict[str, Any], path: Path) -> None:
+    """Everything `--resume` needs, written atomically (weights-only loadable: tensors,
+    strings, numbers)."""
+    _save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                  "best_state": state["best_state"], "torch_rng": torch.get_rng_state(),
+                  "numpy_rng_json": json.dumps(rng.bit_generator.state),
+                  "trainable_from": state["trainable_from"],
+                  "config_json": json.dumps(asdict(cfg)),
+                  "state_json": json.dumps({k: state[k] for k in
+                                            ("step", "trained_s", "best", "history")})}, path)
+
+
+def _finish(cfg: DetectConfig, model: CenterNetDetector, full: DetectionDataset,
+            val_ds: DetectionDataset, state: dict[str, Any], out_dir: Path,
+            tracker: Tracker | None, report: ProgressFn, say: NotifyFn) -> DetectResult:
+    """Export the best weights, check ONNX against torch, score, bundle, then move the outputs
+    into `out_dir` (and drop the resume checkpoint)."""
+    model.load_state_dict(state["best_state"])
+    model.eval()
+    # outputs: written to a temporary sibling folder and moved into out_dir only once the
     # ONNX export reproduced torch, so a failed run leaves nothing half-written
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
+        report("export", 0, 2)
         onnx_path = export_detector_onnx(model, tmp / "model.onnx")
         parity_px = _check_onnx(model, onnx_path, val_ds)
-        final = evaluate_detections(val_ds, predict(model, val_ds))
+        val_predictions = predict(model, val_ds)
+        final = evaluate_detections(val_ds, val_predictions)
         metrics = {"val_map50": final["map50"], "val_map50_95": final["map50_95"],
-                   "per_class": final["per_class"], "steps": step,
-                   "train_s": round(train_s, 1), "onnx_box_parity_px": parity_px,
-                   "history": history, "train_images": len(train_ds),
+                   "per_class": final["per_class"], "steps": state["step"],
+                   "train_s": round(state["trained_s"], 1), "onnx_box_parity_px": parity_px,
+                   "history": state["history"], "train_images": len(full) - len(val_ds),
                    "val_images": len(val_ds), "val_stats": detection_stats(val_ds)}
         _save_atomic({"state_dict": model.state_dict(), "class_names": list(full.class_names),
                       "config": asdict(cfg),
                       "metrics": {k: metrics[k] for k in ("val_map50", "val_map50_95", "steps")}},
                      tmp / "best.pt")
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        contract = detector_contract(model, full.class_names)
         (tmp / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
-        (tmp / "detector.json").write_text(json.dumps(detector_contract(model, full.class_names),
-                                                      indent=1))
-        if out_dir.exists():
-            out_dir.rmdir()  # empty, checked at the start
-        os.replace(tmp, out_dir)
-    except BaseException:
+        (tmp / "detector.json").write_text(json.dumps(contract, indent=1))
+        (tmp / _VAL_PNG).write_bytes(detections_png(val_ds, val_predictions,
+                                                    min_score=cfg.bundle_min_score))
+        report("export", 1, 2)
+        bundle_dir = _bundle(cfg, onnx_path, contract, val_ds, metrics, tmp, tracker, say)
+        metrics["bundle"] = str(out_dir / "bundle") if bundle_dir else None
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        report("export", 2, 2)
+        for entry in tmp.iterdir():
+            os.replace(entry, out_dir / entry.name)
+        (out_dir / _LAST_CHECKPOINT).unlink(missing_ok=True)  # complete: a rerun starts afresh
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return DetectResult(out_dir, model, metrics)
+    if tracker is not None:
+        tracker.log_metrics({"val_map50": metrics["val_map50"],
+                             "val_map50_95": metrics["val_map50_95"],
+                             "train_s": metrics["train_s"]}, step=state["step"])
+        for name in ("metrics.json", "config.json", "detector.json", _VAL_PNG):
+            tracker.log_artifact(out_dir / name)
+        if bundle_dir:
+            tracker.log_artifact(out_dir / "bundle", "bundle")
+    return DetectResult(out_dir, model, metrics,
+                        bundle_dir=out_dir / "bundle" if bundle_dir else None)
+
+
+def _bundle(cfg: DetectConfig, onnx_path: Path, contract: dict[str, Any], val_ds, metrics,
+            tmp: Path, tracker: Tracker | None, say: NotifyFn) -> Path | None:
+    """`tmp/bundle`, golden images from the validation split; None (with a warning) when the
+    detector finds nothing confident there yet."""
+    try:
+        write_detector_bundle(
+            tmp / "bundle", model=onnx_path, contract=contract, images=val_ds.images,
+            name=_name(cfg), version=cfg.version, min_score=cfg.bundle_min_score,
+            extra_files={_VAL_PNG: tmp / _VAL_PNG},
+            metrics={k: metrics[k] for k in ("val_map50", "val_map50_95", "steps",
+                                             "train_s", "train_images", "val_images")},
+            provenance={"recipe": "edgewise.ml.detect", "dataset": cfg.data,
+                        "pretrained": cfg.pretrained, "seed": cfg.seed,
+                        "torch_version": torch.__version__,
+                        "mlflow_run_id": tracker.run_id if tracker else None})
+    except MLError as exc:
+        metrics["warnings"] = [f"no bundle written: {exc}"]
+        say(f"[bold red]warning:[/] no bundle written: {exc}")
+        return None
+    return tmp / "bundle"
+
+
+def _name(cfg: DetectConfig) -> str:
+    return cfg.name or (_bundle_name(cfg.data) if cfg.data else "detector")
 
 
 def detector_contract(model: CenterNetDetector, class_names: tuple[str, ...]) -> dict[str, Any]:
@@ -311,11 +478,16 @@ def detector_contract(model: CenterNetDetector, class_names: tuple[str, ...]) ->
             "nms_iou": model.nms_iou, "class_names": list(class_names)}
 
 
-def _validate(model, val_ds, step, parts, history, best, best_state):
+def _validate(model, val_ds, parts: dict[str, float], state: dict[str, Any],
+              tracker: Tracker | None, say: NotifyFn) -> None:
     m = evaluate_detections(val_ds, predict(model, val_ds))
-    history.append({"step": step, "val_map50": m["map50"], "val_map50_95": m["map50_95"],
-                    **parts})
-    if m["map50"] >= best:  # ties: the later, longer-trained weights
-        best = m["map50"]
-        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return best, best_state
+    row = {"step": state["step"], "val_map50": m["map50"], "val_map50_95": m["map50_95"],
+           **parts}
+    state["history"].append(row)
+    if tracker is not None:
+        tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step=state["step"])
+    say(f"step {state['step']}: validation mAP@0.5 {m['map50']:.3f}, mAP@0.5:0.95 "
+        f"{m['map50_95']:.3f}")
+    if m["map50"] >= state["best"]:  # ties: the later, longer-trained weights
+        state["best"] = m["map50"]
+        state["best_state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
