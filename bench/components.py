@@ -154,7 +154,7 @@ def main() -> None:
                                 log_path=work / "agent.log").start().wait(timeout_s=600)
             if code != 0:
                 sys.exit(f"the agent exited {code}; see {work / 'agent.log'}")
-            rec = StateDir(state).load_record()
+            rec = StateDir(state).load_record().components["hello"]  # the app's own record
             return {"state": rec.state.value, "download": rec.last_download,
                     "health": rec.last_health}, t0
 

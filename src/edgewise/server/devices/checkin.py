@@ -48,7 +48,7 @@ from .._db import utcnow
 from ..groups.models import Group, GroupMember
 from ..releases.models import Release, ReleaseVariant
 from ..rollouts.models import Rollout, RolloutDevice
-from .models import Device, DeviceNonce
+from .models import Device, DeviceComponent, DeviceNonce
 from .service import LAST_SEEN_RESOLUTION
 
 __all__ = ["Checkin", "check_in"]
@@ -68,17 +68,46 @@ _rollout = (
 _any_group_window = exists().where(Group.window.is_not(None),
                                    cast(Group.window, String) != "null").label("group_windows")
 
+# Whether the device has components besides its model (most fleets: none, and then the
+# check-in does not ask for them).
+_has_components = exists().where(DeviceComponent.device_id == Device.id,
+                                 DeviceComponent.assigned_release_id.is_not(None)
+                                 ).correlate(Device).label("has_components")
+
 _POLL = (
     select(Device.public_key, Device.revoked_at, Device.hardware, Device.timezone,
            Device.window, Device.tags, Device.last_seen_at,
            Release.id, Release.name, Release.version, Release.manifest_target,
            ReleaseVariant.version, ReleaseVariant.manifest_target, _rollout,
-           _any_group_window)
+           _any_group_window, _has_components)
     .select_from(Device)
     .outerjoin(Release, Release.id == Device.assigned_release_id)
     .outerjoin(ReleaseVariant, and_(ReleaseVariant.release_id == Release.id,
                                     ReleaseVariant.hardware == Device.hardware))
     .where(Device.id == bindparam("device_id"))
+)
+
+_component_rollout = (
+    select(Rollout.id)
+    .join(RolloutDevice, RolloutDevice.rollout_id == Rollout.id)
+    .where(RolloutDevice.device_id == DeviceComponent.device_id,
+           Rollout.release_id == Release.id)
+    .order_by(Rollout.created_at.desc())
+    .limit(1)
+    .correlate(DeviceComponent, Release)
+    .scalar_subquery()
+)
+
+_COMPONENTS = (
+    select(DeviceComponent.component, Release.id, Release.name, Release.version,
+           Release.manifest_target, ReleaseVariant.version, ReleaseVariant.manifest_target,
+           _component_rollout)
+    .select_from(DeviceComponent)
+    .join(Release, Release.id == DeviceComponent.assigned_release_id)
+    .outerjoin(ReleaseVariant, and_(ReleaseVariant.release_id == Release.id,
+                                    ReleaseVariant.hardware == bindparam("hardware")))
+    .where(DeviceComponent.device_id == bindparam("device_id"))
+    .order_by(DeviceComponent.component)
 )
 
 _SEEN = (update(Device).where(Device.id == bindparam("device_id"))
@@ -159,16 +188,29 @@ def _check_in(engine: Engine, signed: SignedRequest, target: str, shared_nonces:
 def _answer(conn: Connection, device_id: str, row: Any) -> dict[str, Any]:
     timezone = row.timezone or "UTC"
     release_id = row[7]
+    window = None
+    if release_id is not None or row.has_components:
+        window = row.window or (_group_window(conn, device_id, row.tags or [])
+                                if row.group_windows else None)
     if release_id is None:
-        return {"release_id": None, "name": None, "version": None, "manifest_target": None,
-                "window": None, "timezone": timezone, "rollout_id": None}
-    variant = row[11] is not None and bool(row.hardware)
-    return {"release_id": release_id, "name": row[8],
-            "version": row[11] if variant else row[9],
-            "manifest_target": row[12] if variant else row[10],
-            "window": row.window or (_group_window(conn, device_id, row.tags or [])
-                                     if row.group_windows else None),
-            "timezone": timezone, "rollout_id": row[13]}
+        answer = {"release_id": None, "name": None, "version": None, "manifest_target": None,
+                  "window": None, "timezone": timezone, "rollout_id": None}
+    else:
+        variant = row[11] is not None and bool(row.hardware)
+        answer = {"release_id": release_id, "name": row[8],
+                  "version": row[11] if variant else row[9],
+                  "manifest_target": row[12] if variant else row[10],
+                  "window": window, "timezone": timezone, "rollout_id": row[13]}
+    if row.has_components:
+        # Only then: the answer of a model-only device stays what older agents read.
+        answer["components"] = [
+            {"component": c[0], "release_id": c[1], "name": c[2],
+             "version": c[5] if c[5] is not None and row.hardware else c[3],
+             "manifest_target": c[6] if c[5] is not None and row.hardware else c[4],
+             "window": window, "timezone": timezone, "rollout_id": c[7]}
+            for c in conn.execute(_COMPONENTS, {"device_id": device_id,
+                                                "hardware": row.hardware})]
+    return answer
 
 
 def _group_window(conn: Connection, device_id: str, tags: list[str]) -> dict[str, Any] | None:
