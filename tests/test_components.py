@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import subprocess
 import threading
 from pathlib import Path
@@ -125,10 +126,12 @@ def test_a_model_and_an_app_update_independently_and_dependencies_hold(
         assert rows == [{"component": "hello", "assigned_release_id": hello1["id"],
                          "release_id": hello1["id"], "state": "committed"}]
 
-        # The app only: the model answers every request while the app is replaced.
+        # The app only, with a power cut right after its new container started: the model
+        # answers every request while the app is replaced, and the restarted agent finishes.
         model = LocalModel(state)
         with _Watch(lambda: model.predict(image)[1]["release_id"]) as served:
             live_server.publish(_hello(tmp_path, binary, "2.0.0", port, storage))
+            assert run_once(state, tmp_path, fault="activating:after") == -signal.SIGKILL
             assert run_once(state, tmp_path) == 0
         assert served.errors == [] and set(served.answers) == {tiny1["id"]}, served.errors[:3]
         assert len(served.answers) > 5
@@ -143,6 +146,7 @@ def test_a_model_and_an_app_update_independently_and_dependencies_hold(
             tiny2 = live_server.publish(tiny_bundle("2.0.0"))
             assert run_once(state, tmp_path) == 0
         assert app_up.errors == [] and set(app_up.answers) == {"v2\n"}, app_up.errors[:3]
+        assert len(app_up.answers) > 5
         assert _container_id(state, "edgewise-hello") == running
         status = agent_status(state)
         assert status["release"] == "tiny@2.0.0"
@@ -199,3 +203,69 @@ def test_a_model_and_an_app_update_independently_and_dependencies_hold(
     finally:
         reset_store(state / "containers")
         reset_store(storage)
+
+
+def test_a_rollout_moves_one_component_and_the_check_in_answers_each(
+        tmp_path: Path, keys) -> None:
+    """Server side, no containers: an app's rollout assigns the app component of the group's
+    devices and leaves their model alone; the check-in lists the app beside the model only
+    for devices that have one; one rollout in progress per group and component; an abort
+    puts the app component back."""
+    from fastapi.testclient import TestClient
+
+    from edgewise.server._errors import Conflict
+    from edgewise.server.app import ServerConfig, create_app
+    from edgewise.server.devices import service as devices
+    from edgewise.server.devices.models import Device
+    from edgewise.server.groups.models import Group, GroupMember
+    from edgewise.server.releases.models import Release
+    from edgewise.server.rollouts import service as rollouts
+    from edgewise.server.rollouts.engine import Stage
+    from tests.conftest import ADMIN
+    from tests.test_checkin import check_in, enroll
+
+    with TestClient(create_app(ServerConfig(
+            data_dir=tmp_path / "srv", root_path=keys.root_json,
+            online_key_path=keys.online_key, admin_token=ADMIN))) as api:
+        in_group, model_only = enroll(api), enroll(api)
+        with api.app.state.ctx.sessions() as session:
+            for rid, name, version, kind in (("rel-m1", "tiny", "1.0.0", "classifier"),
+                                             ("rel-m2", "tiny", "2.0.0", "classifier"),
+                                             ("rel-a1", "hello", "1.0.0", "app"),
+                                             ("rel-a2", "hello", "2.0.0", "app")):
+                session.add(Release(id=rid, name=name, version=version,
+                                    manifest_target=f"{name}/{version}/edgewise.json",
+                                    targets_version=1, size_bytes=1, manifest={"kind": kind}))
+            session.add(Group(name="lab", kind="static", selector=[], window=None))
+            session.flush()
+            session.add(GroupMember(group_name="lab", device_id=in_group[0]))
+            for device_id, _key in (in_group, model_only):
+                device = session.get(Device, device_id)
+                device.assigned_release_id = device.release_id = "rel-m1"
+            session.commit()
+            app_rollout = rollouts.create_rollout(session, release_id="rel-a1",
+                                                  group_name="lab", stages=[Stage("all", 100)])
+            rollouts.tick(session, app_rollout)
+            with pytest.raises(Conflict, match="of its hello component in progress"):
+                rollouts.create_rollout(session, release_id="rel-a2", group_name="lab",
+                                        stages=[Stage("all", 100)])
+            # The model's rollout in the same group is another component's: allowed.
+            model_rollout = rollouts.create_rollout(session, release_id="rel-m2",
+                                                    group_name="lab",
+                                                    stages=[Stage("all", 100)])
+            rollouts.tick(session, model_rollout)
+            app_rollout_id = app_rollout.id
+
+        answer = check_in(api, *in_group)
+        assert (answer["release_id"], answer["version"]) == ("rel-m2", "2.0.0")
+        assert [(c["component"], c["release_id"], c["rollout_id"])
+                for c in answer["components"]] == [("hello", "rel-a1", app_rollout_id)]
+        assert "components" not in check_in(api, *model_only)  # unchanged for older agents
+
+        with api.app.state.ctx.sessions() as session:
+            rollouts.operator_action(session, rollout_id=app_rollout_id, action="abort",
+                                     actor="test")
+            device = session.get(Device, in_group[0])
+            assert devices.assigned_release(session, device=device, component="hello") is None
+            assert device.assigned_release_id == "rel-m2"  # the model's rollout is untouched
+        assert "components" not in check_in(api, *in_group)  # no app assigned any more

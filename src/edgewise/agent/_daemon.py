@@ -143,7 +143,7 @@ class Agent:
         self.record = self.paths.load_record()
         self._component_slots: dict[str, SlotStore] = {}
         # One assignment request per cycle answers every component (`run_cycle`).
-        self._cycle_wanted: dict[str, ReleaseRef] | None = None
+        self._cycle_wanted: dict[str, ReleaseRef] | AgentTransportError | None = None
         # The component runtime seam, one backend per kind (`_runtime`).
         self.models = ModelRuntime(ram_limit_mb=config.ram_limit_mb)
         self.containers = ContainerRuntime(self.paths.root / "containers")
@@ -224,10 +224,10 @@ class Agent:
         try:
             self._cycle_wanted = self.client.assignments()
         except AgentTransportError as exc:
-            log.warning("cannot read the assignment: %s", exc)
-            self._cycle_wanted = None  # each component's check records the error
+            self._cycle_wanted = exc  # each component's check records it, none asks again
         try:
-            for component in sorted(set(self._cycle_wanted or {}) - {MODEL_COMPONENT}):
+            wanted = self._cycle_wanted if isinstance(self._cycle_wanted, dict) else {}
+            for component in sorted(set(wanted) - {MODEL_COMPONENT}):
                 if component not in self.record.components:
                     self.record.components[component] = AgentRecord(component=component)
             # A component whose dependency another one's update just met goes again.
@@ -410,6 +410,8 @@ class Agent:
 
     def _wanted(self) -> dict[str, ReleaseRef]:
         """Component -> assigned release: this cycle's answer, else a fresh one."""
+        if isinstance(self._cycle_wanted, AgentTransportError):
+            raise self._cycle_wanted
         if self._cycle_wanted is not None:
             return self._cycle_wanted
         return self.client.assignments()
