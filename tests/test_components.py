@@ -261,6 +261,10 @@ def test_a_rollout_moves_one_component_and_the_check_in_answers_each(
         assert [(c["component"], c["release_id"], c["rollout_id"])
                 for c in answer["components"]] == [("hello", "rel-a1", app_rollout_id)]
         assert "components" not in check_in(api, *model_only)  # unchanged for older agents
+        api.cookies.set("edgewise_token", ADMIN)  # the dashboard's session cookie
+        page = api.get(f"/dashboard/devices/{in_group[0]}")
+        assert page.status_code == 200
+        assert 'data-testid="component-hello"' in page.text and "hello@1.0.0</a>" in page.text
 
         with api.app.state.ctx.sessions() as session:
             rollouts.operator_action(session, rollout_id=app_rollout_id, action="abort",
