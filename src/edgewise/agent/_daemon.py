@@ -5,8 +5,8 @@ runs, and each handler is idempotent, so a power cut anywhere leaves the device 
 or its new release, and a restarted agent resumes from `resume_state(saved)`.
 
 A device runs a set of components (`artifacts.component_of`): the model the agent serves and
-each container app. Every component has its own record (`AgentRecord.lanes`), A/B slots, and
-pass through the one state machine; a cycle carries each component's update to a rest state
+each container app. Every component has its own record (`AgentRecord.lanes`) and A/B slots,
+and goes through the one state machine; a cycle carries each component's update to a rest state
 in turn, so updating one never stops another. A release's `depends` are checked against the
 other components' committed releases before anything is downloaded (`DependencyUnmet`).
 """
@@ -230,14 +230,14 @@ class Agent:
             for component in sorted(set(wanted) - {MODEL_COMPONENT}):
                 if component not in self.record.components:
                     self.record.components[component] = AgentRecord(component=component)
-            # A component whose dependency another one's update just met goes again.
-            for _pass in range(2):
-                committed = self._committed_versions()
+            committed = self._committed_versions()
+            for lane in self.record.lanes():
+                self._run_lane(lane, max_steps)
+            if self._committed_versions() != committed:
+                # A component whose dependencies another one's update just met goes again.
                 for lane in self.record.lanes():
-                    self._run_lane(lane, max_steps)
-                if not any(lane.blocked for lane in self.record.lanes()) or \
-                        self._committed_versions() == committed:
-                    break
+                    if lane.blocked and lane.state in REST_STATES:
+                        self._run_lane(lane, max_steps)
         finally:
             self._cycle_wanted = None
         return self.record.state
