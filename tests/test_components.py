@@ -140,10 +140,12 @@ def test_a_model_and_an_app_update_independently_and_dependencies_hold(
         assert status["components"]["hello"]["release"] == "hello@2.0.0"
         assert httpx.get(f"http://127.0.0.1:{port}/", timeout=5).text == "v2\n"
 
-        # The model only: the app's container is not restarted and answers all along.
+        # The model only, with a power cut in its health check: the app's container is not
+        # restarted (not even by the restarted agent) and answers all along.
         running = _container_id(state, "edgewise-hello")
         with _Watch(lambda: httpx.get(f"http://127.0.0.1:{port}/", timeout=2).text) as app_up:
             tiny2 = live_server.publish(tiny_bundle("2.0.0"))
+            assert run_once(state, tmp_path, fault="health-checking:before") == -signal.SIGKILL
             assert run_once(state, tmp_path) == 0
         assert app_up.errors == [] and set(app_up.answers) == {"v2\n"}, app_up.errors[:3]
         assert len(app_up.answers) > 5
