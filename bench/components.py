@@ -11,6 +11,11 @@ Prints JSON lines:
         v3 answers /health with 500: from its container starting to the agent's verdict
         (the manifest's health check: probes every interval_s, retries), and from the verdict
         to v2 answering again
+  {"bench": "component-overhead", "cycle_ms", "start_ms", "state_json_bytes", ...}
+        the agent with the app alone, then with a model beside it (two components): the
+        median check cycle with nothing to update (one HTTPS check-in answers every
+        component), the agent's start (it checks that every committed app runs), and the
+        size of its state file
 
 The image: FROM scratch, a base layer (busybox-static if installed, plus --filler-mb of
 incompressible bytes standing in for a language runtime: a Debian python3-minimal base is
@@ -26,6 +31,7 @@ import json
 import os
 import secrets
 import shutil
+import statistics
 import sys
 import tempfile
 import threading
@@ -38,8 +44,9 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests._apps import app_section, reset_store, server_binary  # noqa: E402
+from tests.conftest import make_tiny_bundle  # noqa: E402
 
-from edgewise.agent import StateDir, enroll  # noqa: E402
+from edgewise.agent import Agent, AgentConfig, StateDir, enroll  # noqa: E402
 from edgewise.artifacts import build_app  # noqa: E402
 from edgewise.server.client import OperatorClient, publish_bundle  # noqa: E402
 from edgewise.sim import AgentProcess, ServerProcess, free_port  # noqa: E402
@@ -154,7 +161,7 @@ def main() -> None:
                                 log_path=work / "agent.log").start().wait(timeout_s=600)
             if code != 0:
                 sys.exit(f"the agent exited {code}; see {work / 'agent.log'}")
-            rec = StateDir(state).load_record()
+            rec = StateDir(state).load_record().components["bench-app"]  # the app's record
             return {"state": rec.state.value, "download": rec.last_download,
                     "health": rec.last_health}, t0
 
@@ -181,6 +188,36 @@ def main() -> None:
               "recover_s": round(healthy - verdict, 3) if healthy else None,
               "health_check": {k: health[k] for k in ("timeout_s", "interval_s", "retries")},
               "update_to_v2_again_s": round(healthy - t_start, 3) if healthy else None})
+
+        def overhead(cycles: int = 20) -> dict:
+            t0 = time.perf_counter()
+            agent = Agent(AgentConfig(state_dir=state))
+            try:
+                agent.run_cycle()  # the first also checks that each committed app runs
+                start_ms = (time.perf_counter() - t0) * 1000
+                times = []
+                for _ in range(cycles):
+                    t1 = time.perf_counter()
+                    agent.run_cycle()
+                    times.append((time.perf_counter() - t1) * 1000)
+            finally:
+                agent.close()
+            return {"cycle_ms": round(statistics.median(times), 2),
+                    "start_ms": round(start_ms, 1),
+                    "state_json_bytes": (state / "state.json").stat().st_size}
+
+        one = overhead()
+        model = publish_bundle(client, make_tiny_bundle(work / "tiny-1"), root_path=keys.root_json,
+                               targets_key_path=keys.targets_key)
+        client.assign(model["id"])
+        if AgentProcess(state_dir=state, once=True, log_path=work / "agent.log").start().wait(
+                timeout_s=600) != 0:
+            sys.exit(f"the agent exited with an error; see {work / 'agent.log'}")
+        rec = StateDir(state).load_record()
+        two = overhead()
+        emit({"bench": "component-overhead", "one_component": one, "two_components": two,
+              "per_component_cycle_ms": round(two["cycle_ms"] - one["cycle_ms"], 2),
+              "committed": [r.installed.label for r in rec.lanes() if r.installed]})
     finally:
         poller.stop.set()
         server.stop()

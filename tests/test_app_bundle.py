@@ -115,11 +115,11 @@ def test_a_device_without_a_container_engine_refuses_an_app_before_fetching_it(
     state = enroll_agent("no-engine")
     live_server.publish(make_app(tmp_path))
     assert run_once(state, tmp_path) == 0
-    status = agent_status(state)
-    assert status["state"] == "failed" and status["release"] is None
-    assert "is a container app, and this device cannot run it" in status["last_error"]
+    app = agent_status(state)["components"]["hello"]  # an app is a component of its own
+    assert app["state"] == "failed" and app["release"] is None
+    assert "is a container app, and this device cannot run it" in app["last_error"]
     assert not (state / "containers" / "storage").exists()
-    assert not (state / "slots" / "a").exists()
+    assert not (state / "slots" / "components" / "hello" / "a").exists()
     # Refused for good: the next check does not try again.
     assert run_once(state, tmp_path) == 0
     assert agent_status(state)["history"][-1]["state"] == "failed"

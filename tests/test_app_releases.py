@@ -37,6 +37,12 @@ def get(port: int, path: str = "/") -> httpx.Response:
     return httpx.get(f"http://127.0.0.1:{port}{path}", timeout=5)
 
 
+def app_status(state: Path) -> dict:
+    """The app's component in the agent's status (a device's apps are components of their
+    own, beside its model)."""
+    return agent_status(state)["components"]["hello"]
+
+
 def download_stats(live_server, state: Path, release_id: str) -> dict:
     device = server_device(live_server, state)
     with live_server.client() as c:
@@ -68,7 +74,7 @@ def test_app_release_runs_ships_one_layer_and_rolls_back(
         v1 = live_server.publish(tmp_path / "hello-1")
         assert run_once(state, tmp_path) == 0
         engine = ContainerEngine.detect(state / "containers")
-        status = agent_status(state)
+        status = app_status(state)
         assert (status["state"], status["release"]) == ("committed", "hello@1.0.0"), status
         health = status["last_health"]
         assert health["passed"] and health["engine"] == "podman" and health["probes"] >= 1
@@ -87,7 +93,7 @@ def test_app_release_runs_ships_one_layer_and_rolls_back(
         assert any(v1_files[rel].size > 300_000 for rel in shared)  # the server layer
         v2 = live_server.publish(v2_dir)
         assert run_once(state, tmp_path) == 0
-        status = agent_status(state)
+        status = app_status(state)
         assert (status["state"], status["release"]) == ("committed", "hello@2.0.0"), status
         assert get(port).text == "v2\n"
         stats = download_stats(live_server, state, v2["id"])
@@ -100,14 +106,17 @@ def test_app_release_runs_ships_one_layer_and_rolls_back(
         v3_dir, _ = build_hello(tmp_path, binary, "3.0.0", "broken v3", port, storage)
         v3 = live_server.publish(v3_dir)
         assert run_once(state, tmp_path) == 0
-        status = agent_status(state)
+        status = app_status(state)
         assert (status["state"], status["release"]) == ("rolled-back", "hello@2.0.0"), status
         assert "answered 500" in status["last_error"]
         assert get(port).text == "v2\n" and get(port, "/health").status_code == 200
         assert engine.status("edgewise-hello") == ("running", "localhost/edgewise/hello:2.0.0")
         device = server_device(live_server, state)
-        assert device["state"] == "rolled-back" and device["release_id"] == v2["id"]
+        assert device["release_id"] is None  # the device runs no model
         with live_server.client() as c:
+            assert c.device_components(device["id"]) == [{
+                "component": "hello", "assigned_release_id": v3["id"],
+                "release_id": v2["id"], "state": "rolled-back"}]
             kinds = [e["kind"] for e in c.events(device_id=device["id"])
                      if e["release_id"] == v3["id"] and e["state"]]
         assert kinds[-2:] == ["unhealthy", "rolled-back"]
@@ -202,7 +211,7 @@ def test_power_cuts_during_app_updates_end_on_a_running_version(
             live_server.publish(bundle)
             assert run_once(state, tmp_path, fault=fault) == -signal.SIGKILL, fault
             assert run_once(state, tmp_path) == 0
-            status = agent_status(state)
+            status = app_status(state)
             release = "hello@" + (version if end_state == "committed" else answer[1] + ".0.0")
             assert (status["state"], status["release"]) == (end_state, release), (fault, status)
             if "broken" in text:

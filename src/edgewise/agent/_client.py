@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from ..artifacts import MODEL_COMPONENT
 from ..trust._device_auth import DeviceAuth
 from ._errors import AgentConfigError, AgentTransportError
 from ._store import ReleaseRef
@@ -66,13 +67,22 @@ class ServerClient:
         return r
 
     def assignment(self) -> ReleaseRef | None:
+        """The model component's assignment (what older servers send alone)."""
+        return self.assignments().get(MODEL_COMPONENT)
+
+    def assignments(self) -> dict[str, ReleaseRef]:
+        """Component -> the release the server wants this device to run there."""
         body = self._request("GET", "/api/v1/device/assignment").json()
-        if not body.get("release_id"):
-            return None
-        return ReleaseRef(release_id=body["release_id"], name=body["name"],
-                          version=body["version"], manifest_target=body["manifest_target"],
-                          window=body.get("window"), timezone=body.get("timezone") or "UTC",
-                          rollout_id=body.get("rollout_id"))
+        wanted = {}
+        for item in [body, *(body.get("components") or [])]:
+            if item.get("release_id"):
+                ref = ReleaseRef(
+                    release_id=item["release_id"], name=item["name"], version=item["version"],
+                    manifest_target=item["manifest_target"], window=item.get("window"),
+                    timezone=item.get("timezone") or "UTC", rollout_id=item.get("rollout_id"),
+                    component=item.get("component") or MODEL_COMPONENT)
+                wanted[ref.component] = ref
+        return wanted
 
     def feedback(self, item: dict[str, Any]) -> None:
         self._request("POST", "/api/v1/device/feedback", json=item)

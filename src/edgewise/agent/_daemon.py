@@ -3,6 +3,12 @@
 Invariant: the record (state + data) is persisted atomically *before* the handler of a state
 runs, and each handler is idempotent, so a power cut anywhere leaves the device on its old
 or its new release, and a restarted agent resumes from `resume_state(saved)`.
+
+A device runs a set of components (`artifacts.component_of`): the model the agent serves and
+each container app. Every component has its own record (`AgentRecord.lanes`) and A/B slots,
+and goes through the one state machine; a cycle carries each component's update to a rest state
+in turn, so updating one never stops another. A release's `depends` are checked against the
+other components' committed releases before anything is downloaded (`DependencyUnmet`).
 """
 
 from __future__ import annotations
@@ -21,14 +27,17 @@ from typing import TYPE_CHECKING, Literal
 
 from ..artifacts import (
     MANIFEST_NAME,
+    MODEL_COMPONENT,
     AppManifest,
     BundleError,
     LlmAdapterManifest,
     LlmManifest,
     Manifest,
+    component_of,
     file_sha256,
     parse_manifest,
     read_manifest,
+    unmet_dependencies,
     validate_bundle,
 )
 from ..artifacts.delta import READABLE_VERSIONS, DeltaError, apply_delta
@@ -49,6 +58,7 @@ from ._containers import ContainerError, ContainerRuntime
 from ._errors import (
     AgentConfigError,
     AgentTransportError,
+    DependencyUnmet,
     HealthCheckFailed,
     InsufficientDisk,
     UpdateRejected,
@@ -65,7 +75,7 @@ from ._machine import (
 )
 from ._runtime import ComponentRuntime, ModelRuntime
 from ._slots import SlotStore
-from ._store import AgentRecord, StateDir, now_iso
+from ._store import AgentRecord, ReleaseRef, StateDir, now_iso
 from ._userinput import deferred_until, flush_feedback
 
 if TYPE_CHECKING:
@@ -131,6 +141,9 @@ class Agent:
                                    verify=self.paths.tls_verify(self.identity),
                                    transport=config.transport)
         self.record = self.paths.load_record()
+        self._component_slots: dict[str, SlotStore] = {}
+        # One assignment request per cycle answers every component (`run_cycle`).
+        self._cycle_wanted: dict[str, ReleaseRef] | AgentTransportError | None = None
         # The component runtime seam, one backend per kind (`_runtime`).
         self.models = ModelRuntime(ram_limit_mb=config.ram_limit_mb)
         self.containers = ContainerRuntime(self.paths.root / "containers")
@@ -146,26 +159,42 @@ class Agent:
             State.HEALTH_CHECKING: self._health_check,
             State.ROLLING_BACK: self._roll_back,
         }
-        saved = self.record.state
-        if saved not in REST_STATES | WAITING_STATES:
-            # We died in the middle of an update: count the re-entry (loop detection).
-            resumed = resume_state(saved)
-            log.warning("resuming after interruption in state %s -> %s", saved, resumed)
-            self.record.state = resumed
-            self.record.entries[resumed] = self.record.entries.get(resumed, 0) + 1
-            self._remember(resumed, "resumed", f"resumed after interruption in {saved}")
-            self.paths.save_record(self.record)
-            self._flush_reports()
+        for lane in self.record.lanes():
+            saved = lane.state
+            if saved not in REST_STATES | WAITING_STATES:
+                # We died in the middle of an update: count the re-entry (loop detection).
+                resumed = resume_state(saved)
+                log.warning("resuming %s after interruption in state %s -> %s",
+                            lane.component, saved, resumed)
+                lane.state = resumed
+                lane.entries[resumed] = lane.entries.get(resumed, 0) + 1
+                self._remember(lane, resumed, "resumed",
+                               f"resumed after interruption in {saved}")
+                self.paths.save_record(self.record)
+                self._flush_reports()
 
     def close(self) -> None:
         self.client.close()
 
     # ---- driver -----------------------------------------------------------------------
 
-    def step(self) -> tuple[State, Event, State]:
-        """Run the handler of the current state once and apply the transition."""
+    def slots_of(self, rec: AgentRecord) -> SlotStore:
+        """The A/B slots of a component: the model's are `slots/` (the local API serves
+        from there), each app's `slots/components/NAME/`."""
+        if rec is self.record:
+            return self.slots
+        store = self._component_slots.get(rec.component)
+        if store is None:
+            store = (self.config.slot_store or SlotStore)(
+                self.paths.slots_dir / "components" / rec.component)
+            self._component_slots[rec.component] = store
+        return store
+
+    def step(self, lane: AgentRecord | None = None) -> tuple[State, Event, State]:
+        """Run the handler of a component's current state once (the model's unless `lane`
+        is given) and apply the transition."""
         with self._lock:
-            rec = self.record
+            rec = lane if lane is not None else self.record
             state = rec.state
             if (state not in REST_STATES | WAITING_STATES and state is not State.ROLLING_BACK
                     and rec.entries.get(state, 0) > MAX_STATE_ENTRIES):
@@ -178,11 +207,12 @@ class Agent:
             nxt = next_state(state, event)
             # Self-loops of rest and waiting states are polls; others are retries to record.
             if nxt != state or state not in REST_STATES | WAITING_STATES:
-                self._transition(state, event, nxt)
+                self._transition(rec, state, event, nxt)
             return state, event, nxt
 
     def run_cycle(self, *, max_steps: int = 64) -> State:
-        """Check once; if there is an update, carry it through to a rest state."""
+        """Check once; for every component with an update, carry it through to a rest
+        state, one component after the other. Returns the model component's state."""
         if not self._app_checked:
             self._app_checked = True
             self._ensure_app_running()
@@ -191,11 +221,32 @@ class Agent:
                     min_interval_s=self.config.drift_report_interval_s)
         if self.record.outbox:  # reports a dropped connection held back: retry every cycle
             self._flush_reports()
-        for _ in range(max_steps):
-            before, _event, after = self.step()
-            if after in REST_STATES or after == before:
-                return after
+        try:
+            self._cycle_wanted = self.client.assignments()
+        except AgentTransportError as exc:
+            self._cycle_wanted = exc  # each component's check records it, none asks again
+        try:
+            wanted = self._cycle_wanted if isinstance(self._cycle_wanted, dict) else {}
+            for component in sorted(set(wanted) - {MODEL_COMPONENT}):
+                if component not in self.record.components:
+                    self.record.components[component] = AgentRecord(component=component)
+            committed = self._committed_versions()
+            for lane in self.record.lanes():
+                self._run_lane(lane, max_steps)
+            if self._committed_versions() != committed:
+                # A component whose dependencies another one's update just met goes again.
+                for lane in self.record.lanes():
+                    if lane.blocked and lane.state in REST_STATES:
+                        self._run_lane(lane, max_steps)
+        finally:
+            self._cycle_wanted = None
         return self.record.state
+
+    def _run_lane(self, lane: AgentRecord, max_steps: int) -> None:
+        for _ in range(max_steps):
+            before, _event, after = self.step(lane)
+            if after in REST_STATES or after == before:
+                return
 
     def run_forever(self, stop: threading.Event, wake: threading.Event | None = None) -> None:
         """Check, then sleep until the poll interval passes, `wake` is set (an MQTT push)
@@ -212,78 +263,118 @@ class Agent:
             wake.wait(self.config.poll_interval_s)
 
     def _ensure_app_running(self) -> None:
-        """At start: the committed app runs (after a reboot, or after its restart policy gave
-        up), unless an update is in flight (its handler decides what runs)."""
-        rec = self.record
-        if rec.state not in REST_STATES or rec.installed_slot is None:
-            return
-        manifest = self._slot_manifest(rec.installed_slot)
-        if not isinstance(manifest, AppManifest):
-            return
-        try:
-            if self.containers.ensure_running(self.slots.path(rec.installed_slot), manifest):
-                log.warning("started %s: its container was not running", manifest.release_name)
-        except ContainerError as exc:
-            log.error("cannot start the committed app %s: %s", manifest.release_name, exc)
+        """At start: every committed app runs (after a reboot, or after its restart policy
+        gave up), unless its update is in flight (its handler decides what runs)."""
+        for rec in self.record.lanes():
+            if rec.state not in REST_STATES or rec.installed_slot is None:
+                continue
+            manifest = self._slot_manifest(rec, rec.installed_slot)
+            if not isinstance(manifest, AppManifest):
+                continue
+            try:
+                if self.containers.ensure_running(self.slots_of(rec).path(rec.installed_slot),
+                                                  manifest):
+                    log.warning("started %s: its container was not running",
+                                manifest.release_name)
+            except ContainerError as exc:
+                log.error("cannot start the committed app %s: %s", manifest.release_name, exc)
 
-    def _slot_manifest(self, slot: str | None) -> Manifest | None:
+    def _slot_manifest(self, rec: AgentRecord, slot: str | None) -> Manifest | None:
         if slot is None:
             return None
         try:
-            return read_manifest(self.slots.path(slot))
+            return read_manifest(self.slots_of(rec).path(slot))
         except (BundleError, OSError):
             return None
+
+    def _committed_versions(self, *, besides: AgentRecord | None = None) -> dict[str, str]:
+        """Release name -> version of every component's committed release (but `besides`)."""
+        return {lane.installed.name: lane.installed.version for lane in self.record.lanes()
+                if lane.installed is not None and lane is not besides}
+
+    def _check_dependencies(self, rec: AgentRecord, manifest: Manifest) -> None:
+        """`DependencyUnmet` unless the other components' committed releases satisfy the
+        release's `depends`, and replacing this component's release breaks no committed
+        component's `depends`."""
+        others = self._committed_versions(besides=rec)
+        unmet = unmet_dependencies(manifest.depends, others)
+        if unmet:
+            raise DependencyUnmet(
+                f"{manifest.release_name} needs {'; '.join(unmet)}: nothing was installed; "
+                "it installs once the device runs what it needs")
+        now = self._committed_versions()
+        after = {**others, manifest.name: manifest.version}
+        for lane in self.record.lanes():
+            committed = (self._slot_manifest(lane, lane.installed_slot)
+                         if lane is not rec else None)
+            if committed is None or not committed.depends:
+                continue
+            broken = unmet_dependencies(committed.depends, after)
+            if broken and not unmet_dependencies(committed.depends, now):
+                raise DependencyUnmet(
+                    f"{manifest.release_name} would break {committed.release_name}, which "
+                    f"needs {'; '.join(broken)}: nothing was installed; update "
+                    f"{committed.name} first")
 
     def _runtime(self, manifest: Manifest) -> ComponentRuntime:
         return self.containers if isinstance(manifest, AppManifest) else self.models
 
-    def _transition(self, state: State, event: Event, nxt: State) -> None:
-        rec = self.record
+    def _transition(self, rec: AgentRecord, state: State, event: Event, nxt: State) -> None:
         target = rec.target
         rec.state = nxt
         rec.entries[nxt] = rec.entries.get(nxt, 0) + 1
         message = rec.last_error if event in (Event.ERROR, Event.UNHEALTHY) else ""
         extra = None
-        if nxt is State.FAILED and target is not None:
+        waiting = target is not None and target.release_id in rec.blocked
+        if nxt is State.FAILED and waiting:
+            # Not an attempt: it waits for the device's other components to change.
+            extra = {"waiting_for_dependencies": True, "will_retry": True}
+        elif nxt is State.FAILED and target is not None:
             # Tell the server whether this failure is final: a dropped connection is retried
             # at the next check, and a rollout should wait for it, not count it as failed.
             attempt = rec.attempts.get(target.release_id, 0) + 1
             limit = self.config.max_attempts_per_release
             extra = {"attempt": attempt, "max_attempts": limit, "will_retry": attempt < limit}
-        self._remember(nxt, event.value, message, target_id=target.release_id if target else None,
-                       extra=extra)
+        self._remember(rec, nxt, event.value, message,
+                       target_id=target.release_id if target else None, extra=extra)
         if nxt in REST_STATES:
-            if nxt is State.FAILED and target is not None:
+            if nxt is State.FAILED and target is not None and not waiting:
                 rec.attempts[target.release_id] = rec.attempts.get(target.release_id, 0) + 1
             rec.target = None
             rec.target_seen_at = None
             rec.pending_slot = None
             rec.entries = {}
-            shutil.rmtree(self.paths.downloads_dir, ignore_errors=True)
+            # Downloads of other components' updates in flight (awaiting a window) stay.
+            keep = {lane.target.release_id for lane in self.record.lanes()
+                    if lane.target is not None}
+            if self.paths.downloads_dir.is_dir():
+                for stale in self.paths.downloads_dir.iterdir():
+                    if stale.name not in keep:
+                        shutil.rmtree(stale, ignore_errors=True)
             self.paths.defer_path.unlink(missing_ok=True)
-        self.paths.save_record(rec)  # persist before the next handler acts
-        log.info("%s --%s--> %s", state, event, nxt)
+        self.paths.save_record(self.record)  # persist before the next handler acts
+        log.info("%s: %s --%s--> %s", rec.component, state, event, nxt)
         self._flush_reports()
 
-    def _remember(self, state: State, event: str, message: str,
+    def _remember(self, rec: AgentRecord, state: State, event: str, message: str,
                   target_id: str | None = None, extra: dict | None = None) -> None:
-        rec = self.record
         if target_id is None and rec.target is not None:
             target_id = rec.target.release_id
         entry = {
             "ts": now_iso(), "state": state.value, "event": event, "message": message,
             "release_id": rec.installed.release_id if rec.installed else None,
-            "target_release_id": target_id,
+            "target_release_id": target_id, "component": rec.component,
         }
-        rec.history.append(entry)
+        self.record.history.append(entry)
         detail = ({"health": rec.last_health}
                   if rec.last_health and event in ("healthy", "unhealthy", "rolled-back") else {})
         if event == "downloaded" and rec.last_download:
             detail = {"download": rec.last_download}
         if extra:
             detail = {**detail, **extra}
-        rec.outbox.append({**{k: entry[k] for k in ("state", "event", "message", "release_id",
-                                                    "target_release_id")}, "detail": detail})
+        self.record.outbox.append({**{k: entry[k] for k in (
+            "state", "event", "message", "release_id", "target_release_id", "component")},
+            "detail": detail})
 
     def _flush_reports(self) -> None:
         rec = self.record
@@ -317,9 +408,17 @@ class Agent:
         log.warning("%s failed: %s", rec.state, exc)
         return Event.ERROR
 
+    def _wanted(self) -> dict[str, ReleaseRef]:
+        """Component -> assigned release: this cycle's answer, else a fresh one."""
+        if isinstance(self._cycle_wanted, AgentTransportError):
+            raise self._cycle_wanted
+        if self._cycle_wanted is not None:
+            return self._cycle_wanted
+        return self.client.assignments()
+
     def _check(self, rec: AgentRecord) -> Event:
         try:
-            wanted = self.client.assignment()
+            wanted = self._wanted().get(rec.component)
         except AgentTransportError as exc:
             rec.last_error = str(exc)
             return Event.ERROR
@@ -327,6 +426,8 @@ class Agent:
             return Event.NO_UPDATE
         if rec.installed is not None and wanted.release_id == rec.installed.release_id:
             return Event.NO_UPDATE
+        if rec.blocked.get(wanted.release_id) == self._blocked_key(rec):
+            return Event.NO_UPDATE  # its dependencies are still unmet: nothing changed
         if wanted.release_id in rec.rejected or wanted.manifest_target in rec.rejected:
             return Event.NO_UPDATE
         if rec.attempts.get(wanted.release_id, 0) >= self.config.max_attempts_per_release:
@@ -376,31 +477,47 @@ class Agent:
                                       trusted_root=self.paths.director_root(),
                                       base_url=self.identity.server_url,
                                       fetcher=HttpxFetcher(self.client.http))
-            instructed = director.instruction()
-            if instructed is None or instructed.path != manifest_target:
+            instructions = director.instructions()
+            instructed = instructions.get(manifest_target)
+            if instructed is None:
                 raise VerificationError(
                     f"the director does not confirm {manifest_target} for this device "
-                    f"(it says {instructed.path if instructed else 'nothing'})")
+                    f"(it says {', '.join(sorted(instructions)) or 'nothing'})")
             check_director(instructed, info, device_id=self.identity.device_id,
                            hardware=self.identity.hardware)
             rec.target_terms = {"counter": terms.counter, "fallbacks": list(terms.fallbacks)}
             trusted.download(manifest_target, dest / MANIFEST_NAME)
             manifest = parse_manifest((dest / MANIFEST_NAME).read_bytes())
+            if component_of(getattr(manifest, "kind", ""), manifest.name) != rec.component:
+                raise UpdateRejected(f"{manifest.release_name} is not a release of the "
+                                     f"component {rec.component} it was assigned as")
+            try:
+                self._check_dependencies(rec, manifest)
+            except DependencyUnmet as exc:
+                rec.blocked = {rec.target.release_id: self._blocked_key(rec)}
+                return self._fail(rec, exc)
+            rec.blocked = {}
             try:
                 self._check_can_install(manifest, dest)
             except UpdateRejected as exc:  # this build can never run here: stop asking
                 self._reject(rec, str(exc), build_only=True)
                 return self._fail(rec, exc)
-            base = self._installed_files()
+            base = self._installed_files(rec)
             for rel, entry in manifest.files.items():
                 stats["full_bytes"] += entry.size
                 stats["sent_bytes"] += self._fetch_file(trusted, prefix + rel, dest / rel,
                                                         entry.sha256, base.get(rel), stats)
-        except (VerificationError, TransportError, BundleError, OSError,
+        except (VerificationError, TransportError, BundleError, OSError, UpdateRejected,
                 InsufficientDisk) as exc:
             return self._fail(rec, exc)
         rec.last_download = stats
         return Event.DOWNLOADED
+
+    def _blocked_key(self, rec: AgentRecord) -> str:
+        """What a dependency check of `rec`'s component depends on: the other components'
+        committed releases."""
+        return ",".join(f"{n}@{v}" for n, v in
+                        sorted(self._committed_versions(besides=rec).items()))
 
     def _check_can_install(self, manifest: Manifest, dest: Path) -> None:
         """Before any file is fetched: this device can run the release (its kind, its RAM;
@@ -446,7 +563,7 @@ class Agent:
         Returns that base (`llm_base`)."""
         spec = manifest.adapter
         slot = self.record.installed_slot
-        committed = self._slot_manifest(slot)
+        committed = self._slot_manifest(self.record, slot)
         base = llm_base(self.slots.path(slot), committed) if slot is not None else None
         if base is None or base[0] != spec.base_sha256:
             runs = committed.release_name if committed is not None else "no release"
@@ -456,24 +573,25 @@ class Agent:
                 f"{spec.base_release} to it first, then a new build of the adapter")
         return base
 
-    def _installed_files(self) -> dict[str, tuple[str, Path]]:
-        """rel path -> (sha256, path) of the committed release's files: delta bases, and
-        files copied instead of downloaded when unchanged (an app's shared image layers:
-        a blob's path is its hash)."""
-        slot = self.record.installed_slot
-        manifest = self._slot_manifest(slot)
+    def _installed_files(self, rec: AgentRecord) -> dict[str, tuple[str, Path]]:
+        """rel path -> (sha256, path) of the component's committed release's files: delta
+        bases, and files copied instead of downloaded when unchanged (an app's shared image
+        layers: a blob's path is its hash)."""
+        slot = rec.installed_slot
+        manifest = self._slot_manifest(rec, slot)
         if slot is None or manifest is None:
             return {}
-        files = {rel: (e.sha256, self.slots.path(slot) / rel) for rel, e in manifest.files.items()}
+        slots = self.slots_of(rec)
+        files = {rel: (e.sha256, slots.path(slot) / rel) for rel, e in manifest.files.items()}
         if isinstance(manifest, LlmAdapterManifest):
             # The base linked into an adapter's slot: a new base release is a delta against
             # it (or no download at all), as if the base itself were committed.
             try:
-                model = adapter_base(self.slots.path(slot)).llm.model
+                model = adapter_base(slots.path(slot)).llm.model
             except HealthCheckFailed:
                 return files
             files.setdefault(model, (manifest.adapter.base_sha256,
-                                     self.slots.path(slot) / BASE_GGUF))
+                                     slots.path(slot) / BASE_GGUF))
         return files
 
     def _fetch_file(self, trusted: TrustedClient, target: str, dest: Path, sha256: str,
@@ -525,7 +643,7 @@ class Agent:
         if (manifest.name, manifest.version) != (rec.target.name, rec.target.version):
             return self._fail(rec, UpdateRejected(
                 f"bundle is {manifest.release_name}, but {rec.target.label} was assigned"))
-        rec.pending_slot = self.slots.inactive()
+        rec.pending_slot = self.slots_of(rec).inactive()
         return Event.VERIFIED if self._may_install(rec) else Event.OUTSIDE_WINDOW
 
     def _may_install(self, rec: AgentRecord) -> bool:
@@ -544,7 +662,7 @@ class Agent:
     def _await_window(self, rec: AgentRecord) -> Event:
         assert rec.target is not None
         try:
-            wanted = self.client.assignment()
+            wanted = self._wanted().get(rec.component)
         except AgentTransportError:
             wanted = rec.target  # offline: the window is decided locally
         except AgentConfigError:
@@ -557,13 +675,22 @@ class Agent:
 
     def _install(self, rec: AgentRecord) -> Event:
         assert rec.target is not None and rec.pending_slot is not None
+        slots = self.slots_of(rec)
         try:
-            self.slots.install(rec.pending_slot, self._download_dir(rec), meta={
+            # Again: another component may have changed since the download.
+            self._check_dependencies(rec, read_manifest(self._download_dir(rec)))
+        except DependencyUnmet as exc:
+            rec.blocked = {rec.target.release_id: self._blocked_key(rec)}
+            return self._fail(rec, exc)
+        except (OSError, BundleError) as exc:
+            return self._fail(rec, exc)
+        try:
+            slots.install(rec.pending_slot, self._download_dir(rec), meta={
                 "release_id": rec.target.release_id, "name": rec.target.name,
                 "version": rec.target.version}, links=self._base_links(rec))
-            path = self.slots.path(rec.pending_slot)
+            path = slots.path(rec.pending_slot)
             manifest = read_manifest(path)
-            installed = self._slot_manifest(rec.installed_slot)
+            installed = self._slot_manifest(rec, rec.installed_slot)
             self._runtime(manifest).stage(path, manifest,
                                           keep=[installed] if installed is not None else [])
         except (OSError, RuntimeError, BundleError, ContainerError, UpdateRejected) as exc:
@@ -584,28 +711,29 @@ class Agent:
 
     def _activate(self, rec: AgentRecord) -> Event:
         assert rec.pending_slot is not None
+        slots = self.slots_of(rec)
         try:
-            self.slots.activate(rec.pending_slot)
-            new = read_manifest(self.slots.path(rec.pending_slot))
-            self._replace(rec.installed_slot, new)
-            self._runtime(new).activate(self.slots.path(rec.pending_slot), new)
+            slots.activate(rec.pending_slot)
+            new = read_manifest(slots.path(rec.pending_slot))
+            self._replace(rec, rec.installed_slot, new)
+            self._runtime(new).activate(slots.path(rec.pending_slot), new)
         except (OSError, RuntimeError, BundleError, ContainerError) as exc:
             return self._fail(rec, exc)
         return Event.ACTIVATED
 
-    def _replace(self, slot: str | None, new: Manifest | None) -> None:
-        """Stop the release of `slot` unless `new` is the same component (one component per
-        device today: a release of another name or kind replaces it; the same one is
-        replaced in place by its runtime's `activate`)."""
-        old = self._slot_manifest(slot)
+    def _replace(self, rec: AgentRecord, slot: str | None, new: Manifest | None) -> None:
+        """Stop the release of `slot` unless `new` is the same release line (a model
+        release of another name or kind replaces the model; the same one, and an app, are
+        replaced in place by their runtime's `activate`)."""
+        old = self._slot_manifest(rec, slot)
         if old is None or (new is not None and (old.name, old.kind) == (new.name, new.kind)):
             return
         assert slot is not None
-        self._runtime(old).stop(self.slots.path(slot), old)
+        self._runtime(old).stop(self.slots_of(rec).path(slot), old)
 
     def _health_check(self, rec: AgentRecord) -> Event:
         assert rec.target is not None and rec.pending_slot is not None
-        path = self.slots.path(rec.pending_slot)
+        path = self.slots_of(rec).path(rec.pending_slot)
         try:
             manifest = read_manifest(path)
             runtime = self._runtime(manifest)
@@ -641,18 +769,18 @@ class Agent:
             rec.rejected.append(key)
 
     def _roll_back(self, rec: AgentRecord) -> Event:
+        slots = self.slots_of(rec)
         try:
             # Back to the committed slot; with no earlier release there is no model at all.
-            self.slots.activate(rec.installed_slot)
-            installed = self._slot_manifest(rec.installed_slot)
+            slots.activate(rec.installed_slot)
+            installed = self._slot_manifest(rec, rec.installed_slot)
             if rec.pending_slot is not None and rec.pending_slot != rec.installed_slot:
-                self._replace(rec.pending_slot, installed)
+                self._replace(rec, rec.pending_slot, installed)
             if installed is not None:
                 assert rec.installed_slot is not None
                 # The previous version runs again from its slot and the image kept in the
                 # store: no download.
-                self._runtime(installed).activate(self.slots.path(rec.installed_slot),
-                                                  installed)
+                self._runtime(installed).activate(slots.path(rec.installed_slot), installed)
         except (OSError, RuntimeError, ContainerError) as exc:
             rec.last_error = f"rollback failed, will retry: {exc}"
             return Event.ERROR

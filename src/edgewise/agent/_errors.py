@@ -10,6 +10,7 @@ __all__ = [
     "AgentConfigError",
     "AgentError",
     "AgentTransportError",
+    "DependencyUnmet",
     "HealthCheckFailed",
     "InsufficientDisk",
     "NoModelError",
@@ -33,6 +34,12 @@ class AgentTransportError(AgentError):
 
 class UpdateRejected(AgentError):
     pass
+
+
+class DependencyUnmet(AgentError):
+    """The release needs other components at versions this device does not run (or would
+    break a committed component's dependency); nothing was downloaded. Retried when the
+    device's committed components change."""
 
 
 class InsufficientDisk(AgentError):

@@ -91,7 +91,20 @@ def agent_status(state_dir: Path) -> dict[str, Any]:
         "pending_reports": len(rec.outbox),
         "history": rec.history[-20:],
         "drift": DriftLog(state_dir).summary(),
+        # The device's other components (container apps), each with its own update state.
+        "components": {name: _component_status(paths, sub)
+                       for name, sub in sorted(rec.components.items())},
     }
+
+
+def _component_status(paths: StateDir, rec) -> dict[str, Any]:
+    slots = SlotStore(paths.slots_dir / "components" / rec.component)
+    return {"state": rec.state.value,
+            "release": rec.installed.label if rec.installed else None,
+            "release_id": rec.installed.release_id if rec.installed else None,
+            "active_slot": slots.active(),
+            "updating_to": rec.target.label if rec.target else None,
+            "last_error": rec.last_error, "last_health": rec.last_health}
 
 
 def _upcoming(paths: StateDir, rec) -> dict[str, Any] | None:

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ..artifacts import MODEL_COMPONENT
 from ._errors import AgentConfigError
 from ._machine import State
 
@@ -69,6 +70,7 @@ class ReleaseRef:
     window: dict[str, Any] | None = None  # maintenance window policy from the server
     timezone: str = "UTC"
     rollout_id: str | None = None
+    component: str = MODEL_COMPONENT  # `artifacts.component_of` the release
 
     @property
     def label(self) -> str:
@@ -77,7 +79,10 @@ class ReleaseRef:
 
 @dataclass
 class AgentRecord:
-    """Everything the agent must remember across restarts."""
+    """Everything the agent must remember across restarts: the update state of the model
+    component (the release the agent serves) and, in `components`, one record of the same
+    shape per other component (container apps, by name), each with its own state, slots,
+    attempts and rejections. Reports and history live in the top record only."""
 
     state: State = State.IDLE
     installed: ReleaseRef | None = None  # the committed release, in `installed_slot`
@@ -99,6 +104,15 @@ class AgentRecord:
     release_counter: int = 0
     fallbacks: list[str] = field(default_factory=list)
     target_terms: dict[str, Any] | None = None
+    component: str = MODEL_COMPONENT
+    components: dict[str, AgentRecord] = field(default_factory=dict)
+    # A release whose dependencies were unmet -> the committed components it was checked
+    # against: it is tried again only once those change.
+    blocked: dict[str, str] = field(default_factory=dict)
+
+    def lanes(self) -> list[AgentRecord]:
+        """Every component's record: the model first, then the others by name."""
+        return [self, *(self.components[name] for name in sorted(self.components))]
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -112,6 +126,8 @@ class AgentRecord:
         for key in ("installed", "target"):
             if data.get(key) is not None:
                 data[key] = ReleaseRef(**data[key])
+        data["components"] = {name: cls.from_json(sub)
+                              for name, sub in (data.get("components") or {}).items()}
         return cls(**data)
 
 

@@ -58,8 +58,8 @@ def _skopeo_copy(src: str, dest: str, env: dict[str, str] | None = None) -> None
         raise BundleError(f"skopeo cannot copy {src}: {proc.stderr.strip()[-800:]}")
 
 
-def import_app(archive: Path, out_dir: Path, *, name: str, version: str, app: dict[str, Any]
-               ) -> AppManifest:
+def import_app(archive: Path, out_dir: Path, *, name: str, version: str, app: dict[str, Any],
+               depends: dict[str, str] | None = None) -> AppManifest:
     """An app bundle from an image archive (`podman save`, `docker save`, `skopeo copy ...
     oci-archive:`); `app` is the manifest's app section without ref and digest."""
     archive, out_dir = Path(archive), Path(out_dir)
@@ -71,11 +71,13 @@ def import_app(archive: Path, out_dir: Path, *, name: str, version: str, app: di
         _skopeo_copy(f"{fmt}:{archive}", f"oci:{layout}:{_tag(version)}")
         return write_app_bundle(out_dir, layout, name=name, version=version, app=app,
                                 ref=_tag(version),
-                                provenance={"source": archive.name, "format": fmt})
+                                provenance={"source": archive.name, "format": fmt},
+                                depends=depends)
 
 
 def build_app(context: Path, out_dir: Path, *, name: str, version: str, app: dict[str, Any],
-              containerfile: Path | None = None, storage: Path | None = None) -> AppManifest:
+              containerfile: Path | None = None, storage: Path | None = None,
+              depends: dict[str, str] | None = None) -> AppManifest:
     """`podman build` of a Containerfile, then an app bundle of the image. `storage`: podman's
     store for the build (default: the user's own, where local base images are)."""
     import os
@@ -108,4 +110,5 @@ def build_app(context: Path, out_dir: Path, *, name: str, version: str, app: dic
         _skopeo_copy(source, f"oci:{layout}:{_tag(version)}", env)
         return write_app_bundle(out_dir, layout, name=name, version=version, app=app,
                                 ref=_tag(version),
-                                provenance={"source": "podman build", "image": image})
+                                provenance={"source": "podman build", "image": image},
+                                depends=depends)

@@ -13,6 +13,12 @@ device runs it with). An LLM adapter (`LlmAdapterManifest`: a GGUF LoRA adapter)
 base model it applies to by the sha256 of the base's GGUF.
 A manifest names the reader features it needs in `requires`; a reader that lacks one refuses
 the manifest with a message that says to update, before any other file is fetched.
+
+Every bundle is one **component** of its device (`component_of`): the agent serves one model
+itself (image model, LLM or adapter: the component "model", whatever the release's name), and
+runs each container app as the component of its name. A bundle may `depends` on releases of
+other components by name and version range (`{"fashion": ">=3,<4"}`, PEP 440 specifiers); such
+a manifest requires the reader feature "depends".
 """
 
 from __future__ import annotations
@@ -50,7 +56,11 @@ __all__ = [
     "OCI_INDEX",
     "OCI_LAYOUT",
     "Preprocessing",
+    "MODEL_COMPONENT",
     "check_relative_path",
+    "component_of",
+    "satisfies",
+    "unmet_dependencies",
     "oci_blob_path",
     "parse_manifest",
 ]
@@ -59,7 +69,48 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "edgewise.json"
 # Reader features a manifest may require (`requires`); image bundles require none, so readers
 # that predate the field still read them.
-FEATURES = frozenset({"llm-gguf", "llm-lora", "oci-app", "object-detection"})
+FEATURES = frozenset({"llm-gguf", "llm-lora", "oci-app", "object-detection", "depends"})
+# The component of every bundle kind the agent serves itself (one at a time: the local API's).
+MODEL_COMPONENT = "model"
+
+
+def component_of(kind: str, name: str) -> str:
+    """The device component a release of this kind and name is: "model", or an app's name."""
+    return name if kind == "app" else MODEL_COMPONENT
+
+
+def _specifier(spec: str):
+    from packaging.specifiers import InvalidSpecifier, SpecifierSet
+
+    try:
+        return SpecifierSet(spec)
+    except InvalidSpecifier:
+        raise ValueError(f"invalid version range {spec!r} (use e.g. '>=3', '>=2,<4', "
+                         "'==1.0.0')") from None
+
+
+def satisfies(version: str, spec: str) -> bool:
+    """Whether release version `version` is in the range `spec` (pre-releases count)."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        parsed = Version(version)
+    except InvalidVersion:
+        return False  # not a PEP 440 version: no range can be sure of it
+    return _specifier(spec).contains(parsed, prereleases=True)
+
+
+def unmet_dependencies(depends: dict[str, str], have: dict[str, str]) -> list[str]:
+    """Why `depends` (release name -> version range) is not met by `have` (release name ->
+    the version there); empty when it is."""
+    problems = []
+    for name, spec in sorted(depends.items()):
+        version = have.get(name)
+        if version is None:
+            problems.append(f"{name} {spec} (none installed)")
+        elif not satisfies(version, spec):
+            problems.append(f"{name} {spec} (it has {name}@{version})")
+    return problems
 
 
 def check_relative_path(path: str) -> str:
@@ -225,6 +276,8 @@ class _ManifestBase(_Strict):
     metrics: dict[str, Any] = Field(default_factory=dict)
     provenance: dict[str, Any] = Field(default_factory=dict)
     requires: tuple[str, ...] = ()
+    # Release name of another component -> the version range this release needs it at.
+    depends: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("format_version")
     @classmethod
@@ -243,9 +296,37 @@ class _ManifestBase(_Strict):
                 raise ValueError(f"{MANIFEST_NAME} must not list itself")
         return files
 
+    @field_validator("depends")
+    @classmethod
+    def _ranges(cls, depends: dict[str, str]) -> dict[str, str]:
+        for name, spec in depends.items():
+            if not re.match(r"^[a-z0-9][a-z0-9._-]{0,63}$", name):
+                raise ValueError(f"depends: {name!r} is not a release name")
+            _specifier(spec)
+        return depends
+
+    @model_validator(mode="after")
+    def _depends_feature(self) -> _ManifestBase:
+        if self.depends and "depends" not in self.requires:
+            raise ValueError("a bundle with depends must require the reader feature 'depends' "
+                             "(older agents then refuse it instead of ignoring them)")
+        if self.name in self.depends:
+            raise ValueError(f"{self.name} cannot depend on itself")
+        return self
+
     @property
     def release_name(self) -> str:
         return f"{self.name}@{self.version}"
+
+    @property
+    def component(self) -> str:
+        return component_of(getattr(self, "kind", ""), self.name)
+
+    def _dump(self) -> dict[str, Any]:
+        data = self.model_dump(mode="json")
+        if not data["depends"]:
+            del data["depends"]  # readable by agents that predate the field
+        return data
 
     def _listed(self, role: str, path: str, suffix: str) -> None:
         check_relative_path(path)
@@ -303,7 +384,7 @@ class BundleManifest(_ManifestBase):
         return self
 
     def to_json(self) -> str:
-        data = self.model_dump(mode="json")
+        data = self._dump()
         for optional in ("detector", "generator", "detection"):
             if data[optional] is None:
                 del data[optional]
@@ -370,7 +451,7 @@ class LlmManifest(_ManifestBase):
         return self
 
     def to_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
+        return json.dumps(self._dump(), indent=2, sort_keys=True) + "\n"
 
 
 class HttpProbe(_Strict):
@@ -463,6 +544,9 @@ class AppManifest(_ManifestBase):
     def _consistent(self) -> AppManifest:
         if "oci-app" not in self.requires:
             raise ValueError("an app bundle must require the reader feature 'oci-app'")
+        if self.name == MODEL_COMPONENT:
+            raise ValueError(f"an app cannot be named {MODEL_COMPONENT!r}: that is the "
+                             "component of the model the agent serves")
         for role, path in (("OCI index", OCI_INDEX), ("OCI layout marker", OCI_LAYOUT),
                            ("image manifest", self.app.manifest_blob)):
             if path not in self.files:
@@ -475,7 +559,7 @@ class AppManifest(_ManifestBase):
         return self
 
     def to_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
+        return json.dumps(self._dump(), indent=2, sort_keys=True) + "\n"
 
 
 class AdapterSpec(_Strict):
@@ -514,7 +598,7 @@ class LlmAdapterManifest(_ManifestBase):
         return self
 
     def to_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
+        return json.dumps(self._dump(), indent=2, sort_keys=True) + "\n"
 
 
 Manifest = BundleManifest | LlmManifest | LlmAdapterManifest | AppManifest

@@ -135,11 +135,13 @@ def check_oci_layout(bundle_dir: Path, manifest: AppManifest) -> None:
 
 def write_app_bundle(out_dir: Path, layout: Path, *, name: str, version: str, app: dict,
                      ref: str | None = None, metrics: Mapping[str, Any] | None = None,
-                     provenance: Mapping[str, Any] | None = None) -> AppManifest:
+                     provenance: Mapping[str, Any] | None = None,
+                     depends: Mapping[str, str] | None = None) -> AppManifest:
     """Write an app bundle from one image of an OCI layout: its index entry, the marker and
     the image's blobs, plus `edgewise.json` with the `app` section (image name, health check,
-    restart policy, env, ports; `ref` and `digest` are filled in here). Validated; `out_dir`
-    must not exist yet (a failure leaves nothing behind)."""
+    restart policy, env, ports; `ref` and `digest` are filled in here) and the releases it
+    `depends` on (name -> version range). Validated; `out_dir` must not exist yet (a failure
+    leaves nothing behind)."""
     from ._bundle import file_sha256, validate_bundle
 
     layout, out_dir = Path(layout), Path(out_dir)
@@ -170,7 +172,9 @@ def write_app_bundle(out_dir: Path, layout: Path, *, name: str, version: str, ap
                 format_version=FORMAT_VERSION, name=name, version=version, files=files,
                 app=AppSpec.model_validate({**app, "ref": tag, "digest": digest}),
                 created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-                metrics=dict(metrics or {}), provenance=dict(provenance or {}))
+                metrics=dict(metrics or {}), provenance=dict(provenance or {}),
+                depends=dict(depends or {}),
+                requires=("oci-app", "depends") if depends else ("oci-app",))
         except ValueError as exc:
             raise BundleError(f"invalid app bundle: {exc}") from exc
         (staging / MANIFEST_NAME).write_text(manifest.to_json())

@@ -83,7 +83,10 @@ def run(
         if once:
             final = agent.run_cycle()
             print_json({"state": final.value, "release": agent.record.installed.label
-                        if agent.record.installed else None})
+                        if agent.record.installed else None,
+                        "components": {name: {"state": sub.state.value, "release":
+                                              sub.installed.label if sub.installed else None}
+                                       for name, sub in sorted(agent.record.components.items())}})
             return
         api = None
         if not no_api:

@@ -34,6 +34,19 @@ Restart = Annotated[str, typer.Option(help="restart policy: no, always, unless-s
 Env = Annotated[list[str] | None, typer.Option("--env", help="KEY=VALUE (repeatable)")]
 Port = Annotated[list[int] | None, typer.Option("--port", help="a port the app listens on "
                                                 "(repeatable; host network)")]
+Depends = Annotated[list[str] | None, typer.Option(
+    "--depends", help="NAME=RANGE: the device must run a release NAME in this version range "
+    "(e.g. fashion='>=3,<4'; repeatable); checked at publish and on the device")]
+
+
+def _depends(items: list[str] | None) -> dict[str, str]:
+    depends = {}
+    for item in items or []:
+        name, sep, spec = item.partition("=")
+        if not sep or not name or not spec:
+            fail(f"--depends {item!r}: expected NAME=RANGE, e.g. fashion='>=3'")
+        depends[name.strip()] = spec.strip()
+    return depends
 
 
 def _app_section(image: str, health_http: str | None, health_cmd: str | None, timeout_s: float,
@@ -81,7 +94,7 @@ def import_(
     health_http: HealthHttp = None, health_cmd: HealthCmd = None,
     health_timeout_s: Timeout = 3.0, health_retries: Retries = 20,
     health_interval_s: Interval = 0.5, restart: Restart = "on-failure:3",
-    env: Env = None, port: Port = None,
+    env: Env = None, port: Port = None, depends: Depends = None,
     json_out: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Make an app bundle from an image archive; `edgewise publish` ships it."""
@@ -90,7 +103,8 @@ def import_(
     section = _app_section(archive.name, health_http, health_cmd, health_timeout_s,
                            health_retries, health_interval_s, restart, env, port)
     try:
-        manifest = import_app(archive, out_dir, name=name, version=version, app=section)
+        manifest = import_app(archive, out_dir, name=name, version=version, app=section,
+                              depends=_depends(depends))
     except BundleError as exc:
         fail(str(exc))
     _done(manifest, out_dir, json_out)
@@ -107,7 +121,7 @@ def build(
     health_http: HealthHttp = None, health_cmd: HealthCmd = None,
     health_timeout_s: Timeout = 3.0, health_retries: Retries = 20,
     health_interval_s: Interval = 0.5, restart: Restart = "on-failure:3",
-    env: Env = None, port: Port = None,
+    env: Env = None, port: Port = None, depends: Depends = None,
     json_out: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """podman build a Containerfile and make an app bundle of the image."""
@@ -118,7 +132,7 @@ def build(
                            port)
     try:
         manifest = build_app(context, out_dir, name=name, version=version, app=section,
-                             containerfile=file, storage=storage)
+                             containerfile=file, storage=storage, depends=_depends(depends))
     except BundleError as exc:
         fail(str(exc))
     _done(manifest, out_dir, json_out)

@@ -70,6 +70,10 @@ class OperatorClient:
     def devices(self) -> list[dict[str, Any]]:
         return self.request("GET", "/api/v1/devices").json()
 
+    def device_components(self, device_id: str) -> list[dict[str, Any]]:
+        """The device's components besides its model (container apps)."""
+        return self.request("GET", f"/api/v1/devices/{device_id}/components").json()
+
     def releases(self) -> list[dict[str, Any]]:
         return self.request("GET", "/api/v1/releases").json()
 

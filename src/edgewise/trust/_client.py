@@ -179,17 +179,14 @@ class DirectorClient:
         except tuf_exc.RepositoryError as exc:
             raise VerificationError(f"director root is invalid: {exc}") from exc
 
-    def instruction(self) -> TargetFile | None:
-        """The one bundle the director says this device must run (None: no assignment)."""
+    def instructions(self) -> dict[str, TargetFile]:
+        """The bundles the director says this device must run, by target path: one per
+        component (empty: no assignment)."""
         with _wrapped("director metadata refresh"):
             self._updater.refresh()
             # ngclient persisted exactly the targets metadata it just verified.
             listed = Metadata[Targets].from_bytes((self._dir / "targets.json").read_bytes())
-        targets = list(listed.signed.targets.values())
-        if len(targets) > 1:
-            raise VerificationError(f"director lists {len(targets)} bundles for this device; "
-                                    "expected at most one")
-        return targets[0] if targets else None
+        return dict(listed.signed.targets)
 
 
 class _wrapped:

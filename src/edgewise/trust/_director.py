@@ -1,5 +1,5 @@
 """The Uptane-style director: per-device TUF metadata, signed online, saying exactly which
-bundle that device must install.
+bundles that device must install (one per component: its model, each of its apps).
 
 The image repository (`_repository`, targets signed offline by the publisher) says what
 exists and what it may replace (release terms, `_terms`). The director repository says, for

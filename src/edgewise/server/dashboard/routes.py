@@ -378,6 +378,7 @@ def device_page(device_id: str, request: Request, operator: SignedIn,
                  groups=[g.name for g in groups_of(session, device=device)],
                  window=devices.effective_window(session, device=device),
                  rollout_id=devices.rollout_of(session, device=device),
+                 components=devices.components(session, device=device),
                  results=results, history=list(reversed(history)))
 
 

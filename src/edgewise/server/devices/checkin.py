@@ -49,7 +49,7 @@ from .._db import utcnow
 from ..groups.models import Group, GroupMember
 from ..releases.models import Release, ReleaseVariant
 from ..rollouts.models import Rollout, RolloutDevice
-from .models import Device, DeviceNonce
+from .models import Device, DeviceComponent, DeviceNonce
 from .service import LAST_SEEN_RESOLUTION
 
 __all__ = ["Checkin", "check_in"]
@@ -69,17 +69,46 @@ _rollout = (
 _any_group_window = exists().where(Group.window.is_not(None),
                                    cast(Group.window, String) != "null").label("group_windows")
 
+# Whether the device has components besides its model (most fleets: none, and then the
+# check-in does not ask for them).
+_has_components = exists().where(DeviceComponent.device_id == Device.id,
+                                 DeviceComponent.assigned_release_id.is_not(None)
+                                 ).correlate(Device).label("has_components")
+
 _POLL = (
     select(Device.public_key, Device.revoked_at, Device.hardware, Device.timezone,
            Device.window, Device.tags, Device.last_seen_at,
            Release.id, Release.name, Release.version, Release.manifest_target,
            ReleaseVariant.version, ReleaseVariant.manifest_target, _rollout,
-           _any_group_window)
+           _any_group_window, _has_components)
     .select_from(Device)
     .outerjoin(Release, Release.id == Device.assigned_release_id)
     .outerjoin(ReleaseVariant, and_(ReleaseVariant.release_id == Release.id,
                                     ReleaseVariant.hardware == Device.hardware))
     .where(Device.id == bindparam("device_id"))
+)
+
+_component_rollout = (
+    select(Rollout.id)
+    .join(RolloutDevice, RolloutDevice.rollout_id == Rollout.id)
+    .where(RolloutDevice.device_id == DeviceComponent.device_id,
+           Rollout.release_id == Release.id)
+    .order_by(Rollout.created_at.desc())
+    .limit(1)
+    .correlate(DeviceComponent, Release)
+    .scalar_subquery()
+)
+
+_COMPONENTS = (
+    select(DeviceComponent.component, Release.id, Release.name, Release.version,
+           Release.manifest_target, ReleaseVariant.version, ReleaseVariant.manifest_target,
+           _component_rollout)
+    .select_from(DeviceComponent)
+    .join(Release, Release.id == DeviceComponent.assigned_release_id)
+    .outerjoin(ReleaseVariant, and_(ReleaseVariant.release_id == Release.id,
+                                    ReleaseVariant.hardware == bindparam("hardware")))
+    .where(DeviceComponent.device_id == bindparam("device_id"))
+    .order_by(DeviceComponent.component)
 )
 
 _SEEN = (update(Device).where(Device.id == bindparam("device_id"))
@@ -157,7 +186,9 @@ def _answer(conn: Connection, device_id: str, row: Any) -> dict[str, Any]:
     if needs_group_window(row):
         window = first_group_window(conn.execute(_GROUP_WINDOWS, {"device_id": device_id}),
                                     row[TAGS] or [])
-    return answer_body(row, window)
+    components = (conn.execute(_COMPONENTS, {"device_id": device_id, "hardware": row[HARDWARE]})
+                  if row[HAS_COMPONENTS] else ())
+    return answer_body(row, window, components)
 
 
 def authenticate(signed: SignedRequest, row: Any, target: str, now: datetime) -> bool:
@@ -173,26 +204,40 @@ def authenticate(signed: SignedRequest, row: Any, target: str, now: datetime) ->
 # Columns of a `_POLL` row, by position (SQLAlchemy rows and asyncpg records both index).
 PUBLIC_KEY, REVOKED_AT, HARDWARE, TIMEZONE, WINDOW, TAGS, LAST_SEEN = range(7)
 RELEASE_ID, NAME, VERSION, TARGET, VARIANT_VERSION, VARIANT_TARGET, ROLLOUT_ID = range(7, 14)
-GROUP_WINDOWS = 14
+GROUP_WINDOWS, HAS_COMPONENTS = 14, 15
 
 
 def needs_group_window(row: Any) -> bool:
-    """Whether the answer needs the groups' windows: an assignment, no window of the device's
-    own, and some group that has one."""
-    return row[RELEASE_ID] is not None and not row[WINDOW] and bool(row[GROUP_WINDOWS])
+    """Whether the answer needs the groups' windows: an assignment (the model's or a
+    component's), no window of the device's own, and some group that has one."""
+    return ((row[RELEASE_ID] is not None or bool(row[HAS_COMPONENTS])) and not row[WINDOW]
+            and bool(row[GROUP_WINDOWS]))
 
 
-def answer_body(row: Any, group_window: dict[str, Any] | None) -> dict[str, Any]:
+def answer_body(row: Any, group_window: dict[str, Any] | None,
+                components: Any = ()) -> dict[str, Any]:
+    """The answer from a `_POLL` row, the group window if one applies and, for a device with
+    components besides its model, the rows of `_COMPONENTS`."""
     timezone = row[TIMEZONE] or "UTC"
+    window = row[WINDOW] or group_window
     if row[RELEASE_ID] is None:
-        return {"release_id": None, "name": None, "version": None, "manifest_target": None,
-                "window": None, "timezone": timezone, "rollout_id": None}
-    variant = row[VARIANT_VERSION] is not None and bool(row[HARDWARE])
-    return {"release_id": row[RELEASE_ID], "name": row[NAME],
-            "version": row[VARIANT_VERSION] if variant else row[VERSION],
-            "manifest_target": row[VARIANT_TARGET] if variant else row[TARGET],
-            "window": row[WINDOW] or group_window,
-            "timezone": timezone, "rollout_id": row[ROLLOUT_ID]}
+        answer = {"release_id": None, "name": None, "version": None, "manifest_target": None,
+                  "window": None, "timezone": timezone, "rollout_id": None}
+    else:
+        variant = row[VARIANT_VERSION] is not None and bool(row[HARDWARE])
+        answer = {"release_id": row[RELEASE_ID], "name": row[NAME],
+                  "version": row[VARIANT_VERSION] if variant else row[VERSION],
+                  "manifest_target": row[VARIANT_TARGET] if variant else row[TARGET],
+                  "window": window, "timezone": timezone, "rollout_id": row[ROLLOUT_ID]}
+    if row[HAS_COMPONENTS]:
+        # Only then: the answer of a model-only device stays what older agents read.
+        answer["components"] = [
+            {"component": c[0], "release_id": c[1], "name": c[2],
+             "version": c[5] if c[5] is not None and row[HARDWARE] else c[3],
+             "manifest_target": c[6] if c[5] is not None and row[HARDWARE] else c[4],
+             "window": window, "timezone": timezone, "rollout_id": c[7]}
+            for c in components]
+    return answer
 
 
 def first_group_window(groups: Any, tags: list[str]) -> dict[str, Any] | None:

@@ -82,6 +82,7 @@ class AsyncCheckin:
         self._nonce = _Statement(checkin._NONCE)
         self._nonce_and_seen = _Statement(checkin._NONCE_AND_SEEN)
         self._groups = _Statement(checkin._GROUP_WINDOWS)
+        self._components = _Statement(checkin._COMPONENTS)
 
     async def _open(self) -> asyncpg.Pool:
         async with self._opening:
@@ -132,7 +133,12 @@ class AsyncCheckin:
         if checkin.needs_group_window(row):
             groups = await conn.fetch(self._groups.sql, *self._groups.args(values))
             window = checkin.first_group_window(groups, row[checkin.TAGS] or [])
-        return checkin.Checkin(signed.device_id, checkin.answer_body(row, window))
+        components = ()
+        if row[checkin.HAS_COMPONENTS]:
+            components = await conn.fetch(self._components.sql, *self._components.args(
+                {**values, "hardware": row[checkin.HARDWARE]}))
+        return checkin.Checkin(signed.device_id,
+                               checkin.answer_body(row, window, components))
 
 
 async def _json_codecs(conn: asyncpg.Connection) -> None:

@@ -42,6 +42,24 @@ class Device(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 
 
+class DeviceComponent(Base):
+    """A device's component other than its model (a container app, by name): the release
+    the operator wants there and what the device reports it runs there. The model component
+    keeps its columns on `Device` (assigned_release_id, release_id, state), so fleets of
+    model-only devices read and write exactly what they did before components."""
+
+    __tablename__ = "device_components"
+
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"),
+                                           primary_key=True)
+    component: Mapped[str] = mapped_column(String(64), primary_key=True)
+    assigned_release_id: Mapped[str | None] = mapped_column(ForeignKey("releases.id"),
+                                                            nullable=True)
+    release_id: Mapped[str | None] = mapped_column(ForeignKey("releases.id"), nullable=True)
+    state: Mapped[str] = mapped_column(String(32), default="idle")
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
 class InstallResult(Base):
     """How a device's attempt at a release ended, with the model health it measured."""
 

@@ -79,7 +79,21 @@ class AssignIn(BaseModel):
     device_ids: list[str] | None = Field(default=None, description="null assigns every device")
 
 
+class ComponentAssignmentOut(BaseModel):
+    component: str
+    release_id: str
+    name: str
+    version: str
+    manifest_target: str
+    window: dict[str, Any] | None = None
+    timezone: str = "UTC"
+    rollout_id: str | None = None
+
+
 class AssignmentOut(BaseModel):
+    """The model component's assignment (the fields every agent reads) and, only when the
+    device has any, the assignments of its other components (container apps)."""
+
     release_id: str | None
     name: str | None = None
     version: str | None = None
@@ -88,6 +102,14 @@ class AssignmentOut(BaseModel):
                                           "install only inside it (device-local time)")
     timezone: str = "UTC"
     rollout_id: str | None = None
+    components: list[ComponentAssignmentOut] | None = None
+
+
+class DeviceComponentOut(BaseModel):
+    component: str
+    assigned_release_id: str | None
+    release_id: str | None
+    state: str
 
 
 class ReportIn(BaseModel):
@@ -97,6 +119,9 @@ class ReportIn(BaseModel):
     target_release_id: str | None = Field(default=None, description="release being installed")
     message: str = Field(default="", max_length=2000)
     detail: dict[str, Any] = Field(default_factory=dict)
+    component: str = Field(default="model", pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$",
+                           description="the component this report is about (older agents: "
+                           "the model)")
     delta_versions: list[int] | None = Field(
         default=None,
         description="delta patch format versions the agent reads (agents that send none are "
@@ -161,6 +186,16 @@ def get_device(device_id: str, session: SessionDep) -> DeviceOut:
     return DeviceOut.of(service.get_device(session, device_id=device_id))
 
 
+@router.get("/devices/{device_id}/components", response_model=list[DeviceComponentOut],
+            dependencies=[ViewerDep])
+def device_components(device_id: str, session: SessionDep) -> list[DeviceComponentOut]:
+    """The device's components besides its model: assigned and reported release, state."""
+    device = service.get_device(session, device_id=device_id)
+    return [DeviceComponentOut(component=c.component, assigned_release_id=c.assigned_release_id,
+                               release_id=c.release_id, state=c.state)
+            for c in service.components(session, device=device)]
+
+
 @router.post("/assignments", response_model=list[DeviceOut], dependencies=[OperatorDep])
 def assign(body: AssignIn, session: SessionDep) -> list[DeviceOut]:
     devices = service.assign(session, release_id=body.release_id, device_ids=body.device_ids)
@@ -207,7 +242,7 @@ def report(body: ReportIn, device: DeviceDep, session: SessionDep, request: Requ
     service.report(session, device=device, state=body.state, event=body.event,
                    release_id=body.release_id, target_release_id=body.target_release_id,
                    message=body.message, detail=body.detail,
-                   delta_versions=body.delta_versions)
+                   delta_versions=body.delta_versions, component=body.component)
 
 
 @router.post("/devices/{device_id}/revoke", response_model=DeviceOut)

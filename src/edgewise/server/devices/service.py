@@ -1,4 +1,9 @@
-"""Device enrollment, assignment and status reports."""
+"""Device enrollment, assignment and status reports.
+
+A device runs one release per component (`artifacts.component_of`): its model (the columns
+on `Device`) and each container app (`DeviceComponent` rows). Assigning a release replaces the
+assignment of its component only; a report updates the component it names.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +16,14 @@ from typing import Any
 from sqlalchemy import String, cast, func, select, update
 from sqlalchemy.orm import Session
 
+from ...artifacts import MODEL_COMPONENT, component_of
 from ...windows import parse_window, zone
 from .._auth import hash_token, new_token
 from .._db import utcnow
 from .._errors import Conflict, InvalidInput, NotFound, Unauthorized
 from ..events import service as events
 from ..releases.models import Release
-from .models import Device, EnrollmentToken, InstallResult
+from .models import Device, DeviceComponent, EnrollmentToken, InstallResult
 
 FINAL_STATES = {"committed", "rolled-back", "failed"}
 
@@ -115,8 +121,53 @@ def fleet_counts(session: Session) -> FleetCounts:
     return FleetCounts(total=sum(by_state.values()), by_state=by_state, by_release=by_release)
 
 
+def release_component(release: Release) -> str:
+    """The device component a release is: "model", or the name of an app."""
+    return component_of((release.manifest or {}).get("kind", ""), release.name)
+
+
+def _component_row(session: Session, device: Device, component: str) -> DeviceComponent:
+    row = session.get(DeviceComponent, (device.id, component))
+    if row is None:
+        row = DeviceComponent(device_id=device.id, component=component, state="idle",
+                              updated_at=utcnow())
+        session.add(row)
+    return row
+
+
+def set_assignment(session: Session, *, device: Device, component: str,
+                   release_id: str | None) -> None:
+    """Make `release_id` the wanted release of one component of `device` (None: none)."""
+    if component == MODEL_COMPONENT:
+        device.assigned_release_id = release_id
+    else:
+        _component_row(session, device, component).assigned_release_id = release_id
+
+
+def running_release(session: Session, *, device: Device, component: str) -> str | None:
+    """The release the device last reported it runs as `component`."""
+    if component == MODEL_COMPONENT:
+        return device.release_id
+    row = session.get(DeviceComponent, (device.id, component))
+    return row.release_id if row is not None else None
+
+
+def assigned_release(session: Session, *, device: Device, component: str) -> str | None:
+    if component == MODEL_COMPONENT:
+        return device.assigned_release_id
+    row = session.get(DeviceComponent, (device.id, component))
+    return row.assigned_release_id if row is not None else None
+
+
+def components(session: Session, *, device: Device) -> list[DeviceComponent]:
+    """The device's components besides its model, by name."""
+    return list(session.scalars(select(DeviceComponent).where(
+        DeviceComponent.device_id == device.id).order_by(DeviceComponent.component)))
+
+
 def assign(session: Session, *, release_id: str, device_ids: list[str] | None) -> list[Device]:
-    """Make `release_id` the wanted release of the given devices (None: every device)."""
+    """Make `release_id` the wanted release of its component on the given devices (None:
+    every device); their other components keep their assignments."""
     release = session.get(Release, release_id)
     if release is None:
         raise NotFound(f"no release {release_id!r}")
@@ -124,8 +175,9 @@ def assign(session: Session, *, release_id: str, device_ids: list[str] | None) -
         devices = list_devices(session)
     else:
         devices = [get_device(session, device_id=d) for d in device_ids]
+    component = release_component(release)
     for device in devices:
-        device.assigned_release_id = release.id
+        set_assignment(session, device=device, component=component, release_id=release.id)
         events.record(session, kind="assigned", device_id=device.id, release_id=release.id,
                       message=f"assigned {release.name}@{release.version}")
     session.commit()
@@ -147,6 +199,13 @@ def assignment(session: Session, *, device: Device) -> Release | None:
     return session.get(Release, device.assigned_release_id)
 
 
+def component_assignments(session: Session, *, device: Device) -> list[Release]:
+    """The releases assigned to the device's components besides its model, by component."""
+    return [release for row in components(session, device=device)
+            if row.assigned_release_id is not None
+            and (release := session.get(Release, row.assigned_release_id)) is not None]
+
+
 def report(
     session: Session,
     *,
@@ -158,17 +217,25 @@ def report(
     message: str,
     detail: dict[str, Any],
     delta_versions: list[int] | None = None,
+    component: str = MODEL_COMPONENT,
 ) -> None:
     if state not in AGENT_STATES:
         raise Conflict(f"unknown agent state {state!r}")
     for rid in {release_id, target_release_id} - {None}:
         if session.get(Release, rid) is None:
             raise NotFound(f"no release {rid!r}")
-    device.state = state
-    device.release_id = release_id
     device.last_seen_at = utcnow()
-    device.status = {**(device.status or {}), "last_event": event, "message": message,
-                     "target_release_id": target_release_id}
+    if component == MODEL_COMPONENT:
+        device.state = state
+        device.release_id = release_id
+        device.status = {**(device.status or {}), "last_event": event, "message": message,
+                         "target_release_id": target_release_id}
+    else:
+        for rid in {release_id, target_release_id} - {None}:
+            if release_component(session.get(Release, rid)) != component:
+                raise Conflict(f"release {rid} is not a release of component {component!r}")
+        row = _component_row(session, device, component)
+        row.state, row.release_id, row.updated_at = state, release_id, utcnow()
     if delta_versions is not None:  # kept from the last report that said (older agents never do)
         device.status["delta_versions"] = sorted(set(delta_versions))
     events.record(session, kind=event, device_id=device.id,

@@ -1,10 +1,10 @@
 """Per-device director metadata, signed on demand.
 
-Invariant: a device's director metadata always names exactly the bundle the server assigns it
-(the build for its hardware) with the image repository's signed length, hashes and release
-counter, or nothing; it is re-signed, with higher versions (at least the Unix time, so they
-grow even after a restored backup), when that changes or when its timestamp is in the second
-half of its lifetime.
+Invariant: a device's director metadata always names exactly the bundles the server assigns
+it, one per component (the build for its hardware), with the image repository's signed
+length, hashes and release counter, or nothing; it is re-signed, with higher versions (at
+least the Unix time, so they grow even after a restored backup), when that changes or when
+its timestamp is in the second half of its lifetime.
 """
 
 from __future__ import annotations
@@ -30,21 +30,30 @@ _ROOT_NAME = re.compile(r"^(\d+)\.root\.json$")
 
 def _wanted(session: Session, repo: ServerRepository, device: Device
             ) -> tuple[str, dict[str, TargetFile]]:
-    release = devices.assignment(session, device=device)
-    if release is None:
+    """The signed instruction: one bundle per assigned component (the model's, each app's)."""
+    model = devices.assignment(session, device=device)
+    targets: dict[str, TargetFile] = {}
+    for release in ([model] if model is not None else []) + devices.component_assignments(
+            session, device=device):
+        path = releases.build_for(session, release=release,
+                                  hardware=device.hardware).manifest_target
+        image = repo.target(path)
+        if image is None:
+            continue  # not (or no longer) a signed target: instruct nothing for it
+        try:
+            targets[path] = DirectorRepository.instruction(
+                path, image, device_id=device.id, hardware=device.hardware,
+                release_id=release.id)
+        except VerificationError:
+            continue
+    if not targets:
         return "[]", {}
-    path = releases.build_for(session, release=release, hardware=device.hardware).manifest_target
-    image = repo.target(path)
-    if image is None:
-        return "[]", {}  # not (or no longer) a signed target: instruct nothing
-    try:
-        entry = DirectorRepository.instruction(path, image, device_id=device.id,
-                                               hardware=device.hardware,
-                                               release_id=release.id)
-    except VerificationError:
-        return "[]", {}
-    key = json.dumps([path, image.hashes.get("sha256"), entry.custom])
-    return key, {path: entry}
+    key = json.dumps([[path, entry.hashes.get("sha256"), entry.custom]
+                      for path, entry in sorted(targets.items())])
+    if len(targets) == 1:  # the key a one-component device always had: not re-signed
+        path, entry = next(iter(targets.items()))
+        key = json.dumps([path, entry.hashes.get("sha256"), entry.custom])
+    return key, targets
 
 
 def current(session: Session, *, repo: ServerRepository, director: DirectorRepository,

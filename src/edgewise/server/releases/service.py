@@ -16,7 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from tuf.api.metadata import Metadata, TargetFile, Targets
 
-from ...artifacts import MANIFEST_NAME, BundleError, BundleManifest, parse_manifest
+from ...artifacts import MANIFEST_NAME, BundleError, BundleManifest, parse_manifest, satisfies
 from ...trust import DELTAS_ROLE, ReleaseTerms, ServerRepository, VerificationError
 from .._errors import Conflict, InvalidInput, NotFound
 from ..events import service as events
@@ -92,6 +92,19 @@ def _signed_bundle(repo: ServerRepository, signed_targets: bytes,
     return manifest_path, manifest, added
 
 
+def _check_dependencies(session: Session, manifest: BundleManifest) -> None:
+    """Every release a bundle `depends` on must be satisfiable by a published release: a
+    release no device could ever install is refused before it is signed into the repository."""
+    for name, spec in sorted(manifest.depends.items()):
+        published = sorted(session.scalars(select(Release.version).where(
+            Release.name == name)))
+        if not any(satisfies(version, spec) for version in published):
+            have = ", ".join(f"{name}@{v}" for v in published) or "none"
+            raise InvalidInput(f"{manifest.release_name} depends on {name} {spec}, and no "
+                               f"published release satisfies it (published: {have}); "
+                               f"publish a matching {name} first")
+
+
 def _publish_targets(repo: ServerRepository, signed_targets: bytes) -> int:
     try:
         return repo.publish(signed_targets).version
@@ -112,6 +125,7 @@ def publish(
     if session.scalars(select(Release).where(Release.name == manifest.name,
                                              Release.version == manifest.version)).first():
         raise Conflict(f"release {manifest.release_name} already exists")
+    _check_dependencies(session, manifest)
     version = _publish_targets(repo, signed_targets)
     release = Release(
         id=f"rel-{secrets.token_hex(5)}",

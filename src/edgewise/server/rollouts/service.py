@@ -3,6 +3,9 @@
 Invariant: a device is assigned the rollout's release only when its stage is reached and the
 rollout is active; an abort or a rollback reassigns every device the rollout touched to the
 release it ran before (a new assignment of the old artifact, never a silent downgrade).
+A rollout moves one component of its devices (its release's: the model or one app) and
+leaves their other components alone; a group has at most one rollout in progress per
+component.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from sqlalchemy.orm import Session, aliased
 
 from .._db import utcnow
 from .._errors import Conflict, InvalidInput, NotFound
+from ..devices import service as devices
 from ..devices.models import Device, InstallResult
 from ..events import service as events
 from ..feedback import service as feedback
@@ -47,16 +51,19 @@ def stage_from_json(data: dict[str, Any]) -> Stage:
 
 def create_rollout(session: Session, *, release_id: str, group_name: str,
                    stages: list[Stage]) -> Rollout:
-    if session.get(Release, release_id) is None:
+    release = session.get(Release, release_id)
+    if release is None:
         raise NotFound(f"no release {release_id!r}")
     get_group(session, name=group_name)
     if not stages:
         raise InvalidInput("a rollout needs at least one stage")
-    running = session.scalars(select(Rollout).where(
-        Rollout.group_name == group_name, Rollout.status.in_((ACTIVE, PAUSED)))).first()
-    if running is not None:
-        raise Conflict(f"group {group_name!r} already has rollout {running.id} in progress; "
-                       "finish, abort or roll it back first")
+    component = devices.release_component(release)
+    for running in session.scalars(select(Rollout).where(
+            Rollout.group_name == group_name, Rollout.status.in_((ACTIVE, PAUSED)))):
+        if devices.release_component(session.get(Release, running.release_id)) == component:
+            raise Conflict(f"group {group_name!r} already has rollout {running.id} of its "
+                           f"{component} component in progress; finish, abort or roll it "
+                           "back first")
     rollout = Rollout(id=f"ro-{secrets.token_hex(5)}", release_id=release_id,
                       group_name=group_name, stages=[stage_to_json(s) for s in stages],
                       status=ACTIVE, stage_index=0, stage_started_at=utcnow())
@@ -232,14 +239,17 @@ def tick(session: Session, rollout: Rollout, *, now: datetime | None = None) -> 
     stage = stages[rollout.stage_index]
     rows = _sync_members(session, rollout)
     size = stage_size(stage, len(rows))
+    component = devices.release_component(session.get(Release, rollout.release_id))
     for row in rows[:size]:
         if row.assigned_at is None:
             device = session.get(Device, row.device_id)
-            row.previous_release_id = device.release_id
+            running = devices.running_release(session, device=device, component=component)
+            row.previous_release_id = running
             row.assigned_at = now
             row.stage_index = rollout.stage_index
-            if device.release_id != rollout.release_id:
-                device.assigned_release_id = rollout.release_id
+            if running != rollout.release_id:
+                devices.set_assignment(session, device=device, component=component,
+                                       release_id=rollout.release_id)
             events.record(session, kind="assigned", device_id=device.id,
                           release_id=rollout.release_id, rollout_id=rollout.id,
                           message=f"rollout {rollout.id} stage {stage.name}")
@@ -282,13 +292,16 @@ def tick(session: Session, rollout: Rollout, *, now: datetime | None = None) -> 
 def _roll_back_devices(session: Session, rollout: Rollout, rows: list[RolloutDevice], *,
                        now: datetime) -> int:
     count = 0
+    component = devices.release_component(session.get(Release, rollout.release_id))
     for row in rows:
         if row.assigned_at is None:
             continue
         device = session.get(Device, row.device_id)
-        if device.assigned_release_id == rollout.release_id or \
-                device.release_id == rollout.release_id:
-            device.assigned_release_id = row.previous_release_id
+        if rollout.release_id in (
+                devices.assigned_release(session, device=device, component=component),
+                devices.running_release(session, device=device, component=component)):
+            devices.set_assignment(session, device=device, component=component,
+                                   release_id=row.previous_release_id)
             count += 1
             events.record(session, kind="rollback-assigned", device_id=device.id,
                           rollout_id=rollout.id, release_id=row.previous_release_id,
