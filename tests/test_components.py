@@ -30,6 +30,7 @@ from edgewise.artifacts import (
 from edgewise.server.client import ServerApiError
 from edgewise.sim import free_port
 from tests._apps import app_context, app_section, require_podman, reset_store, server_binary
+from tests.test_checkin import app  # noqa: F401  (the SQLite + PostgreSQL server fixture)
 from tests.test_e2e_update import run_once, server_device
 
 
@@ -207,16 +208,13 @@ def test_a_model_and_an_app_update_independently_and_dependencies_hold(
         reset_store(storage)
 
 
-def test_a_rollout_moves_one_component_and_the_check_in_answers_each(
-        tmp_path: Path, keys) -> None:
+def test_a_rollout_moves_one_component_and_the_check_in_answers_each(app) -> None:  # noqa: F811
     """Server side, no containers: an app's rollout assigns the app component of the group's
     devices and leaves their model alone; the check-in lists the app beside the model only
     for devices that have one; one rollout in progress per group and component; an abort
-    puts the app component back."""
-    from fastapi.testclient import TestClient
-
+    puts the app component back. On SQLite and on PostgreSQL (whose check-in is
+    `checkin_pg`'s, on the event loop)."""
     from edgewise.server._errors import Conflict
-    from edgewise.server.app import ServerConfig, create_app
     from edgewise.server.devices import service as devices
     from edgewise.server.devices.models import Device
     from edgewise.server.groups.models import Group, GroupMember
@@ -226,52 +224,50 @@ def test_a_rollout_moves_one_component_and_the_check_in_answers_each(
     from tests.conftest import ADMIN
     from tests.test_checkin import check_in, enroll
 
-    with TestClient(create_app(ServerConfig(
-            data_dir=tmp_path / "srv", root_path=keys.root_json,
-            online_key_path=keys.online_key, admin_token=ADMIN))) as api:
-        in_group, model_only = enroll(api), enroll(api)
-        with api.app.state.ctx.sessions() as session:
-            for rid, name, version, kind in (("rel-m1", "tiny", "1.0.0", "classifier"),
-                                             ("rel-m2", "tiny", "2.0.0", "classifier"),
-                                             ("rel-a1", "hello", "1.0.0", "app"),
-                                             ("rel-a2", "hello", "2.0.0", "app")):
-                session.add(Release(id=rid, name=name, version=version,
-                                    manifest_target=f"{name}/{version}/edgewise.json",
-                                    targets_version=1, size_bytes=1, manifest={"kind": kind}))
-            session.add(Group(name="lab", kind="static", selector=[], window=None))
-            session.flush()
-            session.add(GroupMember(group_name="lab", device_id=in_group[0]))
-            for device_id, _key in (in_group, model_only):
-                device = session.get(Device, device_id)
-                device.assigned_release_id = device.release_id = "rel-m1"
-            session.commit()
-            app_rollout = rollouts.create_rollout(session, release_id="rel-a1",
-                                                  group_name="lab", stages=[Stage("all", 100)])
-            rollouts.tick(session, app_rollout)
-            with pytest.raises(Conflict, match="of its hello component in progress"):
-                rollouts.create_rollout(session, release_id="rel-a2", group_name="lab",
-                                        stages=[Stage("all", 100)])
-            # The model's rollout in the same group is another component's: allowed.
-            model_rollout = rollouts.create_rollout(session, release_id="rel-m2",
-                                                    group_name="lab",
-                                                    stages=[Stage("all", 100)])
-            rollouts.tick(session, model_rollout)
-            app_rollout_id = app_rollout.id
+    api = app
+    in_group, model_only = enroll(api), enroll(api)
+    with api.app.state.ctx.sessions() as session:
+        for rid, name, version, kind in (("rel-m1", "tiny", "1.0.0", "classifier"),
+                                         ("rel-m2", "tiny", "2.0.0", "classifier"),
+                                         ("rel-a1", "hello", "1.0.0", "app"),
+                                         ("rel-a2", "hello", "2.0.0", "app")):
+            session.add(Release(id=rid, name=name, version=version,
+                                manifest_target=f"{name}/{version}/edgewise.json",
+                                targets_version=1, size_bytes=1, manifest={"kind": kind}))
+        session.add(Group(name="lab", kind="static", selector=[], window=None))
+        session.flush()
+        session.add(GroupMember(group_name="lab", device_id=in_group[0]))
+        for device_id, _key in (in_group, model_only):
+            device = session.get(Device, device_id)
+            device.assigned_release_id = device.release_id = "rel-m1"
+        session.commit()
+        app_rollout = rollouts.create_rollout(session, release_id="rel-a1",
+                                              group_name="lab", stages=[Stage("all", 100)])
+        rollouts.tick(session, app_rollout)
+        with pytest.raises(Conflict, match="of its hello component in progress"):
+            rollouts.create_rollout(session, release_id="rel-a2", group_name="lab",
+                                    stages=[Stage("all", 100)])
+        # The model's rollout in the same group is another component's: allowed.
+        model_rollout = rollouts.create_rollout(session, release_id="rel-m2",
+                                                group_name="lab",
+                                                stages=[Stage("all", 100)])
+        rollouts.tick(session, model_rollout)
+        app_rollout_id = app_rollout.id
 
-        answer = check_in(api, *in_group)
-        assert (answer["release_id"], answer["version"]) == ("rel-m2", "2.0.0")
-        assert [(c["component"], c["release_id"], c["rollout_id"])
-                for c in answer["components"]] == [("hello", "rel-a1", app_rollout_id)]
-        assert "components" not in check_in(api, *model_only)  # unchanged for older agents
-        api.cookies.set("edgewise_token", ADMIN)  # the dashboard's session cookie
-        page = api.get(f"/dashboard/devices/{in_group[0]}")
-        assert page.status_code == 200
-        assert 'data-testid="component-hello"' in page.text and "hello@1.0.0</a>" in page.text
+    answer = check_in(api, *in_group)
+    assert (answer["release_id"], answer["version"]) == ("rel-m2", "2.0.0")
+    assert [(c["component"], c["release_id"], c["rollout_id"])
+            for c in answer["components"]] == [("hello", "rel-a1", app_rollout_id)]
+    assert "components" not in check_in(api, *model_only)  # unchanged for older agents
+    api.cookies.set("edgewise_token", ADMIN)  # the dashboard's session cookie
+    page = api.get(f"/dashboard/devices/{in_group[0]}")
+    assert page.status_code == 200
+    assert 'data-testid="component-hello"' in page.text and "hello@1.0.0</a>" in page.text
 
-        with api.app.state.ctx.sessions() as session:
-            rollouts.operator_action(session, rollout_id=app_rollout_id, action="abort",
-                                     actor="test")
-            device = session.get(Device, in_group[0])
-            assert devices.assigned_release(session, device=device, component="hello") is None
-            assert device.assigned_release_id == "rel-m2"  # the model's rollout is untouched
-        assert "components" not in check_in(api, *in_group)  # no app assigned any more
+    with api.app.state.ctx.sessions() as session:
+        rollouts.operator_action(session, rollout_id=app_rollout_id, action="abort",
+                                 actor="test")
+        device = session.get(Device, in_group[0])
+        assert devices.assigned_release(session, device=device, component="hello") is None
+        assert device.assigned_release_id == "rel-m2"  # the model's rollout is untouched
+    assert "components" not in check_in(api, *in_group)  # no app assigned any more
