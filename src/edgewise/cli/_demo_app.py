@@ -192,6 +192,8 @@ def run_app_demo(*, workdir: str | None) -> None:
             app_v1 = publish(apps["1.0.0"])
             _wait_app(client, device["id"], app_v1, "committed", f"{APP}@1.0.0")
             first = _ask(app_port)
+            if first["model_status"] != 200:
+                fail(f"{APP}@1.0.0 is committed but its model call failed: {first}")
             console.print(f"[green]the app[/] on {device['name']} asked the model about its "
                           f"picture: {first['model']['label']} ({first['model']['score']:.2f}; "
                           f"truth: {truth}); the picture never left the device")
@@ -221,8 +223,8 @@ def run_app_demo(*, workdir: str | None) -> None:
             # ---- 5. a model update while the app keeps running -------------------------------
             container = _container_id(state)
             with _Poll(app_port) as poll:
-                model_v2 = publish(work / f"{MODEL}-1.1.0")
-                _wait(client, lambda d: d["state"] == "committed" and d["release_id"] == model_v2,
+                model_next = publish(work / f"{MODEL}-1.1.0")
+                _wait(client, lambda d: d["state"] == "committed" and d["release_id"] == model_next,
                       f"{MODEL}@1.1.0")
                 time.sleep(1.0)  # a few answers from the new model
             restarted = _container_id(state) != container
@@ -257,7 +259,7 @@ def run_app_demo(*, workdir: str | None) -> None:
     finally:  # the device goes away, and so does its app
         _reset_store(work / "device-1" / "containers")
     facts["seconds"] = round(time.monotonic() - started, 1)
-    _print_table(facts, image_bytes)
+    _print_table(facts)
     print_json(facts)
     ok = (facts["app"]["release"] == f"{APP}@2.0.0" and facts["app"]["healthy"]
           and facts["app"]["state"] == "rolled-back" and facts["model"]["state"] == "committed"
@@ -403,7 +405,7 @@ def _reset_store(directory: Path) -> None:
     shutil.rmtree(store.run_root.parent, ignore_errors=True)  # /run/edgewise-HASH
 
 
-def _print_table(facts: dict[str, Any], image_bytes: int) -> None:
+def _print_table(facts: dict[str, Any]) -> None:
     update, rollback, model = facts["app_update"], facts["rollback"], facts["model_update"]
     first = facts["first_answer"]
     table = Table(title=f"Edgewise demo --app: {facts['device']} after three app releases and "
