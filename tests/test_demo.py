@@ -101,3 +101,58 @@ def test_llm_demo_answers_ships_a_template_as_a_delta_and_rolls_back_a_collapsed
     assert "the adapter committed on 2/2" in result.stderr
     assert "the device knows the fact" in result.stderr
     assert "warning: blk." not in result.stderr  # llama.cpp's per-tensor log stays quiet
+
+
+@pytest.mark.slow
+def test_app_demo_ships_one_layer_rolls_back_a_broken_app_and_survives_a_model_update(
+        tmp_path: Path) -> None:
+    """`edgewise demo --app`: a container app that calls the device's model through the
+    agent's loopback API; app v2 travels as its changed layer, the broken v3 (its model calls
+    go to a path the agent does not serve) rolls back to v2 by itself, and the model update
+    that follows leaves the app's container running and answering, with the new model."""
+    from tests._apps import require_podman
+
+    require_podman()
+    refused = subprocess.run(edgewise_command("demo", "--app", "--devices", "2", "--workdir",
+                                              str(tmp_path / "refused")),
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1 and "runs one device" in refused.stderr
+    assert not (tmp_path / "refused").exists()
+
+    result = subprocess.run(edgewise_command("demo", "--app", "--workdir", str(tmp_path)),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    facts = json.loads(result.stdout.strip().splitlines()[-1])  # the very last line
+    first = facts["first_answer"]  # the app asked the model, on the device
+    assert first["app"] == "1.0.0" and first["model_status"] == 200
+    assert first["model"]["release"]["version"] == "1.0.0" and first["model"]["label"]
+    assert facts["app_v1_download"]["sent_bytes"] == facts["app_v1_download"]["full_bytes"]
+    assert facts["app_v1_download"]["full_bytes"] > 300_000  # the static binary's layer
+
+    # Only the changed layer (plus config, manifest, index) travelled: <= 1% of the image.
+    update = facts["app_update"]
+    assert update["full_bytes"] > 300_000  # the same binary layer (configs differ by bytes)
+    assert 0 < update["sent_bytes"] < 5_000 and update["ratio"] <= 0.01
+
+    # v3's health check made the model call, which failed; the device went back to v2.
+    rollback = facts["rollback"]
+    assert rollback["model_status"] == 404
+    assert "answered 503, expected 200" in rollback["reason"]
+    assert rollback["back_on"] == "camera@2.0.0" and rollback["healthy_after"]
+
+    # The model update: the app kept its container and answered all along, from both models.
+    model_update = facts["model_update"]
+    assert model_update["container_restarted"] is False
+    assert model_update["app_errors"] == 0 and model_update["app_answers"] >= 5
+    assert model_update["models_seen"] == ["fashion-mnist@1.0.0", "fashion-mnist@1.1.0"]
+    assert facts["model"] == {"release": "fashion-mnist@1.1.0", "state": "committed"}
+    app = facts["app"]
+    assert (app["release"], app["state"], app["healthy"]) == ("camera@2.0.0", "rolled-back", True)
+    assert app["answer"]["app"] == "2.0.0"
+    assert app["answer"]["model"]["release"]["version"] == "1.1.0"
+    table = result.stdout  # the summary table, its cells wrapped at 80 columns
+    for step in ("app v1", "app v2", "app v3", "model update"):
+        assert f"│ {step} " in table
+    assert f"{update['sent_bytes']:,}" in table and f"{update['full_bytes']:,}" in table
+    # The demo removed its containers and podman's mounts: its directory can be deleted.
+    assert str(tmp_path) not in Path("/proc/mounts").read_text()

@@ -238,11 +238,14 @@ class ContainerRuntime(ComponentRuntime):
         if spec.http is not None:
             url = f"http://127.0.0.1:{spec.http.port}{spec.http.path}"
             try:
-                status = httpx.get(url, timeout=spec.timeout_s).status_code
+                response = httpx.get(url, timeout=spec.timeout_s)
             except httpx.HTTPError as exc:
                 return False, f"GET {url}: {type(exc).__name__}: {exc}"
-            if status != spec.http.expect_status:
-                return False, f"GET {url} answered {status}, expected {spec.http.expect_status}"
+            if response.status_code != spec.http.expect_status:
+                # The app's own words on why, if any: its answer on one line, shortened.
+                said = " ".join(response.text.split())[:200]
+                return False, (f"GET {url} answered {response.status_code}, expected "
+                               f"{spec.http.expect_status}" + (f": {said}" if said else ""))
             return True, "ok"
         assert spec.command is not None
         try:

@@ -49,18 +49,31 @@ app.command()(events)
 @app.command()
 def demo(
     workdir: str = typer.Option(None, help="keep everything here (default: a temp dir)"),
-    devices: int = typer.Option(3, min=1, max=20, help="number of simulated devices"),
+    devices: int = typer.Option(None, min=1, max=20, help="number of simulated devices "
+                                "(default 3; --app runs one)"),
     bundle: Path = typer.Option(None, help="ship this bundle as v1 instead of training one: "
                                            "an `edgewise train --out DIR` result (DIR or "
                                            "DIR/bundle)"),
     llm: bool = typer.Option(False, "--llm", help="ship an LLM instead (SmolLM2-135M): v1, "
                              "a new chat template as a delta, a collapsed quant rolled back"),
+    app_: bool = typer.Option(False, "--app", help="ship a container app that calls the model "
+                              "next to it: an update of one layer, a broken version rolled "
+                              "back, a model update while the app runs (needs podman)"),
 ) -> None:
     """Build a model, serve it, update 3 agents to v1, then watch them reject a broken v2."""
+    from ._common import fail
+
+    if app_:
+        if llm or bundle is not None or (devices or 1) != 1:
+            fail("--app builds its own model and app and runs one device (its app listens "
+                 "on a fixed loopback port); leave out --llm, --bundle and --devices")
+        from ._demo_app import run_app_demo
+
+        run_app_demo(workdir=workdir)
+        return
+    devices = devices or 3
     if llm:
         if bundle is not None:
-            from ._common import fail
-
             fail("--llm builds its own model; --bundle is for image classifiers")
         from ._demo_llm import run_llm_demo
 

@@ -27,10 +27,12 @@ WAIT_S = 240.0
 
 
 @contextmanager
-def demo_fleet(work: Path, n_devices: int) -> Iterator[tuple[Any, Any, list[Path]]]:
+def demo_fleet(work: Path, n_devices: int, *, api_ports: list[int] | None = None
+               ) -> Iterator[tuple[Any, Any, list[Path]]]:
     """Keys (root/targets stay here, the online key goes to the server), a real server over
-    TLS (private CA) and `n_devices` enrolled, running agents; yields (operator client, keys,
-    device state directories) and stops everything after."""
+    TLS (private CA) and `n_devices` enrolled, running agents (with their loopback API on
+    `api_ports[i]` when given, else none); yields (operator client, keys, device state
+    directories) and stops everything after."""
     from ..agent import enroll
     from ..server.client import OperatorClient
     from ..sim import AgentProcess, ServerProcess
@@ -56,8 +58,10 @@ def demo_fleet(work: Path, n_devices: int) -> Iterator[tuple[Any, Any, list[Path
                    ca_path=certs.ca_cert)
             states.append(state)
             agents.append(AgentProcess(state_dir=state, poll_interval_s=1.0,
+                                       api_port=api_ports[i] if api_ports else None,
                                        log_path=work / f"device-{i + 1}.log").start())
-        console.print(f"[green]enrolled[/] {n_devices} devices, agents running")
+        console.print(f"[green]enrolled[/] {n_devices} device{'s' if n_devices > 1 else ''}, "
+                      f"agent{'s' if n_devices > 1 else ''} running")
         with client:
             yield client, keys, states
     finally:
