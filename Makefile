@@ -49,8 +49,13 @@ system-deps:
 demo: $(VENV)
 	$(BIN)/edgewise demo
 
+# Two workers: most end-to-end tests wait on processes (servers, agents, containers), so two
+# run in about 55% of the time one does on 2 cores. A file's tests stay on one worker (its
+# module fixtures are built once). TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
+
 test: system-deps $(VENV)
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
 
 test-quick: system-deps $(VENV)
 	$(BIN)/pytest -m 'not slow' -x -q

@@ -22,6 +22,7 @@ from edgewise.artifacts import (
     write_llm_bundle,
 )
 from edgewise.cli import app
+from edgewise.cli._common import out as cli_out
 from tests.conftest import device_auth
 
 BASE_GGUF_BYTES = 3_000_000
@@ -65,7 +66,7 @@ def adapter_bundle(tmp: Path, name: str, *, base_release: str, base_sha256: str,
 
 
 def test_adapter_releases_show_their_base_and_bytes_against_the_full_model(
-        live_server, enroll_agent, tmp_path: Path) -> None:
+        live_server, enroll_agent, tmp_path: Path, monkeypatch) -> None:
     base = live_server.publish(base_bundle(tmp_path), assign=False)
     base_sha = base["manifest"]["files"]["model.gguf"]["sha256"]
     lora = live_server.publish(adapter_bundle(tmp_path, "smollm2-lora",
@@ -117,9 +118,12 @@ def test_adapter_releases_show_their_base_and_bytes_against_the_full_model(
     assert out["transfer"]["full_model_bytes"] == BASE_GGUF_BYTES
 
     # ---- `edgewise releases list` ---------------------------------------------------------
+    # Wide enough for every cell on one line, whatever width the console took at import
+    # (COLUMNS is read then when set: pytest-xdist's workers have it).
+    monkeypatch.setattr(cli_out, "_width", 300)
     result = CliRunner().invoke(app, ["releases", "list", "--server", live_server.url,
                                       "--token", live_server.admin_token],
-                                env={"EDGEWISE_CA": str(live_server.ca), "COLUMNS": "300"})
+                                env={"EDGEWISE_CA": str(live_server.ca)})
     assert result.exit_code == 0, result.output
     rows = {line.split("│")[1].strip(): line for line in result.output.splitlines()
             if line.count("│") > 3}
