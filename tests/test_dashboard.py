@@ -73,6 +73,20 @@ def test_chart_lays_out_steps_markers_and_ticks_inside_the_plot() -> None:
     assert not c.empty
 
 
+def test_the_chart_data_table_stays_small_however_many_devices_changed() -> None:
+    # 30,000 devices, each committed at its own moment over an hour: the table keeps the
+    # last point of each unit across, so a rollout page of 100,000 devices renders quickly.
+    n = 30_000
+    points = progress_series(start=T0, assigned_counts=[(at(0), n)],
+                             outcomes=[(at(i * 3600 / n), f"d{i}", "committed")
+                                       for i in range(n)])
+    c = chart(points, [], total=n, end=at(3600))
+    assert len(c.points) <= c.width + 1
+    assert c.points[0] == points[0] and c.points[-1] == points[-1]
+    assert [p.ts for p in c.points] == sorted(p.ts for p in c.points)
+    assert c.points[-1].committed == n
+
+
 def test_chart_of_a_rollout_that_has_not_started_is_empty_but_drawable() -> None:
     c = chart(progress_series(start=T0, assigned=[], outcomes=[]), [], total=0, end=T0)
     left, top, right, bottom = c.plot

@@ -37,12 +37,14 @@ def big_fleet(api):
 def test_the_fleet_page_of_100k_devices_renders_in_under_a_second(big_fleet) -> None:
     big_fleet.cookies.set("edgewise_token", ADMIN)
     assert big_fleet.get("/dashboard/").status_code == 200  # warm: templates, caches
-    t0 = time.perf_counter()
-    page = big_fleet.get("/dashboard/")
-    took = time.perf_counter() - t0
-    assert page.status_code == 200
+    took = []  # the median of three: CI runs another test file beside this one
+    for _ in range(3):
+        t0 = time.perf_counter()
+        page = big_fleet.get("/dashboard/")
+        took.append(time.perf_counter() - t0)
+        assert page.status_code == 200
     assert "Showing the first 500 of 100000" in page.text
-    assert took < 1.0, f"{took:.2f} s"
+    assert sorted(took)[1] < 1.0, f"{took}"
 
     summary = big_fleet.get("/api/v1/devices-summary", headers=AUTH).json()
     assert summary == {"total": N, "by_state": {"idle": 33_334, "committed": 66_666},
@@ -125,9 +127,11 @@ def test_a_rollout_page_of_100k_devices_renders_in_under_a_second(big_fleet) -> 
     big_fleet.cookies.set("edgewise_token", ADMIN)
     assert big_fleet.get("/dashboard/rollouts/ro-big").status_code == 200  # warm
     for path in ("/dashboard/rollouts/ro-big", "/api/v1/rollouts/ro-big"):
-        t0 = time.perf_counter()
-        page = big_fleet.get(path, headers=AUTH)
-        took = time.perf_counter() - t0
-        assert page.status_code == 200, page.text[:500]
-        assert took < 1.0, f"{path}: {took:.2f} s"
+        took = []  # the median of three: CI runs another test file beside this one
+        for _ in range(3):
+            t0 = time.perf_counter()
+            page = big_fleet.get(path, headers=AUTH)
+            took.append(time.perf_counter() - t0)
+            assert page.status_code == 200, page.text[:500]
+        assert sorted(took)[1] < 1.0, f"{path}: {took}"
     assert "Showing the first 500 of 100000" in big_fleet.get("/dashboard/rollouts/ro-big").text

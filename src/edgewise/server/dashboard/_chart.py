@@ -82,6 +82,8 @@ class Chart:
     markers: list[tuple[float, str, str]]  # x, label, kind
     total: int
     empty: bool
+    # The chart's data as a table: the last point in each unit across (at most `width` rows,
+    # however many devices changed state), plus the first.
     points: list[Point] = field(default_factory=list)
 
 
@@ -110,8 +112,10 @@ def chart(points: Sequence[Point], markers: Sequence[Marker], *, total: int, end
     # One point per tenth of a unit across (the last there): the line looks the same, and
     # its size no longer grows with the fleet.
     drawn: dict[float, Point] = {}
+    table: dict[int, Point] = {}
     for p in points:
         drawn[x(p.ts)] = p
+        table[int(x(p.ts))] = p
     lines: dict[str, str] = {}
     for name in ("assigned", "committed", "failed"):
         coords: list[str] = []
@@ -141,4 +145,5 @@ def chart(points: Sequence[Point], markers: Sequence[Marker], *, total: int, end
                  any_failed=any(p.failed for p in points),
                  y_ticks=y_ticks, x_ticks=x_ticks,
                  markers=[(x(m.ts), m.label, m.kind) for m in markers], total=total,
-                 empty=not any(p.assigned for p in points), points=list(points))
+                 empty=not any(p.assigned for p in points),
+                 points=[*points[:1], *(p for p in table.values() if p is not points[0])])
