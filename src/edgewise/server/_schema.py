@@ -21,14 +21,14 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 __all__ = ["FIRST_REVISION", "SchemaError", "current_revision", "ensure_schema", "exclusive",
-           "head_revision", "migrate", "serialized", "target_metadata"]
+           "head_revision", "migrate", "serialized", "serialized_transaction", "target_metadata"]
 
 FIRST_REVISION = "0001"  # the schema of Edgewise 0.1.0, before migrations existed
 _LOCK_KEY = 0x45646765  # "Edge": the advisory lock every schema change takes (PostgreSQL)
 # Scheduled work that must run on one replica at a time, each under its own advisory lock.
 _WORK_KEYS = {"rollout-tick": _LOCK_KEY + 1, "notify": _LOCK_KEY + 2}
 # Work every replica may do, but one at a time (each waits for the lock).
-_SERIAL_KEYS = {"tuf-metadata": _LOCK_KEY + 3}
+_SERIAL_KEYS = {"tuf-metadata": _LOCK_KEY + 3, "audit": _LOCK_KEY + 4}
 
 
 class SchemaError(ValueError):
@@ -169,6 +169,14 @@ def serialized(engine: Engine, work: str, *, lock_file: Path) -> Iterator[None]:
                 connection.rollback()
                 connection.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
                 connection.commit()
+
+
+def serialized_transaction(session: Session, work: str) -> None:
+    """Make the rest of `session`'s transaction wait until no other server process's
+    transaction does `work`: a PostgreSQL advisory lock the commit or rollback releases. On
+    SQLite, a database one host's processes share, its write lock serialises writers."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _SERIAL_KEYS[work]})
 
 
 def _upgrade(connection: Connection, revision: str = "head") -> None:

@@ -33,6 +33,14 @@ def verify(session: SessionDep) -> dict[str, Any]:
     return {"ok": True, "entries": count, "first_bad_id": None, "reason": "ok"}
 
 
+def _writer(request: Request) -> service.AuditWriter:
+    state = request.app.state
+    writer = getattr(state, "audit_writer", None)
+    if writer is None:  # one per app (a process): its requests' entries are written together
+        writer = state.audit_writer = service.AuditWriter(state.ctx.sessions)
+    return writer
+
+
 class AuditMiddleware:
     """Records every mutating request after it ran, with the identity the auth layer found.
 
@@ -54,15 +62,9 @@ class AuditMiddleware:
             request = Request(scope)
             actor = getattr(request.state, "actor", None) or "anonymous"
             client = request.client.host if request.client else "?"
-            sessions = request.app.state.ctx.sessions
-            method, path, code = scope["method"], request.url.path, status
-
-            def write() -> None:
-                with sessions() as session:
-                    service.append(session, actor=actor, method=method, path=path,
-                                   status=code, client=client)
-
-            await run_in_threadpool(write)
+            writer = _writer(request)
+            await run_in_threadpool(writer.append, actor=actor, method=scope["method"],
+                                    path=request.url.path, status=status, client=client)
 
         async def send_recorded(message: Message) -> None:
             nonlocal status
