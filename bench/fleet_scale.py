@@ -203,6 +203,7 @@ def main() -> None:
                   "on_candidate_fraction": summary["on_candidate_fraction"],
                   "server_rss_mb_max": summary["server_rss_mb_max"],
                   "db_bytes": summary["db_bytes"], "timings_s": summary["timings_s"],
+                  "cpu_s": summary["cpu_s"],
                   "requests": summary["requests"], "bytes_down": summary["bytes_down"],
                   "failures_by_cause": summary["failures_by_cause"],
                   "workers": sc.workers, "load_avg_before": [round(x, 2) for x in load_before],

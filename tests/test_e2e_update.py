@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import ssl
 from pathlib import Path
 
+import httpx
 import pytest
 
 from edgewise.agent import agent_status
@@ -103,3 +105,49 @@ def test_server_refuses_targets_not_signed_by_the_operator(live_server, tiny_bun
                        targets_key_path=other.targets_key)
     with live_server.client() as c:
         assert c.releases() == []
+
+
+class ReportsSeen(httpx.BaseTransport):
+    """The agent's network, recording each report request; `old_server` answers a list of
+    reports as a server from before batches does (422)."""
+
+    def __init__(self, ca: Path, *, old_server: bool = False) -> None:
+        self.inner = httpx.HTTPTransport(verify=ssl.create_default_context(cafile=str(ca)))
+        self.old_server = old_server
+        self.posts: list[object] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "POST" and request.url.path == "/api/v1/device/reports":
+            body = json.loads(request.read())
+            self.posts.append(body)
+            if self.old_server and isinstance(body, list):
+                return httpx.Response(422, json={"detail": "Input should be a valid dictionary"})
+        return self.inner.handle_request(request)
+
+
+@pytest.mark.parametrize("old_server", [False, True], ids=["batches", "server-before-batches"])
+def test_an_update_of_quick_steps_reports_them_together(live_server, enroll_agent, tiny_bundle,
+                                                        old_server: bool) -> None:
+    from edgewise.agent import Agent, AgentConfig
+
+    state = enroll_agent("quick")
+    live_server.publish(tiny_bundle("1.0.0"))
+    seen = ReportsSeen(live_server.ca, old_server=old_server)
+    agent = Agent(AgentConfig(state_dir=state, transport=seen))
+    assert agent.run_cycle().value == "committed"
+    steps = ["downloading", "verifying", "installing", "activating", "health-checking",
+             "committed"]
+    if old_server:  # the batch refused once, then one report per request
+        assert seen.posts[0]["state"] == "downloading"
+        assert [len(p) for p in seen.posts[1:2]] == [5]
+        assert [p["state"] for p in seen.posts[2:]] == steps[1:]
+    else:  # the first step at once (the server sees the update start), the rest together
+        assert seen.posts[0]["state"] == "downloading"
+        assert [p["state"] for p in seen.posts[1]] == steps[1:] and len(seen.posts) == 2
+    assert not agent.record.outbox
+    device = server_device(live_server, state)
+    assert device["state"] == "committed"
+    with live_server.client() as c:
+        assert [e["state"] for e in c.events(device_id=device["id"])
+                if e["state"]][-6:] == steps
+    agent.close()

@@ -91,6 +91,29 @@ def test_reports_are_validated_and_logged(api: TestClient) -> None:
     assert api.get(f"/api/v1/devices/{device_id}", headers=admin(api)).json()["state"] == "failed"
 
 
+def test_a_batch_of_reports_is_applied_in_order_all_or_none(api: TestClient) -> None:
+    device_id, creds = enroll(api)
+    batch = [{"state": "downloading", "event": "update-available"},
+             {"state": "failed", "event": "error", "message": "disk full"},
+             {"state": "idle", "event": "no-update"}]
+    assert api.post("/api/v1/device/reports", auth=creds, json=batch).status_code == 204
+    events = api.get("/api/v1/events", params={"device_id": device_id}, headers=admin(api))
+    assert [e["kind"] for e in events.json()] == ["enrolled", "update-available", "error",
+                                                 "no-update"]
+    assert api.get(f"/api/v1/devices/{device_id}", headers=admin(api)).json()["state"] == "idle"
+    # One bad report refuses the whole batch: nothing of it is applied.
+    bad = [{"state": "downloading", "event": "update-available"},
+           {"state": "failed", "event": "error", "release_id": "rel-nope"}]
+    assert api.post("/api/v1/device/reports", auth=creds, json=bad).status_code == 404
+    assert len(api.get("/api/v1/events", params={"device_id": device_id},
+                       headers=admin(api)).json()) == 4
+    assert api.get(f"/api/v1/devices/{device_id}", headers=admin(api)).json()["state"] == "idle"
+    for size in (0, 101):
+        r = api.post("/api/v1/device/reports", auth=creds,
+                     json=[{"state": "idle", "event": "no-update"}] * size)
+        assert r.status_code == 422, size
+
+
 def test_assign_unknown_release_or_device(api: TestClient) -> None:
     r = api.post("/api/v1/assignments", json={"release_id": "rel-x"}, headers=admin(api))
     assert r.status_code == 404
@@ -160,3 +183,29 @@ def test_a_failure_the_device_will_retry_is_not_an_outcome(api: TestClient, keys
     assert api.post("/api/v1/device/reports", auth=creds, json=body).status_code == 204
     with api.app.state.ctx.sessions() as session:
         assert session.get(InstallResult, (device_id, release["id"])).outcome == "failed"
+
+
+def test_metadata_is_served_with_etags_and_changes_are_seen_at_once(api: TestClient, keys,
+                                                                    tiny_bundle) -> None:
+    client = _operator(api)
+    publish_bundle(client, tiny_bundle("1.0.0"), root_path=keys.root_json,
+                   targets_key_path=keys.targets_key)
+    first = api.get("/tuf/metadata/timestamp.json")
+    etag = first.headers["etag"]
+    assert first.status_code == 200 and first.headers["cache-control"] == "no-cache"
+    # Unchanged: 304 and no body for whoever kept the tag (a mirror, a CDN).
+    again = api.get("/tuf/metadata/timestamp.json", headers={"If-None-Match": etag})
+    assert again.status_code == 304 and again.content == b"" and again.headers["etag"] == etag
+    assert api.get("/tuf/metadata/timestamp.json",
+                   headers={"If-None-Match": '"other", W/' + etag}).status_code == 304
+    versioned = api.get("/tuf/metadata/1.targets.json")
+    assert "immutable" in versioned.headers["cache-control"]
+    # A publish replaces timestamp.json: the next request gets the new file, never the
+    # cached one, and the old tag no longer matches.
+    publish_bundle(client, tiny_bundle("1.1.0"), root_path=keys.root_json,
+                   targets_key_path=keys.targets_key)
+    newer = api.get("/tuf/metadata/timestamp.json", headers={"If-None-Match": etag})
+    assert newer.status_code == 200 and newer.headers["etag"] != etag
+    on_disk = (api.app.state.ctx.repo.metadata_dir / "timestamp.json").read_bytes()
+    assert newer.content == on_disk != first.content
+    assert api.get("/tuf/metadata/9.targets.json").status_code == 404

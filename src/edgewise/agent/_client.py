@@ -92,3 +92,7 @@ class ServerClient:
 
     def report(self, report: dict[str, Any]) -> None:
         self._request("POST", "/api/v1/device/reports", json=report)
+
+    def reports(self, reports: list[dict[str, Any]]) -> None:
+        """Several reports in one request, applied by the server in order, all or none."""
+        self._request("POST", "/api/v1/device/reports", json=reports)

@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -107,6 +108,9 @@ class FaultPoint:
         return cls(State(state), when or "before")  # type: ignore[arg-type]
 
 
+REPORT_BATCH = 100  # reports per request (the server takes up to 100)
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     state_dir: Path
@@ -115,6 +119,9 @@ class AgentConfig:
     request_timeout_s: float = 15.0
     fault: FaultPoint | None = None
     drift_report_interval_s: float = 300.0  # input-drift aggregates go up at most this often
+    # Reports of steps inside an update wait up to this long to go up together (rest states
+    # and steps after a slow one are sent at once).
+    report_batch_s: float = 1.0
     # RAM a new model may use (LLM health checks); None: what the kernel says is available.
     ram_limit_mb: float | None = None
     # Seams for the fleet simulator (edgewise.sim); None keeps the real default. The network
@@ -149,6 +156,8 @@ class Agent:
         self.containers = ContainerRuntime(self.paths.root / "containers")
         self._app_checked = False
         self._lock = threading.RLock()
+        self._reported_at = float("-inf")  # monotonic time of the last report sent
+        self._batch_reports = True  # until a server refuses a list of reports (422)
         self._handlers: dict[State, Callable[[AgentRecord], Event]] = {
             **{rest: self._check for rest in REST_STATES},
             State.DOWNLOADING: self._download,
@@ -238,6 +247,7 @@ class Agent:
                 for lane in self.record.lanes():
                     if lane.blocked and lane.state in REST_STATES:
                         self._run_lane(lane, max_steps)
+            self._flush_reports()  # what a waiting state held back
         finally:
             self._cycle_wanted = None
         return self.record.state
@@ -354,7 +364,7 @@ class Agent:
             self.paths.defer_path.unlink(missing_ok=True)
         self.paths.save_record(self.record)  # persist before the next handler acts
         log.info("%s: %s --%s--> %s", rec.component, state, event, nxt)
-        self._flush_reports()
+        self._flush_reports(urgent=nxt in REST_STATES)
 
     def _remember(self, rec: AgentRecord, state: State, event: str, message: str,
                   target_id: str | None = None, extra: dict | None = None) -> None:
@@ -376,13 +386,35 @@ class Agent:
             "state", "event", "message", "release_id", "target_release_id", "component")},
             "detail": detail})
 
-    def _flush_reports(self) -> None:
+    def _flush_reports(self, *, urgent: bool = True) -> None:
+        """Send the outbox, oldest first, as one request. Not `urgent` (a step inside an
+        update): held while the previous send was less than `report_batch_s` ago, so an
+        update whose steps take milliseconds reports them together when it comes to rest;
+        after a slow step (a download) the next report goes at once."""
         rec = self.record
+        if not rec.outbox:
+            return
+        now = time.monotonic()
+        if not urgent and now - self._reported_at < self.config.report_batch_s:
+            return
+        self._reported_at = now
+        # What this agent reads now (the server picks delta patch formats from it).
+        items = [{**item, "delta_versions": list(READABLE_VERSIONS)} for item in rec.outbox]
         sent = 0
-        for item in list(rec.outbox):
+        if self._batch_reports and len(items) > 1:
             try:
-                # What this agent reads now (the server picks delta patch formats from it).
-                self.client.report({**item, "delta_versions": list(READABLE_VERSIONS)})
+                for start in range(0, len(items), REPORT_BATCH):
+                    chunk = items[start:start + REPORT_BATCH]
+                    self.client.reports(chunk)
+                    sent = start + len(chunk)
+            except AgentTransportError as exc:
+                if exc.status_code is None or not 400 <= exc.status_code < 500:
+                    items = []  # offline: keep the rest for later, in order
+                elif exc.status_code == 422:
+                    self._batch_reports = False  # a server from before batches
+        for item in items[sent:]:  # one at a time: the server refused a batch
+            try:
+                self.client.report(item)
             except AgentTransportError as exc:
                 if exc.status_code is not None and 400 <= exc.status_code < 500:
                     log.warning("server refused a report, dropping it: %s", exc)

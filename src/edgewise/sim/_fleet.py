@@ -55,7 +55,15 @@ from ._faults import (
 )
 from ._invariants import db_snapshot
 from ._network import DeviceLink, LinkStats, SimTransport, shared_transport
-from ._processes import AgentProcess, ServerProcess, free_port, process_tree, tree_rss_mb
+from ._processes import (
+    AgentProcess,
+    ServerProcess,
+    free_port,
+    listening_postmaster,
+    process_tree,
+    tree_cpu_s,
+    tree_rss_mb,
+)
 from ._scenario import HardwareProfile, NetworkProfile, ReleaseSpec, Scenario
 
 __all__ = ["Fleet", "FleetResult", "SimDevice", "run_fleet"]
@@ -439,6 +447,29 @@ class Fleet:
         return total
         return 0.0
 
+    def _cpu(self) -> dict[str, float]:
+        """CPU seconds so far by role: this simulator process (every in-process agent), the
+        server replicas, nginx, PostgreSQL (a cluster on this machine, found by its port)."""
+        sim = os.times()
+        cpu = {"simulator": sim.user + sim.system,
+               "server": sum(tree_cpu_s(r.proc.pid) for r in self.replicas
+                             if r.proc is not None and r.proc.poll() is None)}
+        if self.lb is not None and self.lb.proc is not None:
+            cpu["nginx"] = tree_cpu_s(self.lb.proc.pid)
+        port = httpx.URL(self.db_url.replace("+psycopg", "")).port \
+            if self.db_url.startswith("postgresql") else None
+        postmaster = listening_postmaster(port) if port else None
+        if postmaster is not None:
+            cpu["postgres"] = tree_cpu_s(postmaster)
+        return cpu
+
+    def _cpu_phase(self, name: str, since: dict[str, float]) -> dict[str, float]:
+        """Record the CPU seconds each role spent since `since` as phase `name`."""
+        now = self._cpu()
+        self.timings.setdefault("cpu_s", {})[name] = {
+            k: round(v - since.get(k, 0.0), 1) for k, v in now.items()}
+        return now
+
     def _poll_rollout(self) -> None:
         if self.rollout_id is None:
             return
@@ -532,6 +563,7 @@ class Fleet:
 
             # Baseline: the agents install it themselves (the real update path).
             t = time.monotonic()
+            cpu = self._cpu()
             deadline = t + sc.timeout_s
             self._api("POST", "/api/v1/assignments",
                       json={"release_id": self.release_ids["baseline"], "device_ids": None})
@@ -548,6 +580,7 @@ class Fleet:
                 p.proc.wait(timeout_s=sc.timeout_s)
             self._wait_baseline(self.release_ids["baseline"], deadline)
             self.timings["baseline_s"] = time.monotonic() - t
+            cpu = self._cpu_phase("baseline", cpu)
             self.say(f"baseline installed on the fleet in {self.timings['baseline_s']:.1f}s")
 
             # Rollout, with faults armed.
@@ -593,6 +626,7 @@ class Fleet:
                 timed_out = True
                 self.say("timed out")
             self.timings["rollout_s"] = time.monotonic() - t_roll
+            self._cpu_phase("rollout", cpu)
             self._stop.set()
             with self._cond:
                 self._cond.notify_all()

@@ -169,6 +169,32 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
+def tree_cpu_s(pid: int) -> float:
+    """CPU time (user + system) of `pid` and its live descendants so far, seconds."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for p in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
+def listening_postmaster(port: int) -> int | None:
+    """The PostgreSQL postmaster started with `-p PORT`, if one runs here."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if args and args[0].endswith(b"postgres") and b"-p" in args and \
+                str(port).encode() in args:
+            return int(cmdline.parent.name)
+    return None
+
+
 def tree_rss_mb(pid: int) -> float:
     """Resident memory of `pid` and its descendants, MB."""
     total = 0.0

@@ -14,6 +14,7 @@ import os
 import re
 import tempfile
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime, timedelta
@@ -28,6 +29,7 @@ from ._errors import KeyFileError, VerificationError
 
 __all__ = ["ServerRepository"]
 
+_SERVED_FILES = 64  # metadata files kept in memory for serving
 _METADATA_NAME = re.compile(r"^(?:(\d+)\.)?(root|targets|snapshot|timestamp|deltas)\.json$")
 DELTAS = "deltas"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -80,6 +82,11 @@ class ServerRepository:
         # every write of metadata, so versions follow one another whoever signs them.
         self._serialize = serialize
         self._write_depth = 0
+        # Metadata as served, by file name: ((mtime_ns, size, inode), bytes, ETag), newest
+        # last; and the online roles' expiry times by the timestamp file's (mtime, size,
+        # inode). A file another process replaces gets a new inode, so neither goes stale.
+        self._served: OrderedDict[str, tuple[tuple[int, int, int], bytes, str]] = OrderedDict()
+        self._expiry: tuple[tuple[int, int, int], datetime, datetime] | None = None
         self._signer = online_signer
         self._timestamp_expiry = timestamp_expiry
         self._snapshot_expiry = snapshot_expiry
@@ -176,6 +183,31 @@ class ServerRepository:
             filename = f"{self.root.signed.version}.root.json"
         path = self.metadata_dir / filename
         return path if path.is_file() else None
+
+    def metadata_bytes(self, filename: str) -> tuple[bytes, str] | None:
+        """A metadata file's bytes and an ETag for them (None: no such file), from memory
+        while the file on disk is unchanged: every device asks for timestamp.json at each
+        update, and most files never change once written."""
+        path = self.metadata_file(filename)
+        if path is None:
+            return None
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return None
+        key = (st.st_mtime_ns, st.st_size, st.st_ino)
+        with self._lock:
+            hit = self._served.get(path.name)
+            if hit is not None and hit[0] == key:
+                self._served.move_to_end(path.name)
+                return hit[1], hit[2]
+        data = path.read_bytes()
+        etag = f'"{hashlib.sha256(data).hexdigest()[:32]}"'
+        with self._lock:
+            self._served[path.name] = (key, data, etag)
+            while len(self._served) > _SERVED_FILES:
+                self._served.popitem(last=False)
+        return data, etag
 
     def _timestamp(self) -> Metadata[Timestamp] | None:
         path = self.metadata_dir / "timestamp.json"
@@ -366,11 +398,19 @@ class ServerRepository:
 
     def _online_metadata_aging(self, now: datetime) -> bool:
         with self._lock:
-            ts = self._timestamp()
-            if ts is None:
+            try:
+                st = (self.metadata_dir / "timestamp.json").stat()
+            except FileNotFoundError:
                 return False
-            snap_version = ts.signed.snapshot_meta.version
-            snap = Metadata[Snapshot].from_bytes(
-                (self.metadata_dir / f"{snap_version}.snapshot.json").read_bytes()).signed
-            return (ts.signed.expires - now <= self._timestamp_expiry / 2
-                    or snap.expires - now <= self._snapshot_expiry / 2)
+            key = (st.st_mtime_ns, st.st_size, st.st_ino)
+            if self._expiry is None or self._expiry[0] != key:  # parsed once per new file
+                ts = self._timestamp()
+                if ts is None:
+                    return False
+                snap_version = ts.signed.snapshot_meta.version
+                snap = Metadata[Snapshot].from_bytes(
+                    (self.metadata_dir / f"{snap_version}.snapshot.json").read_bytes()).signed
+                self._expiry = (key, ts.signed.expires, snap.expires)
+            _key, ts_expires, snap_expires = self._expiry
+            return (ts_expires - now <= self._timestamp_expiry / 2
+                    or snap_expires - now <= self._snapshot_expiry / 2)

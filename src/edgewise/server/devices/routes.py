@@ -236,13 +236,25 @@ async def my_assignment(request: Request) -> Response:
     return Response(answer.json(), media_type="application/json")
 
 
+MAX_REPORT_BATCH = 100
+
+
 @router.post("/device/reports", status_code=204, tags=["device API"])
-def report(body: ReportIn, device: DeviceDep, session: SessionDep, request: Request) -> None:
-    request.app.state.metrics.reports.labels(event=body.event).inc()
-    service.report(session, device=device, state=body.state, event=body.event,
-                   release_id=body.release_id, target_release_id=body.target_release_id,
-                   message=body.message, detail=body.detail,
-                   delta_versions=body.delta_versions, component=body.component)
+def report(body: ReportIn | Annotated[list[ReportIn], Field(min_length=1,
+                                                             max_length=MAX_REPORT_BATCH)],
+           device: DeviceDep, session: SessionDep, request: Request) -> None:
+    """One report, or several in the order the device made them (its outbox): applied in
+    one transaction, all or none (a refused batch changes nothing; the agent then sends its
+    reports one at a time, so one bad report cannot hold back the others)."""
+    for item in body if isinstance(body, list) else [body]:
+        service.report(session, device=device, state=item.state, event=item.event,
+                       release_id=item.release_id, target_release_id=item.target_release_id,
+                       message=item.message, detail=item.detail,
+                       delta_versions=item.delta_versions, component=item.component,
+                       commit=False)
+    session.commit()
+    for item in body if isinstance(body, list) else [body]:
+        request.app.state.metrics.reports.labels(event=item.event).inc()
 
 
 @router.post("/devices/{device_id}/revoke", response_model=DeviceOut)

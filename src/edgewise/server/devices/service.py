@@ -218,7 +218,9 @@ def report(
     detail: dict[str, Any],
     delta_versions: list[int] | None = None,
     component: str = MODEL_COMPONENT,
+    commit: bool = True,
 ) -> None:
+    """Apply one agent report (`commit=False`: the caller commits, e.g. after a batch)."""
     if state not in AGENT_STATES:
         raise Conflict(f"unknown agent state {state!r}")
     for rid in {release_id, target_release_id} - {None}:
@@ -251,7 +253,8 @@ def report(
         result.finished_at = utcnow()
         if detail.get("health"):
             result.health = detail["health"]
-    session.commit()
+    if commit:
+        session.commit()
 
 
 def _check_timezone(name: str) -> None:

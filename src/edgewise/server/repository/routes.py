@@ -13,13 +13,28 @@ router = APIRouter(prefix="/tuf", tags=["TUF repository"])
 
 
 @router.get("/metadata/{filename}")
-def metadata(filename: str, repo: RepoDep) -> FileResponse:
+def metadata(filename: str, repo: RepoDep, request: Request) -> Response:
+    """Served from memory while the file is unchanged, with an ETag: a mirror or a device
+    that sends `If-None-Match` with it gets 304 and no body. timestamp.json and root.json
+    may change at any time (no-cache: revalidate); a versioned file (N.role.json) never
+    changes."""
     if filename == "timestamp.json":
         repo.refresh_online_metadata()
-    path = repo.metadata_file(filename)
-    if path is None:
+    found = repo.metadata_bytes(filename)
+    if found is None:
         raise NotFound(f"no metadata {filename}")
-    return FileResponse(path, media_type="application/json")
+    body, etag = found
+    cache = "public, max-age=31536000, immutable" if filename[:1].isdigit() else "no-cache"
+    headers = {"ETag": etag, "Cache-Control": cache}
+    tags = _etags(request.headers.get("if-none-match", ""))
+    if etag in tags or "*" in tags:
+        return Response(status_code=304, headers=headers)
+    return Response(body, media_type="application/json", headers=headers)
+
+
+def _etags(header: str) -> set[str]:
+    """The entity tags of an If-None-Match header (weak ones compare as strong here)."""
+    return {tag.strip().removeprefix("W/") for tag in header.split(",") if tag.strip()}
 
 
 @router.get("/targets/{target_path:path}")
