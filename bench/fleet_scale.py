@@ -53,10 +53,10 @@ def emit(line: dict) -> None:
 # ---- the scenario: 5% faulty devices, 3 stages ----------------------------------------------
 
 def scenario(n: int, db: str, workers: int, timeout_s: float, replicas: int = 1,
-             server_workers: int = 1) -> Scenario:
+             server_workers: int = 1, poll_interval_s: float = 2.0) -> Scenario:
     return Scenario(
         name=f"fleet-scale-{db}-{n}", devices=n, workers=workers, seed=1,
-        poll_interval_s=2.0, timeout_s=timeout_s, sample_s=max(1.0, n / 1000),
+        poll_interval_s=poll_interval_s, timeout_s=timeout_s, sample_s=max(1.0, n / 1000),
         server={"db": db, "rollout_tick_s": 1.0, "replicas": replicas,
                 "workers": server_workers},
         rollout={"stages": "canary:1%,pilot:10%,broad:100%",
@@ -163,6 +163,9 @@ def main() -> None:
     ap.add_argument("--server-workers", type=int, default=1,
                     help="uvicorn workers per replica (PostgreSQL only above 1)")
     ap.add_argument("--timeout-s", type=float, default=3600)
+    ap.add_argument("--poll-interval-s", type=float, default=2.0,
+                    help="each simulated device's poll interval (x 0.5-1.5 jitter); with "
+                         "thousands of devices the simulator polls as fast as it can at 2 s")
     ap.add_argument("--checkin-s", type=float, default=8.0)
     ap.add_argument("--levels", default="1,2,4,8,16,32")
     ap.add_argument("--presigned-levels", default="1,4,16,64",
@@ -187,7 +190,8 @@ def main() -> None:
         else:
             os.environ.pop(SLOW_CHECKIN_ENV, None)
         sc = scenario(args.devices, db, args.workers, args.timeout_s,
-                      args.replicas if pg else 1, args.server_workers if pg else 1)
+                      args.replicas if pg else 1, args.server_workers if pg else 1,
+                      args.poll_interval_s)
         work = Path(tempfile.mkdtemp(prefix=f"fleet-{db}-", dir=args.workdir))
         load_before = os.getloadavg()
 
@@ -197,7 +201,8 @@ def main() -> None:
                   "faulty": summary["faulty"], "stages": summary["stages"],
                   "wall_s": summary["wall_s"], "bricked": summary["bricked"],
                   "lost_records": summary["lost_records"], "db": db,
-                  "replicas": sc.server.replicas, "workers": sc.server.workers})
+                  "replicas": sc.server.replicas, "workers": sc.server.workers,
+                  "poll_interval_s": sc.poll_interval_s})
             emit({"bench": "rollout-resources", "db": db, "devices": summary["devices"],
                   "rollout_status": summary["rollout"]["status"], "passed": passed,
                   "on_candidate_fraction": summary["on_candidate_fraction"],

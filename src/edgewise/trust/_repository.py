@@ -87,6 +87,8 @@ class ServerRepository:
         # inode). A file another process replaces gets a new inode, so neither goes stale.
         self._served: OrderedDict[str, tuple[tuple[int, int, int], bytes, str]] = OrderedDict()
         self._expiry: tuple[tuple[int, int, int], datetime, datetime] | None = None
+        self._signed_targets: tuple[tuple[int, int, int], dict[str, TargetFile],
+                                    dict[str, TargetFile]] | None = None
         self._signer = online_signer
         self._timestamp_expiry = timestamp_expiry
         self._snapshot_expiry = snapshot_expiry
@@ -225,13 +227,23 @@ class ServerRepository:
             return (self.metadata_dir / f"{version}.targets.json").read_bytes()
 
     def target(self, path: str) -> TargetFile | None:
-        if path.startswith(f"{DELTAS}/"):
-            deltas = self._current_deltas()
-            return deltas.signed.targets.get(path) if deltas else None
-        current = self.current_targets()
-        if current is None:
+        """The signed info of a current target (or delta target), None if there is none.
+        Both roles' targets are parsed once per timestamp file: a new targets or deltas
+        version always comes with a new snapshot and so a new timestamp."""
+        try:
+            st = (self.metadata_dir / "timestamp.json").stat()
+        except FileNotFoundError:
             return None
-        return Metadata[Targets].from_bytes(current).signed.targets.get(path)
+        key = (st.st_mtime_ns, st.st_size, st.st_ino)
+        with self._lock:
+            if self._signed_targets is None or self._signed_targets[0] != key:
+                current = self.current_targets()
+                deltas = self._current_deltas()
+                self._signed_targets = (
+                    key, Metadata[Targets].from_bytes(current).signed.targets if current else {},
+                    deltas.signed.targets if deltas else {})
+            _key, targets, delta_targets = self._signed_targets
+        return (delta_targets if path.startswith(f"{DELTAS}/") else targets).get(path)
 
     def _snapshot(self) -> Metadata[Snapshot] | None:
         ts = self._timestamp()
