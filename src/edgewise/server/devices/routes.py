@@ -196,6 +196,19 @@ def device_components(device_id: str, session: SessionDep) -> list[DeviceCompone
             for c in service.components(session, device=device)]
 
 
+@router.delete("/devices/{device_id}/components/{component}",
+               response_model=DeviceComponentOut)
+def unassign_component(device_id: str, component: str, session: SessionDep,
+                       operator: Annotated[Operator, OperatorDep]) -> DeviceComponentOut:
+    """Remove a component (an app, configuration files) from a device: its assignment is
+    cleared now; the device stops and deletes it at its next check-in and reports it, and
+    the component's row disappears then."""
+    row = service.unassign_component(session, device_id=device_id, component=component,
+                                     actor=operator.name)
+    return DeviceComponentOut(component=row.component, assigned_release_id=None,
+                              release_id=row.release_id, state=row.state)
+
+
 @router.post("/assignments", response_model=list[DeviceOut], dependencies=[OperatorDep])
 def assign(body: AssignIn, session: SessionDep) -> list[DeviceOut]:
     devices = service.assign(session, release_id=body.release_id, device_ids=body.device_ids)

@@ -1,8 +1,10 @@
 """Device enrollment, assignment and status reports.
 
 A device runs one release per component (`artifacts.component_of`): its model (the columns
-on `Device`) and each container app (`DeviceComponent` rows). Assigning a release replaces the
-assignment of its component only; a report updates the component it names.
+on `Device`) and each container app or set of configuration files (`DeviceComponent` rows).
+Assigning a release replaces the assignment of its component only; a report updates the
+component it names. Unassigning a component (`unassign_component`) tells the device to remove
+it; its row goes when the device reports it removed.
 """
 
 from __future__ import annotations
@@ -144,6 +146,26 @@ def set_assignment(session: Session, *, device: Device, component: str,
         _component_row(session, device, component).assigned_release_id = release_id
 
 
+def unassign_component(session: Session, *, device_id: str, component: str,
+                       actor: str) -> DeviceComponent:
+    """Clear the assignment of one component of a device besides its model: the device stops
+    and removes it at its next check-in, and its report of that deletes the row."""
+    device = get_device(session, device_id=device_id)
+    if component == MODEL_COMPONENT:
+        raise InvalidInput("the model component cannot be removed from a device: assign "
+                           "another release instead")
+    row = session.get(DeviceComponent, (device.id, component))
+    if row is None:
+        raise NotFound(f"device {device_id} has no component {component!r}")
+    previous = row.assigned_release_id
+    row.assigned_release_id = None
+    row.updated_at = utcnow()
+    events.record(session, kind="unassigned", device_id=device.id, release_id=previous,
+                  message=f"{component} unassigned by {actor}: the device removes it")
+    session.commit()
+    return row
+
+
 def running_release(session: Session, *, device: Device, component: str) -> str | None:
     """The release the device last reported it runs as `component`."""
     if component == MODEL_COMPONENT:
@@ -234,8 +256,17 @@ def report(
         for rid in {release_id, target_release_id} - {None}:
             if release_component(session.get(Release, rid)) != component:
                 raise Conflict(f"release {rid} is not a release of component {component!r}")
-        row = _component_row(session, device, component)
-        row.state, row.release_id, row.updated_at = state, release_id, utcnow()
+        if event == "removed":
+            # The device no longer runs it: the row goes, unless the component was assigned
+            # again meanwhile (then the device installs it again at its next check-in).
+            row = session.get(DeviceComponent, (device.id, component))
+            if row is not None and row.assigned_release_id is None:
+                session.delete(row)
+            elif row is not None:
+                row.state, row.release_id, row.updated_at = "idle", None, utcnow()
+        else:
+            row = _component_row(session, device, component)
+            row.state, row.release_id, row.updated_at = state, release_id, utcnow()
     if delta_versions is not None:  # kept from the last report that said (older agents never do)
         device.status["delta_versions"] = sorted(set(delta_versions))
     events.record(session, kind=event, device_id=device.id,
