@@ -291,3 +291,50 @@ def test_config_files_update_roll_back_survive_power_cuts_and_components_are_rem
     finally:
         reset_store(state / "containers")
         reset_store(storage)
+
+
+def test_the_fleet_and_release_pages_count_devices_per_component_release(api) -> None:
+    """Devices run an app and config files beside their model: the summary API, the fleet
+    page and each release's page count them per release, whatever its component."""
+    import re
+
+    from edgewise.server.devices.models import Device, DeviceComponent
+    from edgewise.server.releases.models import Release
+    from tests.test_checkin import enroll
+
+    ids = [enroll(api)[0] for _ in range(3)]
+    with api.app.state.ctx.sessions() as session:
+        for rid, name, kind in (("rel-m1", "tiny", "image-classifier"), ("rel-a1", "hello", "app"),
+                                ("rel-c1", "site", "config")):
+            session.add(Release(id=rid, name=name, version="1.0.0",
+                                manifest_target=f"{name}/1.0.0/edgewise.json",
+                                targets_version=1, size_bytes=1, manifest={"kind": kind}))
+        session.flush()
+        for device_id in ids:
+            session.get(Device, device_id).release_id = "rel-m1"
+        for device_id, component, running, assigned in (
+                (ids[0], "hello", "rel-a1", "rel-a1"), (ids[1], "hello", "rel-a1", "rel-a1"),
+                (ids[2], "hello", None, "rel-a1"), (ids[0], "site", "rel-c1", None)):
+            session.add(DeviceComponent(device_id=device_id, component=component,
+                                        release_id=running, assigned_release_id=assigned,
+                                        state="committed"))
+        session.commit()
+
+    summary = api.get("/api/v1/devices-summary", headers=AUTH).json()
+    assert summary["by_release"] == {"rel-m1": 3}
+    assert summary["by_component_release"] == {"rel-a1": 2, "rel-c1": 1}
+
+    api.cookies.set("edgewise_token", ADMIN)
+    page = api.get("/dashboard/").text
+    table = page.split('data-testid="by-release"', 1)[1].split("</table>", 1)[0]
+    counts = dict(re.findall(r'<td>([^<]+)</td><td class="num">(\d+)</td>', table))
+    assert counts == {"tiny@1.0.0": "3", "hello@1.0.0": "2", "site@1.0.0": "1"}
+    releases = page.split('data-testid="releases"', 1)[1].split("</table>", 1)[0]
+    running = dict(re.findall(r'>([a-z]+)@1\.0\.0</a>.*?<td class="num">(\d+)</td></tr>',
+                              releases, re.S))
+    assert running == {"tiny": "3", "hello": "2", "site": "1"}
+    app_page = api.get("/dashboard/releases/rel-a1").text
+    assert "2 running, 3 assigned (as their app component hello)" in app_page
+    assert "1 running, 0 assigned (as their config component site)" in api.get(
+        "/dashboard/releases/rel-c1").text
+    assert "3 running, 0 assigned</dd>" in api.get("/dashboard/releases/rel-m1").text

@@ -112,6 +112,12 @@ class FleetCounts:
     total: int
     by_state: dict[str, int]
     by_release: dict[str | None, int]  # release id (None: no release yet) -> devices on it
+    # Releases of the other components (apps, config files) -> devices that run them.
+    by_component_release: dict[str, int]
+
+    def running(self, release_id: str) -> int:
+        """Devices that run this release, whatever its component."""
+        return self.by_release.get(release_id, 0) + self.by_component_release.get(release_id, 0)
 
 
 def fleet_counts(session: Session) -> FleetCounts:
@@ -120,7 +126,23 @@ def fleet_counts(session: Session) -> FleetCounts:
         select(Device.state, func.count()).group_by(Device.state)).all())
     by_release = dict(session.execute(
         select(Device.release_id, func.count()).group_by(Device.release_id)).all())
-    return FleetCounts(total=sum(by_state.values()), by_state=by_state, by_release=by_release)
+    by_component = dict(session.execute(
+        select(DeviceComponent.release_id, func.count())
+        .where(DeviceComponent.release_id.is_not(None))
+        .group_by(DeviceComponent.release_id)).all())
+    return FleetCounts(total=sum(by_state.values()), by_state=by_state, by_release=by_release,
+                       by_component_release=by_component)
+
+
+def release_device_counts(session: Session, *, release: Release) -> tuple[int, int]:
+    """(devices running, devices assigned) this release, as their model or as the component
+    it is."""
+    if release_component(release) == MODEL_COMPONENT:
+        running, assigned = Device.release_id, Device.assigned_release_id
+    else:
+        running, assigned = DeviceComponent.release_id, DeviceComponent.assigned_release_id
+    return (session.scalar(select(func.count()).where(running == release.id)) or 0,
+            session.scalar(select(func.count()).where(assigned == release.id)) or 0)
 
 
 def release_component(release: Release) -> str:
