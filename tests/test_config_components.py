@@ -193,6 +193,15 @@ def test_config_files_update_roll_back_survive_power_cuts_and_components_are_rem
         assert run_once(state, tmp_path) == 0
         assert answer() == "unknown\n"  # no configuration yet
 
+        # First files the app fails with: rolled back to no files at all, the link removed
+        # and the app restarted without them.
+        live_server.publish(_greeting(tmp_path, "0.1.0", "broken"))
+        assert run_once(state, tmp_path) == 0
+        app = agent_status(state)["components"]["greeting"]
+        assert (app["state"], app["release"]) == ("rolled-back", None), app
+        assert not current.exists() and not current.is_symlink()
+        assert answer() == "unknown\n"
+
         # The first files: checked, made current, the app restarted with them mounted,
         # healthy: committed. The model answers throughout.
         model = LocalModel(state)
