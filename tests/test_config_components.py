@@ -347,3 +347,42 @@ def test_the_fleet_and_release_pages_count_devices_per_component_release(api) ->
     assert "1 running, 0 assigned (as their config component site)" in api.get(
         "/dashboard/releases/rel-c1").text
     assert "3 running, 0 assigned</dd>" in api.get("/dashboard/releases/rel-m1").text
+
+
+def test_config_files_without_an_app_and_a_removal_cut_short_finishes(
+        live_server, enroll_agent, tmp_path: Path) -> None:
+    """No containers: files no app reads are checked, made current and committed; removing
+    them is finished by the next cycle whatever a power cut left on disk (the record, the
+    link, the slots: each removal step is idempotent and the record goes last)."""
+    state = enroll_agent("plain")
+    current = state / "config" / "site" / "current"
+    device = server_device(live_server, state)
+    for left_on_disk in ("link and slots", "slots only", "nothing"):
+        src = _files(tmp_path / f"site-{len(left_on_disk)}", site_toml='mode = "fast"\n')
+        version = f"1.0.{len(left_on_disk)}"
+        write_config_bundle(tmp_path / f"site-{version}", src, name="site", version=version)
+        live_server.publish(tmp_path / f"site-{version}")
+        assert run_once(state, tmp_path) == 0
+        status = agent_status(state)["components"]["site"]
+        assert (status["state"], status["release"]) == ("committed", f"site@{version}"), status
+        assert status["last_health"]["reason"] == "ok"
+        assert (current / "site.toml").read_text() == 'mode = "fast"\n'
+
+        with live_server.client() as c:
+            c.unassign_component(device["id"], "site")
+        # What a power cut part way through the removal leaves (the record always stays).
+        if left_on_disk != "link and slots":
+            current.unlink()
+        if left_on_disk == "nothing":
+            import shutil
+
+            shutil.rmtree(state / "slots" / "components" / "site")
+        assert run_once(state, tmp_path) == 0
+        assert agent_status(state)["components"] == {}, left_on_disk
+        assert not (state / "config" / "site").exists()
+        assert not (state / "slots" / "components" / "site").exists()
+        with live_server.client() as c:
+            assert c.device_components(device["id"]) == [], left_on_disk
+            removed = [e for e in c.events(device_id=device["id"]) if e["kind"] == "removed"]
+        last = max(removed, key=lambda e: e["id"])
+        assert last["message"] == f"removed site@{version}: no longer assigned", last

@@ -329,7 +329,7 @@ class Agent:
             log.warning("%s: %s", rec.component, rec.last_error)
             return
         self._component_slots.pop(rec.component, None)
-        label = release.release_name if release is not None else "nothing installed"
+        label = rec.installed.label if rec.installed is not None else "nothing installed"
         self._remember(rec, State.IDLE, "removed", f"removed {label}: no longer assigned",
                        target_id=None)
         del self.record.components[rec.component]
