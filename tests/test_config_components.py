@@ -386,3 +386,53 @@ def test_config_files_without_an_app_and_a_removal_cut_short_finishes(
             removed = [e for e in c.events(device_id=device["id"]) if e["kind"] == "removed"]
         last = max(removed, key=lambda e: e["id"])
         assert last["message"] == f"removed site@{version}: no longer assigned", last
+
+
+# (v2 kind, state to cut power in, when, expected final state, files current at the end)
+CUTS = [
+    (kind, state, when, final, text)
+    for kind, states, final, text in [
+        ("good", ["downloading", "verifying", "installing", "activating", "health-checking"],
+         "committed", "two"),
+        ("invalid", ["downloading", "verifying", "installing"], "failed", "one"),
+    ]
+    for state in states
+    for when in ("before", "after")
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("kind", "state", "when", "final", "text"), CUTS,
+                         ids=[f"{c[0]}-{c[1]}-{c[2]}" for c in CUTS])
+def test_power_cut_in_every_state_of_a_config_update(live_server, enroll_agent,
+                                                      tmp_path: Path, kind: str, state: str,
+                                                      when: str, final: str,
+                                                      text: str) -> None:
+    """SIGKILL the agent in every state of a config update (files no app reads; one whose
+    check fails), before and after the state's side effect: while it is down the current
+    files are the old or the new ones, whole, and the restarted agent finishes."""
+    agent = enroll_agent("crashy-config")
+    current = agent / "config" / "site" / "current"
+
+    def publish(version: str, value: str) -> None:
+        src = _files(tmp_path / f"src-{version}", site_json=json.dumps({"mode": value}))
+        write_config_bundle(tmp_path / f"site-{version}", src, name="site", version=version,
+                            check={"command": ["sh", "-c", "! grep -q invalid site.json"]})
+        live_server.publish(tmp_path / f"site-{version}")
+
+    publish("1.0.0", "one")
+    assert run_once(agent, tmp_path) == 0
+    publish("2.0.0", "two" if kind == "good" else "invalid")
+    assert run_once(agent, tmp_path, fault=f"{state}:{when}") == -signal.SIGKILL
+    saved = json.loads((agent / "state.json").read_text())["components"]["site"]["state"]
+    assert saved == state if when == "before" else saved in (state, final)
+    live = json.loads((current / "site.json").read_text())["mode"]
+    assert live == "one" or (live == "two" and state in ("activating", "health-checking"))
+
+    assert run_once(agent, tmp_path) == 0
+    status = agent_status(agent)["components"]["site"]
+    expected = "site@2.0.0" if final == "committed" else "site@1.0.0"
+    assert (status["state"], status["release"]) == (final, expected), status
+    assert json.loads((current / "site.json").read_text()) == {"mode": text}
+    if final == "failed":
+        assert "site@2.0.0 is invalid: its check" in status["last_error"]
