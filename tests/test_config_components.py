@@ -30,6 +30,7 @@ from edgewise.artifacts import (
     write_config_bundle,
 )
 from edgewise.cli import app as cli
+from edgewise.server.client import ServerApiError
 from edgewise.sim import free_port
 from tests._apps import app_context, app_section, require_podman, reset_store, server_binary
 from tests.conftest import ADMIN
@@ -350,7 +351,7 @@ def test_the_fleet_and_release_pages_count_devices_per_component_release(api) ->
 
 
 def test_config_files_without_an_app_and_a_removal_cut_short_finishes(
-        live_server, enroll_agent, tmp_path: Path) -> None:
+        live_server, enroll_agent, tiny_bundle, tmp_path: Path) -> None:
     """No containers: files no app reads are checked, made current and committed; removing
     them is finished by the next cycle whatever a power cut left on disk (the record, the
     link, the slots: each removal step is idempotent and the record goes last)."""
@@ -386,6 +387,14 @@ def test_config_files_without_an_app_and_a_removal_cut_short_finishes(
             removed = [e for e in c.events(device_id=device["id"]) if e["kind"] == "removed"]
         last = max(removed, key=lambda e: e["id"])
         assert last["message"] == f"removed site@{version}: no longer assigned", last
+
+    # A name keeps its kind: config files named like a model are refused at publish.
+    live_server.publish(tiny_bundle("1.0.0"), assign=False)
+    write_config_bundle(tmp_path / "tiny-cfg", _files(tmp_path / "tiny-src", a_json="{}"),
+                        name="tiny", version="2.0.0")
+    with pytest.raises(ServerApiError, match=r"tiny@2.0.0 is of kind config, and "
+                       r"tiny@1.0.0 of kind image-classifier: a name keeps its kind"):
+        live_server.publish(tmp_path / "tiny-cfg")
 
 
 # (v2 kind, state to cut power in, when, expected final state, files current at the end)
