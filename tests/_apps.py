@@ -1,6 +1,7 @@
 """A tiny real container app for the app-release tests: a static C HTTP server (gcc -static,
-FROM scratch, ~0.7 MB) that answers its version from /version.txt, and 500 on /health when
-that version starts with "broken". Versions differ only in the version.txt layer."""
+FROM scratch, ~0.7 MB) that answers its version from /version.txt (or the file named by
+$VERSION_FILE: a config component's), and 500 on /health when that version starts with
+"broken". Versions differ only in the version.txt layer."""
 
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ static int check(int port) { /* `server check`: the health command, GET /health 
 int main(int argc, char **argv) {
   if (argc > 1 && strcmp(argv[1], "check") == 0)
     return check(getenv("PORT") ? atoi(getenv("PORT")) : 8080);
-  FILE *f = fopen("/version.txt", "r");
+  const char *vf = getenv("VERSION_FILE"); /* e.g. a config component's file */
+  FILE *f = fopen(vf ? vf : "/version.txt", "r");
   if (f) {
     if (!fgets(version, sizeof version, f)) version[0] = 0;
     fclose(f);

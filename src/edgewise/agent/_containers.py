@@ -11,7 +11,8 @@ Podman runs with the agent's own store (`STATE/containers/storage`, run-time fil
 allows, no systemd needed); docker, when it is what the device has, runs with the daemon's
 storage. Apps get `--init` (a PID 1 that ignores SIGTERM would make every stop wait out the
 timeout) and host networking (they reach the agent's loopback API, and the health check
-reaches them on loopback).
+reaches them on loopback); the current files of every config component that names the app
+are mounted read-only into its container (`_configs.mounts_for`) each time it starts.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 import httpx
 
 from ..artifacts import AppManifest, AppSpec, PodmanStore
+from ._configs import mounts_for
 from ._errors import AgentError
 from ._runtime import ComponentRuntime, HealthReport
 
@@ -125,12 +127,16 @@ class ContainerEngine:
     def remove_image(self, image: str) -> None:
         self._run("rmi", image, check=False)
 
-    def start(self, name: str, image: str, app: AppSpec) -> None:
-        """(Re)start container `name` from `image`: any container of that name goes first."""
+    def start(self, name: str, image: str, app: AppSpec,
+              mounts: list[tuple[Path, str]] | None = None) -> None:
+        """(Re)start container `name` from `image`, with `mounts` (host directory, path in the
+        container) read-only: any container of that name goes first."""
         self.remove(name)
         env = [arg for key, value in sorted(app.env.items()) for arg in ("-e", f"{key}={value}")]
+        volumes = [arg for host, inside in mounts or []
+                   for arg in ("-v", f"{host}:{inside}:ro")]
         self._run("run", "-d", "--name", name, "--init", "--network", "host",
-                  "--restart", app.restart, "--label", "edgewise.app=1", *env, image)
+                  "--restart", app.restart, "--label", "edgewise.app=1", *env, *volumes, image)
 
     def remove(self, name: str) -> None:
         """Stop (SIGTERM, then SIGKILL after `STOP_TIMEOUT_S`) and remove; no error if absent."""
@@ -161,8 +167,9 @@ class ContainerRuntime(ComponentRuntime):
     """The component runtime of app bundles. The engine is found at first use, so agents that
     never install an app never look for one."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, config_root: Path | None = None) -> None:
         self.root = Path(root)
+        self.config_root = config_root  # where config components' current files are
         self._engine: ContainerEngine | None = None
 
     @property
@@ -194,7 +201,9 @@ class ContainerRuntime(ComponentRuntime):
         image = app_image(manifest)
         if not engine.has_image(image):  # the store was wiped: the slot still has the layout
             engine.import_layout(slot_dir, manifest.app.ref, image)
-        engine.start(container_name(manifest.name), image, manifest.app)
+        mounts = (mounts_for(self.config_root, manifest.name)
+                  if self.config_root is not None else [])
+        engine.start(container_name(manifest.name), image, manifest.app, mounts)
 
     def ensure_running(self, slot_dir: Path, manifest: AppManifest) -> bool:
         """Start the committed app if its container is gone or stopped (after a reboot, or
@@ -207,6 +216,13 @@ class ContainerRuntime(ComponentRuntime):
 
     def stop(self, slot_dir: Path, manifest: AppManifest) -> None:
         self.engine.remove(container_name(manifest.name))
+
+    def remove(self, manifest: AppManifest) -> None:
+        """The app leaves the device: its container and every image of it in the store."""
+        engine = self.engine
+        engine.remove(container_name(manifest.name))
+        for image in engine.images(f"localhost/edgewise/{manifest.name}:"):
+            engine.remove_image(image)
 
     def health_check(self, slot_dir: Path, manifest: AppManifest) -> HealthReport:
         """Probe the running app as its manifest says (see `AppHealth`)."""

@@ -4,11 +4,13 @@ Invariant: the record (state + data) is persisted atomically *before* the handle
 runs, and each handler is idempotent, so a power cut anywhere leaves the device on its old
 or its new release, and a restarted agent resumes from `resume_state(saved)`.
 
-A device runs a set of components (`artifacts.component_of`): the model the agent serves and
-each container app. Every component has its own record (`AgentRecord.lanes`) and A/B slots,
-and goes through the one state machine; a cycle carries each component's update to a rest state
-in turn, so updating one never stops another. A release's `depends` are checked against the
-other components' committed releases before anything is downloaded (`DependencyUnmet`).
+A device runs a set of components (`artifacts.component_of`): the model the agent serves,
+each container app and each set of configuration files. Every component has its own record
+(`AgentRecord.lanes`) and A/B slots, and goes through the one state machine; a cycle carries
+each component's update to a rest state in turn, so updating one never stops another. A
+release's `depends` are checked against the other components' committed releases before
+anything is downloaded (`DependencyUnmet`). A component whose assignment the server cleared
+is removed at rest (`_remove_component`): stopped, its slots deleted, then forgotten.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from ..artifacts import (
     MODEL_COMPONENT,
     AppManifest,
     BundleError,
+    ConfigManifest,
     LlmAdapterManifest,
     LlmManifest,
     Manifest,
@@ -55,6 +58,7 @@ from ..trust import (
 from ..windows import in_window
 from ._anomaly import flush_drift
 from ._client import ServerClient
+from ._configs import ConfigInvalid, ConfigRuntime
 from ._containers import ContainerError, ContainerRuntime
 from ._errors import (
     AgentConfigError,
@@ -153,7 +157,10 @@ class Agent:
         self._cycle_wanted: dict[str, ReleaseRef] | AgentTransportError | None = None
         # The component runtime seam, one backend per kind (`_runtime`).
         self.models = ModelRuntime(ram_limit_mb=config.ram_limit_mb)
-        self.containers = ContainerRuntime(self.paths.root / "containers")
+        self.containers = ContainerRuntime(self.paths.root / "containers",
+                                           config_root=self.paths.root / "config")
+        self.configs = ConfigRuntime(self.paths.root / "config", containers=self.containers,
+                                     committed_app=self._committed_app)
         self._app_checked = False
         self._lock = threading.RLock()
         self._reported_at = float("-inf")  # monotonic time of the last report sent
@@ -236,6 +243,10 @@ class Agent:
             self._cycle_wanted = exc  # each component's check records it, none asks again
         try:
             wanted = self._cycle_wanted if isinstance(self._cycle_wanted, dict) else {}
+            if isinstance(self._cycle_wanted, dict):  # the server answered: it wants these
+                for name in sorted(set(self.record.components) - set(wanted)):
+                    if self.record.components[name].state in REST_STATES:
+                        self._remove_component(self.record.components[name])
             for component in sorted(set(wanted) - {MODEL_COMPONENT}):
                 if component not in self.record.components:
                     self.record.components[component] = AgentRecord(component=component)
@@ -289,6 +300,63 @@ class Agent:
             except ContainerError as exc:
                 log.error("cannot start the committed app %s: %s", manifest.release_name, exc)
 
+    def _remove_component(self, rec: AgentRecord) -> None:
+        """The server no longer assigns this component: stop it (an app's container and its
+        images go; a config's current files go and its app restarts without them), delete
+        its slots, forget its record and report it. Refused while a committed component
+        depends on it. Each step is idempotent, and the record is dropped last, so a power
+        cut part way removes the rest at the next cycle."""
+        release = self._slot_manifest(rec, rec.installed_slot)
+        if release is not None:
+            after = self._committed_versions(besides=rec)
+            for lane in self.record.lanes():
+                committed = (self._slot_manifest(lane, lane.installed_slot)
+                             if lane is not rec else None)
+                broken = (unmet_dependencies(committed.depends, after)
+                          if committed is not None else [])
+                if broken:
+                    why = (f"{release.release_name} stays: {committed.release_name} needs "
+                           f"{'; '.join(broken)}; unassign or update it first")
+                    if rec.last_error != why:
+                        rec.last_error = why
+                        log.warning("%s", why)
+                        self._remember(rec, rec.state, "remove-refused", why)
+                        self.paths.save_record(self.record)
+                        self._flush_reports()
+                    return
+        slots = self.slots_of(rec)
+        staged = (release or self._slot_manifest(rec, "a") or self._slot_manifest(rec, "b"))
+        try:
+            if isinstance(staged, AppManifest):  # its images too, a staged one's included
+                self.containers.remove(staged)
+            elif release is not None:
+                assert rec.installed_slot is not None
+                self._runtime(release).stop(slots.path(rec.installed_slot), release)
+            shutil.rmtree(slots.dir, ignore_errors=True)
+            shutil.rmtree(self.paths.root / "config" / rec.component, ignore_errors=True)
+        except (OSError, RuntimeError, ContainerError) as exc:
+            rec.last_error = f"removing failed, will retry: {exc}"
+            log.warning("%s: %s", rec.component, rec.last_error)
+            return
+        self._component_slots.pop(rec.component, None)
+        label = rec.installed.label if rec.installed is not None else "nothing installed"
+        self._remember(rec, State.IDLE, "removed", f"removed {label}: no longer assigned",
+                       target_id=None)
+        del self.record.components[rec.component]
+        self.paths.save_record(self.record)
+        log.info("%s: removed (%s)", rec.component, label)
+        self._flush_reports()
+
+    def _committed_app(self, name: str) -> tuple[Path, AppManifest] | None:
+        """(committed slot, manifest) of app component `name`, if the device runs it."""
+        lane = self.record.components.get(name)
+        if lane is None or lane.installed_slot is None:
+            return None
+        manifest = self._slot_manifest(lane, lane.installed_slot)
+        if not isinstance(manifest, AppManifest):
+            return None
+        return self.slots_of(lane).path(lane.installed_slot), manifest
+
     def _slot_manifest(self, rec: AgentRecord, slot: str | None) -> Manifest | None:
         if slot is None:
             return None
@@ -327,7 +395,11 @@ class Agent:
                     f"{committed.name} first")
 
     def _runtime(self, manifest: Manifest) -> ComponentRuntime:
-        return self.containers if isinstance(manifest, AppManifest) else self.models
+        if isinstance(manifest, AppManifest):
+            return self.containers
+        if isinstance(manifest, ConfigManifest):
+            return self.configs
+        return self.models
 
     def _transition(self, rec: AgentRecord, state: State, event: Event, nxt: State) -> None:
         target = rec.target
@@ -344,7 +416,9 @@ class Agent:
             # at the next check, and a rollout should wait for it, not count it as failed.
             attempt = rec.attempts.get(target.release_id, 0) + 1
             limit = self.config.max_attempts_per_release
-            extra = {"attempt": attempt, "max_attempts": limit, "will_retry": attempt < limit}
+            final = {target.release_id, target.manifest_target} & set(rec.rejected)
+            extra = {"attempt": attempt, "max_attempts": limit,
+                     "will_retry": attempt < limit and not final}
         self._remember(rec, nxt, event.value, message,
                        target_id=target.release_id if target else None, extra=extra)
         if nxt in REST_STATES:
@@ -725,6 +799,9 @@ class Agent:
             installed = self._slot_manifest(rec, rec.installed_slot)
             self._runtime(manifest).stage(path, manifest,
                                           keep=[installed] if installed is not None else [])
+        except ConfigInvalid as exc:  # the files fail their own checks: never again
+            self._reject(rec, str(exc))
+            return self._fail(rec, exc)
         except (OSError, RuntimeError, BundleError, ContainerError, UpdateRejected) as exc:
             return self._fail(rec, exc)
         return Event.INSTALLED

@@ -1,5 +1,5 @@
-"""Bundles (manifest + content-addressed files: models, LLMs, container apps) and their
-validation."""
+"""Bundles (manifest + content-addressed files: models, LLMs, container apps, configuration
+files) and their validation."""
 
 from ._app_image import archive_format, build_app, import_app
 from ._bundle import (
@@ -14,6 +14,7 @@ from ._bundle import (
     write_llm_adapter_bundle,
     write_llm_bundle,
 )
+from ._config import check_config_formats, write_config_bundle
 from ._errors import (
     ArtifactError,
     BundleError,
@@ -29,6 +30,7 @@ from ._manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     MODEL_COMPONENT,
+    NAMED_KINDS,
     OCI_INDEX,
     OCI_LAYOUT,
     AdapterSpec,
@@ -36,6 +38,9 @@ from ._manifest import (
     AppManifest,
     AppSpec,
     BundleManifest,
+    ConfigCheck,
+    ConfigManifest,
+    ConfigSpec,
     DetectorSpec,
     FileEntry,
     GenerationDefaults,
@@ -72,6 +77,7 @@ __all__ = [
     "MANIFEST_NAME",
     "MODEL_COMPONENT",
     "MODEL_NAME",
+    "NAMED_KINDS",
     "OCI_INDEX",
     "OCI_LAYOUT",
     "AppHealth",
@@ -81,6 +87,9 @@ __all__ = [
     "PodmanStore",
     "BundleError",
     "BundleManifest",
+    "ConfigCheck",
+    "ConfigManifest",
+    "ConfigSpec",
     "DeltaBaseError",
     "DeltaError",
     "DeltaFormatError",
@@ -104,6 +113,7 @@ __all__ = [
     "Preprocessing",
     "archive_format",
     "build_app",
+    "check_config_formats",
     "check_oci_layout",
     "containers_conf",
     "check_relative_path",
@@ -120,6 +130,7 @@ __all__ = [
     "read_manifest",
     "validate_bundle",
     "write_app_bundle",
+    "write_config_bundle",
     "write_bundle",
     "write_llm_adapter_bundle",
     "write_llm_bundle",

@@ -3,7 +3,8 @@
 Invariant: `validate_bundle` returns a manifest only when the directory holds exactly the
 files the manifest lists (plus the manifest), each a regular file (never a symlink) with the
 listed size and sha256, the model is an ONNX protobuf and no file is a pickle; an app
-bundle's OCI layout is exactly its one image (`_oci`).
+bundle's OCI layout is exactly its one image (`_oci`); a config bundle's files parse as the
+formats it declares (`_config`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ._manifest import (
     AdapterSpec,
     AppManifest,
     BundleManifest,
+    ConfigManifest,
     DetectorSpec,
     FileEntry,
     GeneratorSpec,
@@ -115,6 +117,9 @@ def _check_file_kind(rel: str, path: Path, manifest: Manifest) -> None:
         if is_oci_file(rel):  # an image's blobs: checked as a whole by check_oci_layout
             return
     suffix = Path(rel).suffix.lower()
+    if isinstance(manifest, ConfigManifest):
+        _check_config_file(rel, path, suffix)
+        return
     if suffix in _PICKLE_SUFFIXES:
         raise BundleError(f"{rel}: {suffix} files may hold pickles and are not allowed in a bundle")
     if suffix not in _MODEL_SUFFIXES | _DATA_SUFFIXES:
@@ -134,6 +139,17 @@ def _check_file_kind(rel: str, path: Path, manifest: Manifest) -> None:
         _check_safetensors(rel, path)
     elif suffix == ".gguf" and not head.startswith(b"GGUF"):
         raise BundleError(f"{rel}: not a GGUF file (bad magic)")
+
+
+def _check_config_file(rel: str, path: Path, suffix: str) -> None:
+    """Configuration files may have any name (an app decides what it reads), but never hold a
+    pickle: nothing on a device unpickles, and no bundle carries one."""
+    if suffix in _PICKLE_SUFFIXES:
+        raise BundleError(f"{rel}: {suffix} files may hold pickles and are not allowed in a bundle")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if _looks_like_pickle(head):
+        raise BundleError(f"{rel}: file is a Python pickle; pickles are not allowed in a bundle")
 
 
 def _check_safetensors(rel: str, path: Path) -> None:
@@ -225,6 +241,10 @@ def validate_bundle(bundle_dir: Path | str) -> Manifest:
         from ._oci import check_oci_layout
 
         check_oci_layout(bundle_dir, manifest)
+    elif isinstance(manifest, ConfigManifest):
+        from ._config import check_config_formats
+
+        check_config_formats(bundle_dir, manifest)
     return manifest
 
 

@@ -4,21 +4,24 @@ Invariant: a manifest that parsed is internally consistent: every path it names 
 relative path inside the bundle, the model is listed among the files, and the golden set
 describes a health check the device can run without any other information.
 
-Three kinds of bundle share the format: image models (`BundleManifest`: ONNX, a golden set of
+Four kinds of bundle share the format: image models (`BundleManifest`: ONNX, a golden set of
 input tensors; an object detector's golden set holds the boxes it must find, and its
 `detection` section how they are compared), LLMs (`LlmManifest`: a GGUF file, golden
-prompts, a perplexity bound) and container apps (`AppManifest`: an OCI image layout whose
+prompts, a perplexity bound), container apps (`AppManifest`: an OCI image layout whose
 blobs are the bundle's files, plus the health check, restart policy and environment the
-device runs it with). An LLM adapter (`LlmAdapterManifest`: a GGUF LoRA adapter) names the
-base model it applies to by the sha256 of the base's GGUF.
+device runs it with) and configuration files (`ConfigManifest`: the files themselves, how
+the device checks them, and the app that reads them, if any). An LLM adapter
+(`LlmAdapterManifest`: a GGUF LoRA adapter) names the base model it applies to by the
+sha256 of the base's GGUF.
 A manifest names the reader features it needs in `requires`; a reader that lacks one refuses
 the manifest with a message that says to update, before any other file is fetched.
 
 Every bundle is one **component** of its device (`component_of`): the agent serves one model
 itself (image model, LLM or adapter: the component "model", whatever the release's name), and
-runs each container app as the component of its name. A bundle may `depends` on releases of
-other components by name and version range (`{"fashion": ">=3,<4"}`, PEP 440 specifiers); such
-a manifest requires the reader feature "depends".
+runs each container app and each set of configuration files as the component of its name.
+A bundle may `depends` on releases of other components by name and version range
+(`{"fashion": ">=3,<4"}`, PEP 440 specifiers); such a manifest requires the reader feature
+"depends".
 """
 
 from __future__ import annotations
@@ -40,6 +43,10 @@ __all__ = [
     "AppManifest",
     "AppSpec",
     "BundleManifest",
+    "CONFIG_FORMATS",
+    "ConfigCheck",
+    "ConfigManifest",
+    "ConfigSpec",
     "GenerationDefaults",
     "HttpProbe",
     "GoldenPrompt",
@@ -57,6 +64,7 @@ __all__ = [
     "OCI_LAYOUT",
     "Preprocessing",
     "MODEL_COMPONENT",
+    "NAMED_KINDS",
     "check_relative_path",
     "component_of",
     "satisfies",
@@ -69,14 +77,20 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "edgewise.json"
 # Reader features a manifest may require (`requires`); image bundles require none, so readers
 # that predate the field still read them.
-FEATURES = frozenset({"llm-gguf", "llm-lora", "oci-app", "object-detection", "depends"})
+FEATURES = frozenset({"llm-gguf", "llm-lora", "oci-app", "object-detection", "depends",
+                      "config-file"})
 # The component of every bundle kind the agent serves itself (one at a time: the local API's).
 MODEL_COMPONENT = "model"
 
 
+# Kinds whose releases are each a component of their own name (the rest are the model).
+NAMED_KINDS = frozenset({"app", "config"})
+
+
 def component_of(kind: str, name: str) -> str:
-    """The device component a release of this kind and name is: "model", or an app's name."""
-    return name if kind == "app" else MODEL_COMPONENT
+    """The device component a release of this kind and name is: "model", or the name of an
+    app or of a set of configuration files."""
+    return name if kind in NAMED_KINDS else MODEL_COMPONENT
 
 
 def _specifier(spec: str):
@@ -601,7 +615,75 @@ class LlmAdapterManifest(_ManifestBase):
         return json.dumps(self._dump(), indent=2, sort_keys=True) + "\n"
 
 
-Manifest = BundleManifest | LlmManifest | LlmAdapterManifest | AppManifest
+# How the device checks a configuration file before it becomes active.
+CONFIG_FORMATS = ("json", "toml", "text")
+_RELEASE_NAME = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+# Written into every slot by the agent (`agent._slots`): no configuration file may take it.
+_SLOT_META = "slot.json"
+
+
+class ConfigCheck(_Strict):
+    """A command the agent runs on the device before the files become active: argv (no
+    shell), in the directory of the new files (also in `EDGEWISE_CONFIG_DIR`); exit 0 means
+    valid. Killed after `timeout_s`."""
+
+    command: tuple[str, ...] = Field(min_length=1)
+    timeout_s: float = Field(default=10.0, gt=0, le=600)
+
+
+class ConfigSpec(_Strict):
+    """Configuration files: each file of `formats` must parse as that format (`text`: UTF-8)
+    before it is activated, `check` (if any) must pass, and `app`, the app component that
+    reads them (if any), sees them read-only at `mount` inside its container, is restarted
+    with them, and its health check is theirs."""
+
+    formats: dict[str, Literal["json", "toml", "text"]] = Field(default_factory=dict)
+    check: ConfigCheck | None = None
+    app: str | None = Field(default=None, pattern=_RELEASE_NAME)
+    mount: str | None = Field(default=None, pattern=r"^/[A-Za-z0-9._/-]{0,254}$")
+
+
+class ConfigManifest(_ManifestBase):
+    kind: Literal["config"] = "config"
+    requires: tuple[str, ...] = ("config-file",)
+    config: ConfigSpec = ConfigSpec()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ConfigManifest:
+        if "config-file" not in self.requires:
+            raise ValueError("a config bundle must require the reader feature 'config-file'")
+        if self.name == MODEL_COMPONENT:
+            raise ValueError(f"configuration files cannot be named {MODEL_COMPONENT!r}: that "
+                             "is the component of the model the agent serves")
+        if not self.files:
+            raise ValueError("a config bundle holds at least one file")
+        for path in self.files:
+            if path == _SLOT_META:
+                raise ValueError(f"{_SLOT_META} is the device's own slot record: rename the "
+                                 "file")
+            if any(part.startswith(".") for part in path.split("/")):
+                raise ValueError(f"{path!r}: hidden files (a name starting with '.') are not "
+                                 "installed on the device: rename it")
+        for path in self.config.formats:
+            if path not in self.files:
+                raise ValueError(f"formats: {path!r} is not listed in files")
+        if self.config.app == self.name:
+            raise ValueError(f"{self.name}: the app that reads the files needs a name of its "
+                             "own")
+        if self.config.mount is not None:
+            check_relative_path(self.config.mount[1:])
+        return self
+
+    @property
+    def mount(self) -> str:
+        """Where the app sees the files inside its container."""
+        return self.config.mount or f"/etc/edgewise/config/{self.name}"
+
+    def to_json(self) -> str:
+        return json.dumps(self._dump(), indent=2, sort_keys=True) + "\n"
+
+
+Manifest = BundleManifest | LlmManifest | LlmAdapterManifest | AppManifest | ConfigManifest
 
 
 def parse_manifest(data: bytes | str) -> Manifest:
@@ -626,7 +708,7 @@ def parse_manifest(data: bytes | str) -> Manifest:
                           f"this Edgewise does not have ({', '.join(missing)}): update the "
                           "agent to install it")
     cls = {"llm": LlmManifest, "llm-adapter": LlmAdapterManifest,
-           "app": AppManifest}.get(raw.get("kind"), BundleManifest)
+           "app": AppManifest, "config": ConfigManifest}.get(raw.get("kind"), BundleManifest)
     try:
         return cls.model_validate(raw)
     except ValidationError as exc:

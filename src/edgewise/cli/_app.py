@@ -36,7 +36,7 @@ app.add_typer(audit_app, name="audit")
 app.command()(publish)
 # Commands owned by other modules register themselves (train/eval, delta, compress, ...).
 for _module in ("_rollouts", "_ml", "_delta", "_compress", "_llm", "_sim", "_gen", "_apps",
-                "_detect"):
+                "_config", "_detect"):
     try:
         __import__(f"{__package__}.{_module}", fromlist=["register"]).register(app)
     except ModuleNotFoundError as _exc:

@@ -238,6 +238,7 @@ def bundle_validate(bundle: Path) -> None:
     from ..artifacts import (
         AppManifest,
         BundleError,
+        ConfigManifest,
         LlmAdapterManifest,
         LlmManifest,
         validate_bundle,
@@ -247,7 +248,12 @@ def bundle_validate(bundle: Path) -> None:
         manifest = validate_bundle(bundle)
     except BundleError as exc:
         fail(f"{bundle}: {exc}")
-    if isinstance(manifest, AppManifest):
+    if isinstance(manifest, ConfigManifest):
+        what = ("configuration files"
+                + (f", read by app {manifest.config.app}" if manifest.config.app else "")
+                + (f", checked by {' '.join(manifest.config.check.command)}"
+                   if manifest.config.check else ""))
+    elif isinstance(manifest, AppManifest):
         probe = manifest.app.health
         what = (f"container app {manifest.app.digest[:19]}, health check "
                 + (f"GET :{probe.http.port}{probe.http.path}" if probe.http else
@@ -266,6 +272,39 @@ def bundle_validate(bundle: Path) -> None:
     else:
         what = f"{len(manifest.labels)} labels, golden set of {manifest.golden.count}"
     console.print(f"[green]valid[/] {manifest.release_name}: {len(manifest.files)} files, {what}")
+
+
+@devices_app.command("components")
+def devices_components(device_id: str, server: ServerOpt, token: TokenOpt,
+                       as_json: JsonOpt = False) -> None:
+    """A device's components besides its model: assigned and reported release, state."""
+    try:
+        with _client(server, token) as client:
+            rows = client.device_components(device_id)
+    except _api_errors() as exc:
+        fail(str(exc))
+    if as_json:
+        print_json(rows)
+        return
+    table = Table("component", "assigned", "running", "state")
+    for r in rows:
+        table.add_row(r["component"], r["assigned_release_id"] or "- (removing)",
+                      r["release_id"] or "-", r["state"])
+    out.print(table)
+
+
+@devices_app.command("remove-component")
+def devices_remove_component(device_id: str, component: str, server: ServerOpt,
+                             token: TokenOpt) -> None:
+    """Remove a component (an app, configuration files) from a device: the device stops it
+    and deletes it at its next check-in."""
+    try:
+        with _client(server, token) as client:
+            client.unassign_component(device_id, component)
+    except _api_errors() as exc:
+        fail(str(exc))
+    console.print(f"unassigned {component} from {device_id}: the device removes it at its "
+                  "next check-in")
 
 
 @devices_app.command("revoke")

@@ -71,8 +71,13 @@ class OperatorClient:
         return self.request("GET", "/api/v1/devices").json()
 
     def device_components(self, device_id: str) -> list[dict[str, Any]]:
-        """The device's components besides its model (container apps)."""
+        """The device's components besides its model (container apps, config files)."""
         return self.request("GET", f"/api/v1/devices/{device_id}/components").json()
+
+    def unassign_component(self, device_id: str, component: str) -> dict[str, Any]:
+        """Remove a component from a device (the device deletes it at its next check-in)."""
+        return self.request("DELETE",
+                            f"/api/v1/devices/{device_id}/components/{component}").json()
 
     def releases(self) -> list[dict[str, Any]]:
         return self.request("GET", "/api/v1/releases").json()

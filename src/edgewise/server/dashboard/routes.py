@@ -266,12 +266,14 @@ def overview(request: Request, operator: SignedIn, session: SessionDep) -> HTMLR
     by_release = Counter()
     for release_id, n in counts.by_release.items():
         by_release[names.get(release_id, release_id) if release_id else "none"] += n
+    for release_id, n in counts.by_component_release.items():  # apps, config files
+        by_release[names.get(release_id, release_id)] += n
     all_rollouts = rollouts.list_rollouts(session)
     running = [(r, rollouts.progress(session, r)) for r in all_rollouts
                if r.status in IN_PROGRESS]
     finished = [r for r in all_rollouts if r.status not in IN_PROGRESS][:10]
-    running_ids = counts.by_release
     published = list(reversed(releases.list_releases(session)))
+    running_ids = {r.id: counts.running(r.id) for r in published}
     models = releases.llm_models(session)
     adapters = {r.id: a for r in published if (a := releases.adapter_base(r, models))}
     return _page("overview.html", request, operator, title="Fleet", nav="fleet",
@@ -399,6 +401,7 @@ def release_page(release_id: str, request: Request, operator: SignedIn,
     agreement = [h["top1_agreement"] for h in health
                  if isinstance(h.get("top1_agreement"), int | float)]
     manifest = release.manifest or {}
+    running, assigned = devices.release_device_counts(session, release=release)
     return _page(
         "release.html", request, operator, title=f"Release {release.name}@{release.version}",
         nav="fleet", release=release, manifest=manifest,
@@ -413,7 +416,5 @@ def release_page(release_id: str, request: Request, operator: SignedIn,
         feedback=feedback.summary(session, release_id=release.id),
         rollouts=list(session.scalars(select(Rollout).where(Rollout.release_id == release.id)
                                       .order_by(Rollout.created_at.desc()))),
-        running_count=session.scalar(select(func.count()).select_from(Device).where(
-            Device.release_id == release.id)),
-        assigned_count=session.scalar(select(func.count()).select_from(Device).where(
-            Device.assigned_release_id == release.id)))
+        component=devices.release_component(release),
+        running_count=running, assigned_count=assigned)

@@ -175,10 +175,12 @@ def list_devices(
 
 @router.get("/devices-summary", dependencies=[ViewerDep])
 def fleet_summary(session: SessionDep) -> dict[str, Any]:
-    """Fleet counts by state and by release, computed by the database."""
+    """Fleet counts by state and by model release (`by_release`), and by release of the other
+    components (`by_component_release`: apps, config files), computed by the database."""
     counts = service.fleet_counts(session)
     return {"total": counts.total, "by_state": counts.by_state,
-            "by_release": {k or "none": v for k, v in counts.by_release.items()}}
+            "by_release": {k or "none": v for k, v in counts.by_release.items()},
+            "by_component_release": counts.by_component_release}
 
 
 @router.get("/devices/{device_id}", response_model=DeviceOut, dependencies=[ViewerDep])
@@ -194,6 +196,19 @@ def device_components(device_id: str, session: SessionDep) -> list[DeviceCompone
     return [DeviceComponentOut(component=c.component, assigned_release_id=c.assigned_release_id,
                                release_id=c.release_id, state=c.state)
             for c in service.components(session, device=device)]
+
+
+@router.delete("/devices/{device_id}/components/{component}",
+               response_model=DeviceComponentOut)
+def unassign_component(device_id: str, component: str, session: SessionDep,
+                       operator: Annotated[Operator, OperatorDep]) -> DeviceComponentOut:
+    """Remove a component (an app, configuration files) from a device: its assignment is
+    cleared now; the device stops and deletes it at its next check-in and reports it, and
+    the component's row disappears then."""
+    row = service.unassign_component(session, device_id=device_id, component=component,
+                                     actor=operator.name)
+    return DeviceComponentOut(component=row.component, assigned_release_id=None,
+                              release_id=row.release_id, state=row.state)
 
 
 @router.post("/assignments", response_model=list[DeviceOut], dependencies=[OperatorDep])

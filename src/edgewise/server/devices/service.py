@@ -1,8 +1,10 @@
 """Device enrollment, assignment and status reports.
 
 A device runs one release per component (`artifacts.component_of`): its model (the columns
-on `Device`) and each container app (`DeviceComponent` rows). Assigning a release replaces the
-assignment of its component only; a report updates the component it names.
+on `Device`) and each container app or set of configuration files (`DeviceComponent` rows).
+Assigning a release replaces the assignment of its component only; a report updates the
+component it names. Unassigning a component (`unassign_component`) tells the device to remove
+it; its row goes when the device reports it removed.
 """
 
 from __future__ import annotations
@@ -110,6 +112,12 @@ class FleetCounts:
     total: int
     by_state: dict[str, int]
     by_release: dict[str | None, int]  # release id (None: no release yet) -> devices on it
+    # Releases of the other components (apps, config files) -> devices that run them.
+    by_component_release: dict[str, int]
+
+    def running(self, release_id: str) -> int:
+        """Devices that run this release, whatever its component."""
+        return self.by_release.get(release_id, 0) + self.by_component_release.get(release_id, 0)
 
 
 def fleet_counts(session: Session) -> FleetCounts:
@@ -118,7 +126,23 @@ def fleet_counts(session: Session) -> FleetCounts:
         select(Device.state, func.count()).group_by(Device.state)).all())
     by_release = dict(session.execute(
         select(Device.release_id, func.count()).group_by(Device.release_id)).all())
-    return FleetCounts(total=sum(by_state.values()), by_state=by_state, by_release=by_release)
+    by_component = dict(session.execute(
+        select(DeviceComponent.release_id, func.count())
+        .where(DeviceComponent.release_id.is_not(None))
+        .group_by(DeviceComponent.release_id)).all())
+    return FleetCounts(total=sum(by_state.values()), by_state=by_state, by_release=by_release,
+                       by_component_release=by_component)
+
+
+def release_device_counts(session: Session, *, release: Release) -> tuple[int, int]:
+    """(devices running, devices assigned) this release, as their model or as the component
+    it is."""
+    if release_component(release) == MODEL_COMPONENT:
+        running, assigned = Device.release_id, Device.assigned_release_id
+    else:
+        running, assigned = DeviceComponent.release_id, DeviceComponent.assigned_release_id
+    return (session.scalar(select(func.count()).where(running == release.id)) or 0,
+            session.scalar(select(func.count()).where(assigned == release.id)) or 0)
 
 
 def release_component(release: Release) -> str:
@@ -142,6 +166,26 @@ def set_assignment(session: Session, *, device: Device, component: str,
         device.assigned_release_id = release_id
     else:
         _component_row(session, device, component).assigned_release_id = release_id
+
+
+def unassign_component(session: Session, *, device_id: str, component: str,
+                       actor: str) -> DeviceComponent:
+    """Clear the assignment of one component of a device besides its model: the device stops
+    and removes it at its next check-in, and its report of that deletes the row."""
+    device = get_device(session, device_id=device_id)
+    if component == MODEL_COMPONENT:
+        raise InvalidInput("the model component cannot be removed from a device: assign "
+                           "another release instead")
+    row = session.get(DeviceComponent, (device.id, component))
+    if row is None:
+        raise NotFound(f"device {device_id} has no component {component!r}")
+    previous = row.assigned_release_id
+    row.assigned_release_id = None
+    row.updated_at = utcnow()
+    events.record(session, kind="unassigned", device_id=device.id, release_id=previous,
+                  message=f"{component} unassigned by {actor}: the device removes it")
+    session.commit()
+    return row
 
 
 def running_release(session: Session, *, device: Device, component: str) -> str | None:
@@ -236,8 +280,17 @@ def report(
         for rid in {release_id, target_release_id} - {None}:
             if release_component(session.get(Release, rid)) != component:
                 raise Conflict(f"release {rid} is not a release of component {component!r}")
-        row = _component_row(session, device, component)
-        row.state, row.release_id, row.updated_at = state, release_id, utcnow()
+        if event == "removed":
+            # The device no longer runs it: the row goes, unless the component was assigned
+            # again meanwhile (then the device installs it again at its next check-in).
+            row = session.get(DeviceComponent, (device.id, component))
+            if row is not None and row.assigned_release_id is None:
+                session.delete(row)
+            elif row is not None:
+                row.state, row.release_id, row.updated_at = "idle", None, utcnow()
+        else:
+            row = _component_row(session, device, component)
+            row.state, row.release_id, row.updated_at = state, release_id, utcnow()
     if delta_versions is not None:  # kept from the last report that said (older agents never do)
         device.status["delta_versions"] = sorted(set(delta_versions))
     events.record(session, kind=event, device_id=device.id,

@@ -16,7 +16,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from tuf.api.metadata import Metadata, TargetFile, Targets
 
-from ...artifacts import MANIFEST_NAME, BundleError, BundleManifest, parse_manifest, satisfies
+from ...artifacts import (
+    MANIFEST_NAME,
+    NAMED_KINDS,
+    BundleError,
+    BundleManifest,
+    parse_manifest,
+    satisfies,
+)
 from ...trust import DELTAS_ROLE, ReleaseTerms, ServerRepository, VerificationError
 from .._errors import Conflict, InvalidInput, NotFound
 from ..events import service as events
@@ -105,6 +112,20 @@ def _check_dependencies(session: Session, manifest: BundleManifest) -> None:
                                f"publish a matching {name} first")
 
 
+def _check_name_kind(session: Session, manifest: BundleManifest) -> None:
+    """A release name is one component on every device: an app's or a config's name stays
+    that kind (a config named like an app would replace the app on devices, and either named
+    like a model would become a second component of that name)."""
+    kind = manifest.kind
+    for other in session.scalars(select(Release).where(Release.name == manifest.name)):
+        theirs = (other.manifest or {}).get("kind", "image-classifier")
+        if theirs != kind and (kind in NAMED_KINDS or theirs in NAMED_KINDS):
+            raise InvalidInput(f"{manifest.release_name} is of kind {kind}, and "
+                               f"{other.name}@{other.version} of kind {theirs}: a name "
+                               "keeps its kind (a device runs one component per name); "
+                               "choose another name")
+
+
 def _publish_targets(repo: ServerRepository, signed_targets: bytes) -> int:
     try:
         return repo.publish(signed_targets).version
@@ -125,6 +146,7 @@ def publish(
     if session.scalars(select(Release).where(Release.name == manifest.name,
                                              Release.version == manifest.version)).first():
         raise Conflict(f"release {manifest.release_name} already exists")
+    _check_name_kind(session, manifest)
     _check_dependencies(session, manifest)
     version = _publish_targets(repo, signed_targets)
     release = Release(
