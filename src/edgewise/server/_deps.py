@@ -4,8 +4,8 @@ Operators authenticate with bearer API tokens that carry a role; devices sign ev
 with the key pair they generated at enrollment. `require_role(...)` guards every operator route.
 
 Nothing here blocks the event loop: the only `async` dependencies wait (for a database slot,
-for the request body) and never touch the database, files or keys; everything that does is a
-plain `def`, which FastAPI runs in its thread pool.
+for the request body) or read app state, and never touch the database, files or keys;
+everything that does is a plain `def`, which FastAPI runs in its thread pool.
 """
 
 from __future__ import annotations
@@ -93,8 +93,14 @@ async def request_body(request: Request) -> bytes:
     return await request.body()
 
 
-def get_repo(request: Request) -> ServerRepository:
+# Plain attribute reads: `async`, so FastAPI calls them on the event loop instead of
+# handing each to its thread pool (a thread switch per dependency per request).
+async def get_repo(request: Request) -> ServerRepository:
     return _context(request).repo
+
+
+async def get_context(request: Request) -> ServerContext:
+    return _context(request)
 
 
 def bearer_token(request: Request) -> str:
@@ -167,7 +173,7 @@ def require_device(request: Request, body: BodyDep, session: SessionDep) -> Devi
 
 
 RepoDep = Annotated[ServerRepository, Depends(get_repo)]
-ContextDep = Annotated[ServerContext, Depends(_context)]
+ContextDep = Annotated[ServerContext, Depends(get_context)]
 AdminDep = require_role()
 ViewerDep = require_role("viewer", "operator", "publisher")
 OperatorDep = require_role("operator")
