@@ -161,10 +161,10 @@ def test_app_demo_ships_one_layer_rolls_back_a_broken_app_and_survives_a_model_u
 @pytest.mark.slow
 def test_demo_detect_ships_a_detector_its_int8_build_and_rolls_back_a_mislabelled_one(
         tmp_path: Path) -> None:
-    """`edgewise demo --detect`: a detector trained for a minute on synthetic scenes commits
+    """`edgewise demo --detect`: a detector trained for 90 s on synthetic scenes commits
     on every device (golden boxes), serves boxes there, its int8 build (when the guards accept
     it) commits on its own golden boxes, and v2 with every box's class wrong rolls back."""
-    result = subprocess.run(edgewise_command("demo", "--detect", "--detect-budget", "60s",
+    result = subprocess.run(edgewise_command("demo", "--detect", "--detect-budget", "90s",
                                              "--workdir", str(tmp_path)),
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -312,7 +312,7 @@ def _write_candidate(dest: Path, bundle_dir: Path, manifest: BundleManifest, nam
         dest, model=cand.model_path, contract=contract, images=golden, name=manifest.name,
         version=f"{manifest.version}+{_slug(name)}"[:64], min_score=spec.min_score,
         iou_threshold=spec.iou_threshold, min_recall=spec.min_recall,
-        min_precision=spec.min_precision, golden_count=len(golden), extra_files=extra,
+        min_precision=spec.min_precision, extra_files=extra,
         metrics={"test_map50": round(fig.accuracy, 4),
                  "test_map50_95": None if fig.map50_95 is None else round(fig.map50_95, 4),
                  "map50_drop_pt": fig.accuracy_drop_pt, "size_ratio": fig.size_ratio,
