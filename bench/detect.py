@@ -3,6 +3,7 @@ code paths (training and bundle as `edgewise train --task detect` makes them, sc
 device runs the bundle).
 
     python bench/detect.py [--scenes 3000] [--size 160] [--budget 15m] [--test-scenes 500]
+                           [--compress]
 
 Prints JSON lines on stdout:
   {"bench": "detect-data", ...}     the synthetic sets: Fashion-MNIST *train* items for training
@@ -19,8 +20,15 @@ Prints JSON lines on stdout:
   {"bench": "detect-latency", "threads": 1 | 2, "p50_ms", "p95_ms"}
                                     per image, batch 1, the pretrained bundle in the agent's
                                     runtime (PNG -> preprocessing -> onnxruntime)
+  {"bench": "detect-compress", "candidate": "fp32" | "int8-static" | "fp16", "map50",
+   "map50_drop_pt", "map50_95", "map50_95_drop_pt", "p50_ms", "p50_latency_ratio", ...}
+                                    with --compress: `edgewise compress` on the pretrained
+                                    bundle (calibration on training scenes, mAP on the held-out
+                                    scenes), its report's lines
   {"bench": "detect-goals", ...}    the issue's goals: mAP@0.5 >= 0.85 after 15 minutes; transfer
-                                    learning >= 5 points ahead of scratch
+                                    learning >= 5 points ahead of scratch; with --compress, int8
+                                    <= 0.5x fp32's p50 latency (1 thread) losing <= 1 point of
+                                    mAP@0.5
 """
 
 from __future__ import annotations
@@ -49,6 +57,8 @@ from edgewise.ml.train import parse_duration
 
 GOAL_MAP50 = 0.85
 GOAL_TRANSFER_POINTS = 5.0
+GOAL_INT8_P50_RATIO = 0.5
+GOAL_INT8_MAP50_DROP_PT = 1.0
 
 
 def emit(line: dict) -> None:
@@ -95,11 +105,17 @@ def main() -> None:
     ap.add_argument("--no-scratch", action="store_true", help="skip the from-scratch baseline")
     ap.add_argument("--latency-runs", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--augment", default="default", help="default | flip | none")
+    ap.add_argument("--compress", action="store_true",
+                    help="also compress the pretrained bundle (int8-static, fp16) and measure")
+    ap.add_argument("--calib-scenes", type=int, default=128,
+                    help="--compress: training scenes to calibrate int8 on")
     args = ap.parse_args()
     budget_s = parse_duration(args.budget)
     work = Path(tempfile.mkdtemp(prefix="bench-detect-"))
     emit({"bench": "detect-env", "cpus": os.cpu_count(), "loadavg_1m": os.getloadavg()[0],
-          "budget_s": budget_s, "size": args.size, "batch_size": args.batch_size})
+          "budget_s": budget_s, "size": args.size, "batch_size": args.batch_size,
+          "augment": args.augment})
 
     t0 = time.perf_counter()
     data = synth_scenes(SynthConfig(scenes=args.scenes, size_px=args.size, seed=args.seed))
@@ -119,7 +135,7 @@ def main() -> None:
                            input_size=args.size, time_budget_s=budget_s,
                            batch_size=args.batch_size, pretrained=backbone == "pretrained",
                            val_every_s=max(30.0, budget_s / 5), seed=args.seed,
-                           name=f"synth-{backbone}")
+                           name=f"synth-{backbone}", augment=args.augment)
         r = train_detector(cfg, dataset=data)
         m = r.metrics
         emit({"bench": "detect-train", "backbone": backbone, "val_map50": round(m["val_map50"], 4),
@@ -148,6 +164,10 @@ def main() -> None:
                   **latency(bundle, test, threads, args.latency_runs),
                   "loadavg_1m": os.getloadavg()[0]})
 
+    int8 = None
+    if args.compress and bundle is not None:
+        int8 = compress(bundle, data, test, work, args.calib_scenes)
+
     # Transfer learning is judged on the validation split both runs share (a detector that
     # finds nothing confident gets no bundle, hence no held-out score).
     pre, scratch = results["pretrained"], results.get("scratch")
@@ -158,7 +178,38 @@ def main() -> None:
           "goal_map50": GOAL_MAP50,
           "map50_met": pre["test_map50"] is not None and pre["test_map50"] >= GOAL_MAP50,
           "transfer_points_val": points, "goal_transfer_points": GOAL_TRANSFER_POINTS,
-          "transfer_met": None if points is None else points >= GOAL_TRANSFER_POINTS})
+          "transfer_met": None if points is None else points >= GOAL_TRANSFER_POINTS,
+          **({} if int8 is None else {
+              "int8_p50_ratio_1t": int8["p50_latency_ratio"],
+              "int8_map50_drop_pt": int8["map50_drop_pt"],
+              "goal_int8_p50_ratio": GOAL_INT8_P50_RATIO,
+              "goal_int8_map50_drop_pt": GOAL_INT8_MAP50_DROP_PT,
+              "int8_met": (int8["p50_latency_ratio"] <= GOAL_INT8_P50_RATIO
+                           and int8["map50_drop_pt"] <= GOAL_INT8_MAP50_DROP_PT)})})
+
+
+def compress(bundle: Path, data, test, work: Path, calib_scenes: int) -> dict | None:
+    """`edgewise compress` on the bundle: int8 calibrated on training scenes, every candidate
+    scored on the held-out scenes; returns int8's report line."""
+    from edgewise.ml.compress import CompressConfig, compress_bundle
+    from edgewise.ml.detect import write_coco
+
+    log("compressing the pretrained bundle (int8-static, fp16)")
+    t0 = time.perf_counter()
+    write_coco(data.subset(range(min(calib_scenes, len(data)))), work / "calib")
+    write_coco(test, work / "held-out")
+    report = compress_bundle(bundle, work / "compressed", CompressConfig(
+        recipes=("int8-static", "fp16"), data_root=work / "held-out",
+        calib_root=work / "calib", calib_images=calib_scenes, test_images=None,
+        keep_refused=True))
+    lines = report.json_lines()
+    for line in lines:
+        emit({"bench": "detect-compress", **line, "loadavg_start": report.run["load_avg_start"],
+              "loadavg_end": report.run["load_avg_end"]})
+    emit({"bench": "detect-compress-run", "report": str(work / "compressed" / "report.md"),
+          "seconds": round(time.perf_counter() - t0, 1), "test_images": len(test),
+          "calibration_images": report.run["calibration_images"]})
+    return next((line for line in lines if line["candidate"] == "int8-static"), None)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from torch import nn
 
 from edgewise.artifacts import load_golden, read_manifest, write_bundle
 from edgewise.ml.backbones import get_backbone_spec
-from edgewise.ml.detect import write_detector_bundle
+from edgewise.ml.detect import DetectionDataset, write_detector_bundle
 from edgewise.ml.detect._model import STRIDE, CenterNetDetector, export_detector_onnx
 from edgewise.ml.detect._train import detector_contract
 
@@ -57,6 +57,58 @@ class BlobDetector(nn.Module):
         return CenterNetDetector.decode(self, heat, box)
 
 
+class ConvBlobDetector(nn.Module):
+    """`BlobDetector` written as convolutions (colour purity a 1x1 conv on the normalised
+    input, the cell and 3x3 averages depthwise convs, the heat scale a 1x1 conv), so that
+    `edgewise compress` has a network to quantize in front of the same decoding and NMS."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spec = get_backbone_spec("efficientnet-lite0")
+        self.num_classes, self.input_size = len(CLASSES), (SIZE, SIZE)
+        self.max_detections, self.score_threshold, self.nms_iou = 10, 0.05, 0.6
+        mean, std = torch.tensor(self.spec.mean), torch.tensor(self.spec.std)
+        mix = 1.5 * torch.eye(3) - 0.5  # purity_c = rgb_c - mean of the other two
+        self.purity = nn.Conv2d(3, 3, 1)
+        self.cells = nn.Conv2d(3, 3, STRIDE, stride=STRIDE, groups=3, bias=False)
+        self.around = nn.Conv2d(3, 3, 3, padding=1, groups=3, bias=False)
+        self.heat = nn.Conv2d(3, 3, 1)
+        self.box = nn.Conv2d(3, 4, 1)
+        with torch.no_grad():
+            self.purity.weight.copy_((mix * std[None, :]).view(3, 3, 1, 1))
+            self.purity.bias.copy_(mix @ mean)
+            self.cells.weight.fill_(1 / STRIDE ** 2)
+            self.around.weight.fill_(1 / 9)
+            self.heat.weight.copy_(12 * torch.eye(3).view(3, 3, 1, 1))
+            self.heat.bias.fill_(-12 * 0.6)
+            self.box.weight.zero_()
+            side = math.log(SQUARE / STRIDE)
+            self.box.bias.copy_(torch.tensor([0.5, 0.5, side, side]))
+
+    def forward(self, x: torch.Tensor):
+        p = self.around(self.cells(self.purity(x)))
+        return CenterNetDetector.decode(self, self.heat(p), self.box(p))
+
+
+def square_scenes(n: int, seed: int = 0) -> DetectionDataset:
+    """n scenes of 1-2 non-overlapping squares on the stride grid, with their exact boxes
+    (what the blob detectors find exactly)."""
+    rng = np.random.default_rng(seed)
+    images, boxes, labels = [], [], []
+    for _ in range(n):
+        squares: list[tuple[str, int, int]] = []
+        while len(squares) < int(rng.integers(1, 3)):
+            x, y = (int(v) * STRIDE for v in rng.integers(0, (SIZE - SQUARE) // STRIDE + 1, 2))
+            if all(abs(x - a) >= SQUARE or abs(y - b) >= SQUARE for _, a, b in squares):
+                squares.append((CLASSES[int(rng.integers(0, 3))], x, y))
+        images.append(scene(squares))
+        boxes.append(np.array([[x, y, x + SQUARE, y + SQUARE] for _, x, y in squares],
+                              np.float32))
+        labels.append(np.array([CLASSES.index(c) for c, _, _ in squares], np.int64))
+    return DetectionDataset(tuple(images), tuple(boxes), tuple(labels), CLASSES,
+                            tuple(f"{i:03d}.png" for i in range(n)), "squares")
+
+
 def scene(squares: list[tuple[str, int, int]], size: int = SIZE) -> np.ndarray:
     """A dark scene (uint8 RGB) with a SQUARE-sized (scaled with `size`) square of each
     (colour, x, y), x and y at the input size."""
@@ -81,12 +133,12 @@ SCENES = [[("red", 8, 8), ("green", 32, 32)], [("blue", 16, 24)],
 
 
 def make_detector_bundle(out: Path, *, version: str = "1.0.0", broken: str | None = None,
-                         name: str = "blobs") -> Path:
+                         name: str = "blobs", conv: bool = False) -> Path:
     """A signed-ready detector bundle; a broken one ships its faulty graph with the healthy
-    graph's golden set."""
+    graph's golden set; `conv`: the `ConvBlobDetector` (something to compress)."""
     work = out.parent / f".{out.name}-work"
     work.mkdir(parents=True)
-    good = BlobDetector().eval()
+    good = (ConvBlobDetector() if conv else BlobDetector()).eval()
     export_detector_onnx(good, work / "good.onnx")
     contract = detector_contract(good, CLASSES)
     target = work / "good" if broken else out

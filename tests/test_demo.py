@@ -156,3 +156,31 @@ def test_app_demo_ships_one_layer_rolls_back_a_broken_app_and_survives_a_model_u
     assert f"{update['sent_bytes']:,}" in table and f"{update['full_bytes']:,}" in table
     # The demo removed its containers and podman's mounts: its directory can be deleted.
     assert str(tmp_path) not in Path("/proc/mounts").read_text()
+
+
+@pytest.mark.slow
+def test_demo_detect_ships_a_detector_its_int8_build_and_rolls_back_a_mislabelled_one(
+        tmp_path: Path) -> None:
+    """`edgewise demo --detect`: a detector trained for 90 s on synthetic scenes commits
+    on every device (golden boxes), serves boxes there, its int8 build (when the guards accept
+    it) commits on its own golden boxes, and v2 with every box's class wrong rolls back."""
+    result = subprocess.run(edgewise_command("demo", "--detect", "--detect-budget", "90s",
+                                             "--workdir", str(tmp_path)),
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    expected = [("scenes@1.0.0", "committed")]
+    if summary["int8_shipped"]:
+        expected.append(("scenes@1.0.0+int8-static", "committed"))
+    expected.append(("scenes@2.0.0", "rolled-back"))
+    assert len(summary["devices"]) == 3
+    for device in summary["devices"]:
+        assert device["release"] == expected[-2][0] and device["state"] == "rolled-back"
+        assert [(h["release"], h["outcome"]) for h in device["history"]] == expected
+        assert "golden boxes" in device["history"][-1]["reason"]
+    assert "SYNTHETIC data" in result.stderr and "local detection on device-1" in result.stderr
+    assert (tmp_path / "drawn" / "scene.boxes.png").read_bytes().startswith(b"\x89PNG")
+    v1 = validate_bundle(tmp_path / "scenes.run" / "bundle")
+    assert v1.kind == "object-detector" and v1.metrics["val_map50"] > 0.05
+    report = json.loads((tmp_path / "compressed" / "report.json").read_text())
+    assert report["run"]["metric"] == "map50"

@@ -183,13 +183,6 @@ def test_cli_validate_and_eval_describe_a_detector(bundles) -> None:
     assert result.exit_code == 1 and "is an object detector: pass --data" in result.output
 
 
-def test_compress_refuses_a_detector_clearly(bundles, tmp_path: Path) -> None:
-    from edgewise.ml.compress import CompressError, compress_bundle
-
-    with pytest.raises(CompressError, match="is an object detector"):
-        compress_bundle(bundles["good"], tmp_path / "out")
-
-
 def test_detector_rollout_commits_then_moved_boxes_roll_back(live_server, enroll_agent,
                                                                bundles, tmp_path: Path) -> None:
     state = enroll_agent("cam")

@@ -111,6 +111,13 @@ def test_train_task_detect_refuses_classifier_options(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert "--epochs, --balance: classifier options, not used by --task detect" in result.stderr
+    # --augment is shared, with the detector's own presets
+    result = subprocess.run(edgewise_command("train", "--task", "detect", "--data",
+                                             str(tmp_path), "--augment", "strong", "--out",
+                                             str(tmp_path / "o")),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "unknown augmentation 'strong' (known: none, flip, default)" in result.stderr
 
 
 @pytest.mark.slow

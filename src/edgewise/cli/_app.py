@@ -59,19 +59,35 @@ def demo(
     app_: bool = typer.Option(False, "--app", help="ship a container app that calls the model "
                               "next to it: an update of one layer, a broken version rolled "
                               "back, a model update while the app runs (needs podman)"),
+    detect: bool = typer.Option(False, "--detect", help="ship an object detector instead: "
+                                "trained on synthetic scenes, its int8 build, a mislabelled "
+                                "v2 rolled back"),
+    detect_budget: str = typer.Option("2m", help="--detect: training budget, e.g. 90s"),
 ) -> None:
     """Build a model, serve it, update 3 agents to v1, then watch them reject a broken v2."""
     from ._common import fail
 
     if app_:
-        if llm or bundle is not None or (devices or 1) != 1:
+        if llm or detect or bundle is not None or (devices or 1) != 1:
             fail("--app builds its own model and app and runs one device (its app listens "
-                 "on a fixed loopback port); leave out --llm, --bundle and --devices")
+                 "on a fixed loopback port); leave out --llm, --detect, --bundle and --devices")
         from ._demo_app import run_app_demo
 
         run_app_demo(workdir=workdir)
         return
     devices = devices or 3
+    if detect:
+        if llm or bundle is not None:
+            fail("--detect trains its own detector; leave out --llm and --bundle")
+        from ..ml.train import parse_duration
+        from ._demo_detect import run_detect_demo
+
+        try:
+            budget_s = parse_duration(detect_budget)
+        except ValueError as exc:
+            fail(str(exc))
+        run_detect_demo(workdir=workdir, n_devices=devices, budget_s=budget_s)
+        return
     if llm:
         if bundle is not None:
             fail("--llm builds its own model; --bundle is for image classifiers")

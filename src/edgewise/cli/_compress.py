@@ -43,11 +43,16 @@ def compress(
                                      help="recipe option RECIPE.KEY=VALUE (repeat)"),
     data: Path = typer.Option(Path("/usr/share/datasets/fashion-mnist"),
                               help="IDX dataset (MNIST layout) for calibration, "
-                                   "fine-tuning and test accuracy"),
+                                   "fine-tuning and test accuracy; for an object detector a "
+                                   "COCO, YOLO or VOC folder of held-out images (mAP)"),
+    calib_data: Path = typer.Option(None, "--calib-data",
+                                    help="object detectors: calibration images (COCO, YOLO "
+                                         "or VOC folder); default: a split of --data"),
     max_drop: float = typer.Option(1.0, help="refuse candidates losing more accuracy (points)"),
     allow_slower: bool = typer.Option(False, help="do not refuse candidates slower than fp32"),
     keep_refused: bool = typer.Option(False, help="write refused candidates' bundles too"),
-    test_images: int = typer.Option(2000, help="test images for accuracy (0: whole split)"),
+    test_images: int = typer.Option(2000, help="test images for accuracy or mAP (0: whole "
+                                    "split)"),
     train_images: int = typer.Option(4000, help="training images for fine-tuning/distillation"),
     rounds: int = typer.Option(30, help="latency rounds (x5 runs each, interleaved)"),
     json_out: bool = typer.Option(False, "--json", help="print JSON lines, not the table"),
@@ -63,7 +68,7 @@ def compress(
         parse_recipe_entry,
     )
 
-    known = list_recipes()
+    known = list_recipes(None)  # which apply is checked against the bundle's kind
     for entry in recipe or []:
         try:
             name, _ = parse_recipe_entry(entry)
@@ -74,7 +79,8 @@ def compress(
     out_dir = out_dir or bundle.with_name(bundle.name + "-compressed")
     config = CompressConfig(
         recipes=tuple(recipe or ()), recipe_options=_parse_options(option or []),
-        data_root=data, test_images=test_images or None, train_images=train_images,
+        data_root=data, calib_root=calib_data, test_images=test_images or None,
+        train_images=train_images,
         latency_rounds=rounds,
         policy=GuardPolicy(max_drop_pt=max_drop, allow_slower=allow_slower),
         keep_refused=keep_refused)

@@ -84,6 +84,9 @@ def train(
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     lr: Annotated[float, typer.Option(help="peak learning rate (AdamW)")] = 3e-3,
     val_fraction: Annotated[float, typer.Option(help="share held out for validation")] = 0.2,
+    augment: Annotated[str, typer.Option(
+        help="default (flips, zoom in/out with crop or pad, shifts, colour jitter; boxes "
+             "follow) | flip | none")] = "default",
     scratch: Annotated[bool, typer.Option(
         "--scratch", help="random backbone instead of the ImageNet EfficientNet-Lite0")] = False,
     name: Annotated[str | None, typer.Option(help="bundle name")] = None,
@@ -106,14 +109,15 @@ def train(
                         batch_size=batch_size, lr=lr, val_fraction=val_fraction,
                         pretrained=not scratch, name=name, version=version,
                         tracking_uri=tracking_uri, track=not no_tracking, resume=resume,
-                        stop_after_steps=stop_after_steps, min_score=min_score, seed=seed)
+                        stop_after_steps=stop_after_steps, min_score=min_score, seed=seed,
+                        augment=augment)
 
 
 def run_detect_training(*, data: Path, out_dir: Path, time_budget: str, size: int,
                         batch_size: int, lr: float, val_fraction: float, pretrained: bool,
                         name: str | None, version: str, tracking_uri: str | None, track: bool,
                         resume: bool, stop_after_steps: int | None, seed: int,
-                        min_score: float = 0.3) -> None:
+                        min_score: float = 0.3, augment: str = "default") -> None:
     """`edgewise detect train` and `edgewise train --task detect`."""
     from ..ml import MLError
     from ..ml.detect import DetectConfig, train_detector
@@ -130,7 +134,8 @@ def run_detect_training(*, data: Path, out_dir: Path, time_budget: str, size: in
                        val_fraction=val_fraction, pretrained=pretrained, seed=seed,
                        val_every_s=max(30.0, budget_s / 5), name=name, version=version,
                        track=track, tracking_uri=tracking_uri, resume=resume,
-                       stop_after_steps=stop_after_steps, bundle_min_score=min_score)
+                       stop_after_steps=stop_after_steps, bundle_min_score=min_score,
+                       augment=augment)
     try:
         with stage_progress() as (report, out_console):
             result = train_detector(cfg, progress=report, notify=out_console.print)

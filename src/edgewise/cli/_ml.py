@@ -39,7 +39,8 @@ def train(
         min=1, help="default: 256 (classify), 16 (detect)")] = None,
     lr: Annotated[float | None, typer.Option(help="peak learning rate")] = None,
     augment: Annotated[str | None, typer.Option(
-        help="none | flip | light | default | strong (default: by strategy)")] = None,
+        help="none | flip | light | default | strong (default: by strategy); --task detect: "
+             "default | flip | none")] = None,
     trainable_blocks: Annotated[int, typer.Option(help="fine-tune: last N blocks (0: all)")] = 4,
     feature_blocks: Annotated[int | None, typer.Option(
         help="feature-extract: features of the backbone's first N blocks (spatial map pooled "
@@ -119,7 +120,7 @@ def train(
 
 # Classifier options that have no meaning for a detector, with their defaults: given with
 # --task detect, they are refused rather than silently ignored.
-_CLASSIFY_ONLY = {"backbone": None, "weights": None, "epochs": None, "augment": None,
+_CLASSIFY_ONLY = {"backbone": None, "weights": None, "epochs": None,
                   "trainable_blocks": 4, "feature_blocks": None, "train_per_class": None,
                   "stop_after_epochs": None, "balance": "none", "generator": None}
 
@@ -146,7 +147,7 @@ def _train_detector(args: dict) -> None:
         pretrained=args["strategy"] != "from-scratch", name=args["name"],
         version=args["version"], tracking_uri=args["tracking_uri"],
         track=not args["no_tracking"], resume=args["resume"], stop_after_steps=None,
-        seed=args["seed"])
+        seed=args["seed"], augment=args["augment"] or "default")
 
 
 def evaluate(

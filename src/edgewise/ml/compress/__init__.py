@@ -5,6 +5,7 @@ and a candidate slower than fp32 or losing more than the allowed accuracy is ref
 the caller explicitly allows it.
 """
 
+from . import _detect as _detect  # registers the object-detector recipes
 from . import _recipes as _recipes  # registers the recipes
 from ._cpu import CpuInfo, detect_cpu, parse_cpuinfo
 from ._decide import (

@@ -16,6 +16,7 @@ __all__ = ["BASELINE", "CandidateFigures", "DeviceProfile", "FitDecision", "Guar
            "assess", "choose"]
 
 BASELINE = "fp32"
+METRIC_LABELS = {"accuracy": "accuracy", "map50": "mAP@0.5"}
 
 
 @dataclass
@@ -25,7 +26,7 @@ class CandidateFigures:
     peak_rss_mb: float
     p50_ms: dict[int, float]  # threads -> batch-1 median latency
     p95_ms: dict[int, float]
-    accuracy: float  # top-1 on the test split, 0..1
+    accuracy: float  # the guarded metric, 0..1: top-1 on the test split; detectors: mAP@0.5
     params: int | None = None
     notes: list[str] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
@@ -33,6 +34,13 @@ class CandidateFigures:
     p50_ratio: dict[int, float] = field(default_factory=dict)
     accuracy_drop_pt: float = 0.0
     bundle: str | None = None
+    metric: str = "accuracy"  # what `accuracy` holds: "accuracy" or "map50" (detectors)
+    map50_95: float | None = None  # detectors: mAP@0.5:0.95 on the same images (reported)
+    map50_95_drop_pt: float | None = None
+
+    @property
+    def metric_label(self) -> str:
+        return METRIC_LABELS.get(self.metric, self.metric)
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -65,6 +73,8 @@ def assess(cand: CandidateFigures, base: CandidateFigures, policy: GuardPolicy) 
     cand.p50_ratio = {t: round(cand.p50_ms[t] / base.p50_ms[t], 3)
                       for t in cand.p50_ms if t in base.p50_ms}
     cand.accuracy_drop_pt = round(100 * (base.accuracy - cand.accuracy), 2)
+    if cand.map50_95 is not None and base.map50_95 is not None:
+        cand.map50_95_drop_pt = round(100 * (base.map50_95 - cand.map50_95), 2)
     reasons = []
     if cand.name == BASELINE:
         return reasons
@@ -75,7 +85,7 @@ def assess(cand: CandidateFigures, base: CandidateFigures, policy: GuardPolicy) 
                                f"{cand.p50_ms[t]:.2f} ms vs {base.p50_ms[t]:.2f} ms "
                                f"({ratio:.2f}x)")
     if not policy.allow_less_accurate and cand.accuracy_drop_pt > policy.max_drop_pt:
-        reasons.append(f"loses {cand.accuracy_drop_pt:.2f} points of accuracy "
+        reasons.append(f"loses {cand.accuracy_drop_pt:.2f} points of {cand.metric_label} "
                        f"(max {policy.max_drop_pt:g}): {100 * cand.accuracy:.2f}% vs "
                        f"{100 * base.accuracy:.2f}%")
     cand.refused = reasons

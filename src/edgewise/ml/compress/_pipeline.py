@@ -6,7 +6,8 @@ every written candidate is a valid bundle whose golden set holds its own outputs
 
 The run, top to bottom: validate the bundle -> load data per its preprocessing contract ->
 run each recipe -> measure everything (accuracy, interleaved latency, peak RSS in a child
-process) -> guards -> write candidate bundles -> report (JSON, markdown, Pareto PNG).
+process) -> guards -> write candidate bundles -> report (JSON, markdown, Pareto PNG). An object
+detector bundle takes the same steps in `_detect` (mAP instead of accuracy).
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ class CompressConfig:
     # Entries "name" or "name:key=value,...", the latter a named variant; empty: all recipes.
     recipes: tuple[str, ...] = ()
     recipe_options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    data_root: Path = FASHION_MNIST_ROOT
+    data_root: Path = FASHION_MNIST_ROOT  # detectors: a COCO, YOLO or VOC folder
+    calib_root: Path | None = None  # detectors: calibration images (default: split data_root)
     calib_images: int = 256
     train_images: int = 4000  # fine-tuning / distillation set (stratified)
     test_images: int | None = 2000  # None: the whole test split
@@ -184,10 +186,11 @@ def compress_bundle(bundle_dir: Path | str, out_dir: Path | str,
     load_start = _load_avg()
     manifest = validate_bundle(bundle_dir)
     if getattr(manifest, "detection", None) is not None:
-        # Its candidates would be judged by classification accuracy on labels it has not got.
-        raise CompressError(f"{manifest.release_name} is an object detector: `edgewise "
-                            "compress` does not build detector candidates yet (measured by "
-                            "mAP drop); ship the float32 bundle")
+        # Judged by mAP on detection data, its network compressed, its post-processing not.
+        from ._detect import compress_detector
+
+        return compress_detector(bundle_dir, out_dir, manifest, config, progress,
+                                 context_overrides, load_start)
     cpu = detect_cpu()
 
     # ---- data ---------------------------------------------------------------------------------

@@ -48,6 +48,9 @@ class CompressContext:
     seed: int = 0
     progress: ProgressFn = _noop
     max_drop_pt: float = 1.0  # the guard's limit, for recipes that can retry to stay within it
+    # Object detectors: mAP@0.5 of a graph on the calibration side's images (never the test
+    # images), for recipes that retry to stay within the guard.
+    check_map50: Callable[[Path], float] | None = None
     _teacher: np.ndarray | None = field(default=None, repr=False)
     _torch: Any = field(default=None, repr=False)
 

@@ -46,18 +46,29 @@ class CompressReport:
         d["candidates"] = [CandidateFigures.from_dict(c) for c in d["candidates"]]
         return cls(**d)
 
+    @property
+    def detector(self) -> bool:
+        """Candidates measured by mAP (an object detector's report)."""
+        return any(c.metric == "map50" for c in self.candidates)
+
     def json_lines(self) -> list[dict[str, Any]]:
         """One line per candidate, the benchmark's format."""
         lines = []
         for c in self.candidates:
-            lines.append({"candidate": c.name, "size_ratio": c.size_ratio,
-                          "p50_latency_ratio": c.p50_ratio.get(1),
-                          "p50_latency_ratio_2t": c.p50_ratio.get(2),
-                          "accuracy": round(c.accuracy, 4),
-                          "accuracy_drop_pt": c.accuracy_drop_pt,
-                          "size_bytes": c.size_bytes, "peak_rss_mb": c.peak_rss_mb,
-                          "p50_ms": c.p50_ms, "p95_ms": c.p95_ms, "params": c.params,
-                          "refused": c.refused})
+            line = {"candidate": c.name, "size_ratio": c.size_ratio,
+                    "p50_latency_ratio": c.p50_ratio.get(1),
+                    "p50_latency_ratio_2t": c.p50_ratio.get(2)}
+            if c.metric == "map50":
+                line.update({"map50": round(c.accuracy, 4), "map50_drop_pt": c.accuracy_drop_pt,
+                             "map50_95": None if c.map50_95 is None else round(c.map50_95, 4),
+                             "map50_95_drop_pt": c.map50_95_drop_pt})
+            else:
+                line.update({"accuracy": round(c.accuracy, 4),
+                             "accuracy_drop_pt": c.accuracy_drop_pt})
+            line.update({"size_bytes": c.size_bytes, "peak_rss_mb": c.peak_rss_mb,
+                         "p50_ms": c.p50_ms, "p95_ms": c.p95_ms, "params": c.params,
+                         "refused": c.refused})
+            lines.append(line)
         return lines
 
     def markdown(self) -> str:
@@ -68,7 +79,10 @@ class CompressReport:
         head = ["candidate", "size MB", "size x", "peak RSS MB"]
         for t in threads:
             head += [f"p50 {t}t ms", f"p95 {t}t ms", f"p50 {t}t x"]
-        head += ["accuracy %", "drop pt", "verdict"]
+        if self.detector:
+            head += ["mAP@0.5 %", "drop pt", "mAP@0.5:0.95 %", "drop pt", "verdict"]
+        else:
+            head += ["accuracy %", "drop pt", "verdict"]
         rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for c in self.candidates:
             cells = [c.name, f"{c.size_bytes / 1e6:.2f}", f"{c.size_ratio:.3f}",
@@ -79,7 +93,11 @@ class CompressReport:
                           f"{c.p50_ratio.get(t, float('nan')):.2f}"]
             verdict = ("baseline" if c.name == BASELINE else
                        "REFUSED: " + "; ".join(c.refused) if c.refused else "accepted")
-            cells += [f"{100 * c.accuracy:.2f}", f"{c.accuracy_drop_pt:+.2f}", verdict]
+            cells += [f"{100 * c.accuracy:.2f}", f"{c.accuracy_drop_pt:+.2f}"]
+            if self.detector:
+                cells += ["-" if c.map50_95 is None else f"{100 * c.map50_95:.2f}",
+                          "-" if c.map50_95_drop_pt is None else f"{c.map50_95_drop_pt:+.2f}"]
+            cells.append(verdict)
             rows.append("| " + " | ".join(cells) + " |")
         out = [f"# Compression report: {self.source['name']} {self.source['version']}", "",
                f"CPU: {cpu.get('model') or cpu.get('arch')} ({cpu.get('arch')}, "
@@ -87,8 +105,12 @@ class CompressReport:
                f"Load average {self.run.get('load_avg_start')} at start, "
                f"{self.run.get('load_avg_end')} at end. Latency: batch 1, onnxruntime "
                f"{self.run.get('onnxruntime')}, interleaved, {self.run.get('latency_samples')} "
-               f"samples per cell; accuracy on {self.run.get('test_images')} test images. "
-               "Ratios are against fp32 in this run.", "", *rows, ""]
+               f"samples per cell; "
+               + (f"mAP (pycocotools) on {self.run.get('test_images')} held-out images of "
+                  f"{self.run.get('data')}, each candidate run as a device runs it. "
+                  if self.detector else
+                  f"accuracy on {self.run.get('test_images')} test images. ")
+               + "Ratios are against fp32 in this run.", "", *rows, ""]
         if self.failed:
             out += ["Recipes that produced no candidate:", ""]
             out += [f"- {k}: {v}" for k, v in self.failed.items()] + [""]
@@ -135,7 +157,7 @@ def plot_pareto(report: CompressReport, path: Path) -> None:
             ax.plot(*zip(*fx, strict=True), c="tab:green", lw=1, ls="--", zorder=2)
         ax.set_xscale("log")  # candidates span orders of magnitude
         ax.set_xlabel(label + ", log scale")
-        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylabel("held-out mAP@0.5 (%)" if report.detector else "test accuracy (%)")
         ax.grid(alpha=0.3)
     fig.suptitle(f"{report.source['name']} {report.source['version']}: green = Pareto front, "
                  "red x = refused", fontsize=10)

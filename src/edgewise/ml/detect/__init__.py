@@ -6,10 +6,12 @@ Invariant: like the rest of `edgewise.ml`, readers raise `DatasetError` for bad 
 download anything; boxes are x1, y1, x2, y2 in pixels of the image they belong to.
 """
 
+from ._augment import DETECT_AUGMENT_PRESETS, DetectAugment, augment_detection_batch
 from ._bundle import (
     GOLDEN_IMAGES,
     contract_preprocessing,
     evaluate_detector_bundle,
+    evaluate_detector_model,
     write_detector_bundle,
 )
 from ._data import (
@@ -30,13 +32,16 @@ from ._train import DetectConfig, DetectResult, detector_contract, resize_datase
 
 __all__ = [
     "BOX_SIZE_BINS",
+    "DETECT_AUGMENT_PRESETS",
     "GOLDEN_IMAGES",
     "CenterNetDetector",
+    "DetectAugment",
     "DetectConfig",
     "DetectResult",
     "DetectionDataset",
     "Detections",
     "SynthConfig",
+    "augment_detection_batch",
     "coco_ground_truth",
     "contract_preprocessing",
     "detection_split",
@@ -44,6 +49,7 @@ __all__ = [
     "detector_contract",
     "evaluate_detections",
     "evaluate_detector_bundle",
+    "evaluate_detector_model",
     "export_detector_onnx",
     "load_coco",
     "load_detection_dataset",

@@ -27,7 +27,7 @@ from ._data import DetectionDataset
 from ._eval import Detections, evaluate_detections
 
 __all__ = ["GOLDEN_IMAGES", "contract_preprocessing", "evaluate_detector_bundle",
-           "write_detector_bundle"]
+           "evaluate_detector_model", "write_detector_bundle"]
 
 GOLDEN_IMAGES = 4
 _CANDIDATES = 32  # golden images are the candidates with the most confident boxes
@@ -143,24 +143,33 @@ def evaluate_detector_bundle(bundle_dir: Path | str, manifest: BundleManifest,
     does not have are dropped."""
     if manifest.detection is None:
         raise MLError(f"{manifest.release_name} is not an object detector")
-    to_data = {manifest.labels.index(n): i for i, n in enumerate(dataset.class_names)
-               if n in manifest.labels}
-    missing = [n for n in dataset.class_names if n not in manifest.labels]
-    if missing:
-        raise DatasetError(f"classes {missing} of {dataset.source} are not classes of the "
-                           f"bundle ({', '.join(manifest.labels)})")
     if limit:
         dataset = dataset.subset(range(min(limit, len(dataset))))
-    pre = manifest.preprocessing
-    session = _ort_session(Path(bundle_dir) / manifest.model)
+    return evaluate_detector_model(Path(bundle_dir) / manifest.model, manifest.preprocessing,
+                                   manifest.labels, dataset)
+
+
+def evaluate_detector_model(model: Path | str, preprocessing: Preprocessing,
+                            labels: Sequence[str], dataset: DetectionDataset, *,
+                            threads: int | None = None) -> dict[str, Any]:
+    """`evaluate_detector_bundle` for any graph of the detector contract (e.g. a compressed
+    candidate of a bundle, before it is bundled itself)."""
+    labels = list(labels)
+    to_data = {labels.index(n): i for i, n in enumerate(dataset.class_names) if n in labels}
+    missing = [n for n in dataset.class_names if n not in labels]
+    if missing:
+        raise DatasetError(f"classes {missing} of {dataset.source} are not classes of the "
+                           f"bundle ({', '.join(labels)})")
+    pre = preprocessing
+    session = _ort_session(model, threads=threads)
     in_h, in_w = pre.input_size
     found = []
     for image in dataset.images:
-        boxes, scores, labels = _detect(session, preprocess_images(image[None], pre),
-                                        pre.input_name)
+        boxes, scores, classes = _detect(session, preprocess_images(image[None], pre),
+                                         pre.input_name)
         h, w = image.shape[:2]
-        keep = np.array([int(c) in to_data for c in labels], bool).reshape(-1)
+        keep = np.array([int(c) in to_data for c in classes], bool).reshape(-1)
         found.append(Detections(
             boxes[keep] * np.array([w / in_w, h / in_h, w / in_w, h / in_h], np.float32),
-            scores[keep], np.array([to_data[int(c)] for c in labels[keep]], np.int64)))
+            scores[keep], np.array([to_data[int(c)] for c in classes[keep]], np.int64)))
     return evaluate_detections(dataset, found)

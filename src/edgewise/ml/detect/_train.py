@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from ..errors import ExportError, MLError
 from ..tracking import Tracker, default_tracking_uri
 from ..train import _CHECKPOINT_EVERY_S, _bundle_name, _free_cores, _lr_factor, _save_atomic
+from ._augment import DETECT_AUGMENT_PRESETS, augment_detection_batch
 from ._bundle import write_detector_bundle
 from ._data import DetectionDataset, detection_split, detection_stats, load_detection_dataset
 from ._eval import Detections, evaluate_detections
@@ -52,7 +53,7 @@ _TRACKING_STORE = ("mlflow.db", "mlartifacts")  # `ml.tracking`'s default store 
 _VAL_PNG = "val_detections.png"  # validation images: found boxes (colour) and true (white)
 # What must stay equal for `resume` to continue a run rather than start a different one.
 _RESUME_KEYS = ("data", "input_size", "batch_size", "lr", "weight_decay", "frozen_frac",
-                "trainable_from_block", "val_fraction", "pretrained", "hflip",
+                "trainable_from_block", "val_fraction", "pretrained", "augment",
                 "max_detections", "score_threshold", "seed")
 
 
@@ -71,7 +72,8 @@ class DetectConfig:
     val_fraction: float = 0.2
     val_every_s: float = 60.0
     pretrained: bool = True
-    hflip: bool = True
+    augment: str = "default"  # DETECT_AUGMENT_PRESETS: default (flip, zoom, shift, colour),
+    # flip, none
     max_detections: int = 50
     score_threshold: float = 0.05  # low, as mAP wants the whole precision-recall curve
     seed: int = 0
@@ -113,9 +115,17 @@ def resize_dataset(dataset: DetectionDataset, size: int) -> DetectionDataset:
                             dataset.file_names, dataset.source)
 
 
+def _to_unit(images: np.ndarray) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> float [B, 3, H, W] in [0, 1] (what augmentation works on)."""
+    return torch.tensor(images, dtype=torch.float32).permute(0, 3, 1, 2) / 255
+
+
 def _normalise(images: np.ndarray, model: CenterNetDetector) -> torch.Tensor:
     """uint8 [B, H, W, 3] -> the contract's float [B, 3, H, W]."""
-    x = torch.tensor(images, dtype=torch.float32).permute(0, 3, 1, 2) / 255
+    return _standardise(_to_unit(images), model)
+
+
+def _standardise(x: torch.Tensor, model: CenterNetDetector) -> torch.Tensor:
     mean = torch.tensor(model.spec.mean).view(1, 3, 1, 1)
     std = torch.tensor(model.spec.std).view(1, 3, 1, 1)
     return (x - mean) / std
@@ -157,18 +167,6 @@ def _loss(heat_logits, box_pred, heat_t, box_t, mask) -> tuple[torch.Tensor, dic
     m = mask[:, None]
     l1 = F.l1_loss(box_pred * m, box_t * m, reduction="sum") / (mask.sum().clamp(min=1) * 4)
     return focal + l1, {"focal": float(focal.detach()), "box_l1": float(l1.detach())}
-
-
-def _hflip(images: np.ndarray, boxes: list[np.ndarray], rng: np.random.Generator):
-    """Mirror a random half of the batch, boxes with their images."""
-    images, boxes = images.copy(), list(boxes)
-    w = images.shape[2]
-    for b in np.flatnonzero(rng.random(len(images)) < 0.5):
-        images[b] = images[b, :, ::-1]
-        bb = boxes[b].copy()
-        bb[:, [0, 2]] = w - boxes[b][:, [2, 0]]
-        boxes[b] = bb
-    return images, boxes
 
 
 # ---- evaluation -----------------------------------------------------------------------------
@@ -243,6 +241,9 @@ def train_detector(cfg: DetectConfig, *, progress: ProgressFn | None = None,
     and `cfg.resume` continues it."""
     report = progress or (lambda *_: None)
     say = notify or (lambda *_: None)
+    if cfg.augment not in DETECT_AUGMENT_PRESETS:
+        raise MLError(f"unknown augmentation {cfg.augment!r} (known: "
+                      f"{', '.join(DETECT_AUGMENT_PRESETS)})")
     if cfg.input_size % 32 or not 64 <= cfg.input_size <= 640:
         raise MLError(f"input size must be a multiple of 32 in 64..640, not {cfg.input_size}")
     out_dir = Path(cfg.out_dir)
@@ -331,6 +332,7 @@ def _loop(cfg: DetectConfig, model: CenterNetDetector, opt, train_ds, val_ds, tr
     start = time.monotonic() - state["trained_s"]
     last_val = last_save = time.monotonic()
     trainable_from = state["trainable_from"]
+    augment = DETECT_AUGMENT_PRESETS[cfg.augment]
     while True:
         elapsed = time.monotonic() - start
         frac = elapsed / cfg.time_budget_s
@@ -344,13 +346,15 @@ def _loop(cfg: DetectConfig, model: CenterNetDetector, opt, train_ds, val_ds, tr
         for group in opt.param_groups:
             group["lr"] = cfg.lr * _lr_factor(frac)
         pick = rng.choice(len(train_ds), size=min(cfg.batch_size, len(train_ds)), replace=False)
-        images = train_images[pick]
+        x = _to_unit(train_images[pick])
         boxes = [train_ds.boxes[i] for i in pick]
-        if cfg.hflip:
-            images, boxes = _hflip(images, boxes, rng)
-        heat_t, box_t, mask = _targets(boxes, [train_ds.labels[i] for i in pick], num_classes,
-                                       cfg.input_size)
-        heat, box = model(_normalise(images, model))
+        labels = [train_ds.labels[i] for i in pick]
+        if augment != DETECT_AUGMENT_PRESETS["none"]:
+            # One seed per step from the run's generator: a resumed run draws the same.
+            gen = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
+            x, boxes, labels = augment_detection_batch(x, boxes, labels, augment, gen)
+        heat_t, box_t, mask = _targets(boxes, labels, num_classes, cfg.input_size)
+        heat, box = model(_standardise(x, model))
         loss, parts = _loss(heat, box, heat_t, box_t, mask)
         opt.zero_grad(set_to_none=True)
         loss.backward()
