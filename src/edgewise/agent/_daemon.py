@@ -113,6 +113,8 @@ class FaultPoint:
 
 
 REPORT_BATCH = 100  # reports per request (the server takes up to 100)
+REPORT_BATCH_RETRY_S = 300.0  # after a list of reports was refused (422): one at a time
+MESSAGE_MAX = 2000  # characters of a report's message (the server refuses longer ones)
 
 
 @dataclass(frozen=True)
@@ -164,7 +166,10 @@ class Agent:
         self._app_checked = False
         self._lock = threading.RLock()
         self._reported_at = float("-inf")  # monotonic time of the last report sent
-        self._batch_reports = True  # until a server refuses a list of reports (422)
+        # Monotonic time from which reports go up as lists again (a server answered a list
+        # with 422: one from before batches, or one report in it it could not read).
+        self._batch_from = float("-inf")
+        self._offline = False  # the last send failed for want of the server
         self._handlers: dict[State, Callable[[AgentRecord], Event]] = {
             **{rest: self._check for rest in REST_STATES},
             State.DOWNLOADING: self._download,
@@ -258,7 +263,8 @@ class Agent:
                 for lane in self.record.lanes():
                     if lane.blocked and lane.state in REST_STATES:
                         self._run_lane(lane, max_steps)
-            self._flush_reports()  # what a waiting state held back
+            if not self._offline:  # what steps held back (offline: tried next cycle)
+                self._flush_reports()
         finally:
             self._cycle_wanted = None
         return self.record.state
@@ -438,14 +444,16 @@ class Agent:
             self.paths.defer_path.unlink(missing_ok=True)
         self.paths.save_record(self.record)  # persist before the next handler acts
         log.info("%s: %s --%s--> %s", rec.component, state, event, nxt)
-        self._flush_reports(urgent=nxt in REST_STATES)
+        # The start of an update and its end go up at once; the steps between may wait.
+        self._flush_reports(urgent=state in REST_STATES or nxt in REST_STATES)
 
     def _remember(self, rec: AgentRecord, state: State, event: str, message: str,
                   target_id: str | None = None, extra: dict | None = None) -> None:
         if target_id is None and rec.target is not None:
             target_id = rec.target.release_id
         entry = {
-            "ts": now_iso(), "state": state.value, "event": event, "message": message,
+            "ts": now_iso(), "state": state.value, "event": event,
+            "message": message[:MESSAGE_MAX],
             "release_id": rec.installed.release_id if rec.installed else None,
             "target_release_id": target_id, "component": rec.component,
         }
@@ -472,10 +480,11 @@ class Agent:
         if not urgent and now - self._reported_at < self.config.report_batch_s:
             return
         self._reported_at = now
+        self._offline = False
         # What this agent reads now (the server picks delta patch formats from it).
         items = [{**item, "delta_versions": list(READABLE_VERSIONS)} for item in rec.outbox]
         sent = 0
-        if self._batch_reports and len(items) > 1:
+        if now >= self._batch_from and len(items) > 1:
             try:
                 for start in range(0, len(items), REPORT_BATCH):
                     chunk = items[start:start + REPORT_BATCH]
@@ -484,8 +493,9 @@ class Agent:
             except AgentTransportError as exc:
                 if exc.status_code is None or not 400 <= exc.status_code < 500:
                     items = []  # offline: keep the rest for later, in order
+                    self._offline = True
                 elif exc.status_code == 422:
-                    self._batch_reports = False  # a server from before batches
+                    self._batch_from = now + REPORT_BATCH_RETRY_S
         for item in items[sent:]:  # one at a time: the server refused a batch
             try:
                 self.client.report(item)
@@ -493,6 +503,7 @@ class Agent:
                 if exc.status_code is not None and 400 <= exc.status_code < 500:
                     log.warning("server refused a report, dropping it: %s", exc)
                 else:
+                    self._offline = True
                     break  # offline: keep the rest for later, in order
             sent += 1
         if sent:

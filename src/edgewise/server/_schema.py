@@ -171,11 +171,15 @@ def serialized(engine: Engine, work: str, *, lock_file: Path) -> Iterator[None]:
                 connection.commit()
 
 
-def serialized_transaction(session: Session, work: str) -> None:
+def serialized_transaction(session: Session, work: str, *, lock_timeout_s: float = 10.0
+                           ) -> None:
     """Make the rest of `session`'s transaction wait until no other server process's
-    transaction does `work`: a PostgreSQL advisory lock the commit or rollback releases. On
-    SQLite, a database one host's processes share, its write lock serialises writers."""
+    transaction does `work`: a PostgreSQL advisory lock the commit or rollback releases
+    (waited for at most `lock_timeout_s`, then the database refuses: a replica stuck while
+    holding it must not stop every other replica's writes for good). SQLite serves one
+    server process (`--workers` above 1 is refused), whose own lock is the caller's."""
     if session.get_bind().dialect.name == "postgresql":
+        session.execute(text(f"SET LOCAL lock_timeout = '{int(lock_timeout_s * 1000)}ms'"))
         session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _SERIAL_KEYS[work]})
 
 

@@ -29,7 +29,8 @@ from ._errors import KeyFileError, VerificationError
 
 __all__ = ["ServerRepository"]
 
-_SERVED_FILES = 64  # metadata files kept in memory for serving
+_SERVED_FILES = 64  # versioned metadata files kept in memory for serving
+_SERVED_MAX_BYTES = 4 << 20  # larger ones are read from disk at each request
 _METADATA_NAME = re.compile(r"^(?:(\d+)\.)?(root|targets|snapshot|timestamp|deltas)\.json$")
 DELTAS = "deltas"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -82,12 +83,13 @@ class ServerRepository:
         # every write of metadata, so versions follow one another whoever signs them.
         self._serialize = serialize
         self._write_depth = 0
-        # Metadata as served, by file name: ((mtime_ns, size, inode), bytes, ETag), newest
-        # last; and the online roles' expiry times by the timestamp file's (mtime, size,
-        # inode). A file another process replaces gets a new inode, so neither goes stale.
-        self._served: OrderedDict[str, tuple[tuple[int, int, int], bytes, str]] = OrderedDict()
-        self._expiry: tuple[tuple[int, int, int], datetime, datetime] | None = None
-        self._signed_targets: tuple[tuple[int, int, int], dict[str, TargetFile],
+        # Versioned metadata files as served (bytes, ETag), newest last; and, keyed by the
+        # timestamp file's bytes (re-read each time: another replica may replace it), the
+        # online roles' expiry times and the current targets and delta targets.
+        self._cache_lock = threading.Lock()
+        self._served: OrderedDict[str, tuple[bytes, str]] = OrderedDict()
+        self._expiry: tuple[bytes, datetime, datetime] | None = None
+        self._signed_targets: tuple[bytes, dict[str, TargetFile],
                                     dict[str, TargetFile]] | None = None
         self._signer = online_signer
         self._timestamp_expiry = timestamp_expiry
@@ -187,29 +189,37 @@ class ServerRepository:
         return path if path.is_file() else None
 
     def metadata_bytes(self, filename: str) -> tuple[bytes, str] | None:
-        """A metadata file's bytes and an ETag for them (None: no such file), from memory
-        while the file on disk is unchanged: every device asks for timestamp.json at each
-        update, and most files never change once written."""
+        """A metadata file's bytes and an ETag for them (None: no such file). Versioned files
+        (N.role.json) never change once written: they are kept in memory by name; the
+        others (timestamp.json) are read at every request (~1 kB), so a file another
+        replica replaced is served at once, whatever the file system caches."""
         path = self.metadata_file(filename)
         if path is None:
             return None
+        versioned = path.name[:1].isdigit()
+        if versioned:
+            with self._cache_lock:
+                hit = self._served.get(path.name)
+                if hit is not None:
+                    self._served.move_to_end(path.name)
+                    return hit
         try:
-            st = path.stat()
+            data = path.read_bytes()
         except FileNotFoundError:
             return None
-        key = (st.st_mtime_ns, st.st_size, st.st_ino)
-        with self._lock:
-            hit = self._served.get(path.name)
-            if hit is not None and hit[0] == key:
-                self._served.move_to_end(path.name)
-                return hit[1], hit[2]
-        data = path.read_bytes()
-        etag = f'"{hashlib.sha256(data).hexdigest()[:32]}"'
-        with self._lock:
-            self._served[path.name] = (key, data, etag)
-            while len(self._served) > _SERVED_FILES:
-                self._served.popitem(last=False)
-        return data, etag
+        served = (data, f'"{hashlib.sha256(data).hexdigest()[:32]}"')
+        if versioned and len(data) <= _SERVED_MAX_BYTES:
+            with self._cache_lock:
+                self._served[path.name] = served
+                while len(self._served) > _SERVED_FILES:
+                    self._served.popitem(last=False)
+        return served
+
+    def _timestamp_bytes(self) -> bytes | None:
+        try:
+            return (self.metadata_dir / "timestamp.json").read_bytes()
+        except FileNotFoundError:
+            return None
 
     def _timestamp(self) -> Metadata[Timestamp] | None:
         path = self.metadata_dir / "timestamp.json"
@@ -228,22 +238,24 @@ class ServerRepository:
 
     def target(self, path: str) -> TargetFile | None:
         """The signed info of a current target (or delta target), None if there is none.
-        Both roles' targets are parsed once per timestamp file: a new targets or deltas
-        version always comes with a new snapshot and so a new timestamp."""
-        try:
-            st = (self.metadata_dir / "timestamp.json").stat()
-        except FileNotFoundError:
+        Both roles' targets are parsed once per timestamp: a new targets or deltas version
+        always comes with a new snapshot and so a new timestamp."""
+        key = self._timestamp_bytes()
+        if key is None:
             return None
-        key = (st.st_mtime_ns, st.st_size, st.st_ino)
-        with self._lock:
-            if self._signed_targets is None or self._signed_targets[0] != key:
+        with self._cache_lock:
+            cached = self._signed_targets
+        if cached is None or cached[0] != key:
+            with self._lock:
                 current = self.current_targets()
                 deltas = self._current_deltas()
-                self._signed_targets = (
-                    key, Metadata[Targets].from_bytes(current).signed.targets if current else {},
-                    deltas.signed.targets if deltas else {})
-            _key, targets, delta_targets = self._signed_targets
-        return (delta_targets if path.startswith(f"{DELTAS}/") else targets).get(path)
+            # Parsed from the files as they are now, kept under the timestamp read before:
+            # if one changed in between, the next request reads a new timestamp and re-parses.
+            cached = (key, Metadata[Targets].from_bytes(current).signed.targets
+                      if current else {}, deltas.signed.targets if deltas else {})
+            with self._cache_lock:
+                self._signed_targets = cached
+        return (cached[2] if path.startswith(f"{DELTAS}/") else cached[1]).get(path)
 
     def _snapshot(self) -> Metadata[Snapshot] | None:
         ts = self._timestamp()
@@ -410,15 +422,11 @@ class ServerRepository:
 
     def _online_metadata_aging(self, now: datetime) -> bool:
         with self._lock:
-            try:
-                st = (self.metadata_dir / "timestamp.json").stat()
-            except FileNotFoundError:
+            key = self._timestamp_bytes()
+            if key is None:
                 return False
-            key = (st.st_mtime_ns, st.st_size, st.st_ino)
-            if self._expiry is None or self._expiry[0] != key:  # parsed once per new file
-                ts = self._timestamp()
-                if ts is None:
-                    return False
+            if self._expiry is None or self._expiry[0] != key:  # parsed once per timestamp
+                ts = Metadata[Timestamp].from_bytes(key)
                 snap_version = ts.signed.snapshot_meta.version
                 snap = Metadata[Snapshot].from_bytes(
                     (self.metadata_dir / f"{snap_version}.snapshot.json").read_bytes()).signed

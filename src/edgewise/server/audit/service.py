@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,8 +28,8 @@ from .._db import utcnow
 from .._schema import serialized_transaction
 from .models import AuditEntry
 
-__all__ = ["GENESIS", "AuditWriter", "append", "append_many", "entry_hash", "list_entries",
-           "verify_chain"]
+__all__ = ["GENESIS", "AuditWriteError", "AuditWriter", "append", "append_many", "entry_hash",
+           "list_entries", "verify_chain"]
 
 GENESIS = "0" * 64
 _lock = threading.Lock()
@@ -49,6 +50,15 @@ def _ts(value: datetime) -> str:
     return value.isoformat(timespec="microseconds")
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _printable(text: str) -> str:
+    """Control characters as `\\xNN` (a request path may carry a NUL, which PostgreSQL's
+    text refuses, or line breaks that would forge lines in an exported log)."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def append_many(session: Session, items: list[dict[str, Any]]) -> list[AuditEntry]:
     """Append entries (dicts of `actor`, `method`, `path`, `status`, `client`) in order, in
     one transaction, chained to the newest entry."""
@@ -59,9 +69,10 @@ def append_many(session: Session, items: list[dict[str, Any]]) -> list[AuditEntr
         entries = []
         for item in items:
             ts = utcnow()
-            entry = AuditEntry(ts=ts, actor=item["actor"][:160], method=item["method"],
-                               path=item["path"][:500], status=item["status"],
-                               client=item["client"][:64], prev_hash=prev)
+            entry = AuditEntry(ts=ts, actor=_printable(item["actor"])[:160],
+                               method=_printable(item["method"]),
+                               path=_printable(item["path"])[:500], status=item["status"],
+                               client=_printable(item["client"])[:64], prev_hash=prev)
             entry.hash = prev = entry_hash(prev, ts=_ts(ts), actor=entry.actor,
                                            method=entry.method, path=entry.path,
                                            status=entry.status, client=entry.client)
@@ -84,11 +95,16 @@ class _Pending:
     error: BaseException | None = None
 
 
+class AuditWriteError(RuntimeError):
+    """This request's audit entry could not be written (the cause is chained)."""
+
+
 class AuditWriter:
     """Group commit for one process: a thread that appends while another batch is being
     written waits, and the next writer takes every entry queued meanwhile in one
-    transaction. `append` returns once the caller's entry is committed (or raises what the
-    write raised)."""
+    transaction. `append` returns once the caller's entry is committed, or raises
+    `AuditWriteError`. A batch that fails is written again one entry per transaction, so
+    one entry the database refuses fails only its own request."""
 
     def __init__(self, sessions: Callable[[], Session]) -> None:
         self._sessions = sessions
@@ -96,6 +112,22 @@ class AuditWriter:
         self._queue: list[_Pending] = []
         self._writing = False
         self.batches = 0  # transactions written (tests and metrics)
+
+    def _write(self, batch: list[_Pending]) -> None:
+        try:
+            with self._sessions() as session:
+                append_many(session, [p.item for p in batch])
+            return
+        except Exception as exc:
+            if len(batch) == 1:
+                batch[0].error = exc
+                return
+        for p in batch:  # one at a time: only what the database refuses fails
+            try:
+                with self._sessions() as session:
+                    append_many(session, [p.item])
+            except Exception as exc:
+                p.error = exc
 
     def append(self, **item: Any) -> None:
         mine = _Pending(item)
@@ -107,22 +139,18 @@ class AuditWriter:
                     continue
                 self._writing = True
                 batch, self._queue = self._queue, []
-                error: BaseException | None = None
                 self._cond.release()
                 try:
-                    with self._sessions() as session:
-                        append_many(session, [p.item for p in batch])
-                except BaseException as exc:  # every waiter of the batch learns it failed
-                    error = exc
+                    self._write(batch)
                 finally:
                     self._cond.acquire()
                     self._writing = False
                     self.batches += 1
                     for p in batch:
-                        p.done, p.error = True, error
+                        p.done = True
                     self._cond.notify_all()
         if mine.error is not None:
-            raise mine.error
+            raise AuditWriteError(f"audit entry not written: {mine.error}") from mine.error
 
 
 def list_entries(session: Session, *, after_id: int = 0, limit: int = 1000) -> list[AuditEntry]:
