@@ -22,7 +22,6 @@ import contextlib
 import io
 import json
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -340,7 +339,7 @@ def compress_detector(bundle_dir: Path, out_dir: Path, manifest: BundleManifest,
     from ..detect import evaluate_detector_model
     from ..quick import preprocess_images
     from ._cpu import detect_cpu
-    from ._pipeline import _candidate_name, _load_avg, parse_recipe_entry
+    from ._pipeline import _load_avg, build_candidates, parse_recipe_entry
 
     cpu = detect_cpu()
     known = list_recipes("detect")
@@ -374,27 +373,7 @@ def compress_detector(bundle_dir: Path, out_dir: Path, manifest: BundleManifest,
     ctx = CompressContext(**{**fields, **(context_overrides or {})})
 
     # ---- recipes ------------------------------------------------------------------------------
-    built: dict[str, tuple[Candidate, dict[str, Any]]] = {}
-    failed: dict[str, str] = {}
-    for i, entry in enumerate(names):
-        recipe_name, inline = parse_recipe_entry(entry)
-        options = {**config.recipe_options.get(recipe_name, {}), **inline}
-        name = _candidate_name(recipe_name, inline)
-        progress(f"recipe {name}", i, len(names))
-        started = time.perf_counter()
-        ctx.work_dir = work / _slug(name)
-        try:
-            cand = create_recipe(recipe_name, task="detect", **options)(ctx)
-        except NotApplicableError as exc:
-            failed[name] = f"not applicable: {exc}"
-            continue
-        except CompressError as exc:
-            failed[name] = f"failed: {exc}"
-            continue
-        cand.build_s = round(time.perf_counter() - started, 1)
-        cand.notes.append(f"built in {cand.build_s:.1f} s")
-        built[name] = (cand, options)
-    progress("recipes", len(names), len(names))
+    built, failed = build_candidates(names, config, ctx, work, progress, task="detect")
 
     # ---- measure ------------------------------------------------------------------------------
     models = {BASELINE: ctx.source_model, **{k: c.model_path for k, (c, _) in built.items()}}

@@ -210,30 +210,8 @@ def compress_bundle(bundle_dir: Path | str, out_dir: Path | str,
     ctx = CompressContext(**{**fields, **(context_overrides or {})})
 
     # ---- recipes ------------------------------------------------------------------------------
-    built: dict[str, tuple[Candidate, dict[str, Any]]] = {}
-    failed: dict[str, str] = {}
-    names = config.recipes or tuple(list_recipes())
-    for i, entry in enumerate(names):
-        recipe_name, inline = parse_recipe_entry(entry)
-        options = {**config.recipe_options.get(recipe_name, {}), **inline}
-        # Options given inline name a variant; options given per recipe tune the default one.
-        name = _candidate_name(recipe_name, inline)
-        progress(f"recipe {name}", i, len(names))
-        started = time.perf_counter()
-        ctx.work_dir = work / _slug(name)  # variants of one recipe must not share files
-        try:
-            recipe = create_recipe(recipe_name, **options)
-            cand = recipe(ctx)
-        except NotApplicableError as exc:
-            failed[name] = f"not applicable: {exc}"
-            continue
-        except CompressError as exc:
-            failed[name] = f"failed: {exc}"
-            continue
-        cand.build_s = round(time.perf_counter() - started, 1)
-        cand.notes.append(f"built in {cand.build_s:.1f} s")
-        built[name] = (cand, options)
-    progress("recipes", len(names), len(names))
+    built, failed = build_candidates(config.recipes or tuple(list_recipes()), config, ctx,
+                                     work, progress)
 
     # ---- measure ------------------------------------------------------------------------------
     models = {BASELINE: ctx.source_model, **{k: c.model_path for k, (c, _) in built.items()}}
@@ -310,3 +288,33 @@ def load_report(path: Path | str) -> CompressReport:
 
 def fit_bundle(report: CompressReport, profile: DeviceProfile) -> FitDecision:
     return choose(report.candidates, profile)
+
+
+def build_candidates(names, config, ctx: CompressContext, work: Path, progress,
+                     **recipe_kwargs: Any
+                     ) -> tuple[dict[str, tuple[Candidate, dict[str, Any]]], dict[str, str]]:
+    """Run each recipe entry (`name` or `name:key=value,...`) on `ctx`: the candidates built,
+    with their options, and why the others were not (not applicable, or failed)."""
+    built: dict[str, tuple[Candidate, dict[str, Any]]] = {}
+    failed: dict[str, str] = {}
+    for i, entry in enumerate(names):
+        recipe_name, inline = parse_recipe_entry(entry)
+        options = {**config.recipe_options.get(recipe_name, {}), **inline}
+        # Options given inline name a variant; options given per recipe tune the default one.
+        name = _candidate_name(recipe_name, inline)
+        progress(f"recipe {name}", i, len(names))
+        started = time.perf_counter()
+        ctx.work_dir = work / _slug(name)  # variants of one recipe must not share files
+        try:
+            cand = create_recipe(recipe_name, **recipe_kwargs, **options)(ctx)
+        except NotApplicableError as exc:
+            failed[name] = f"not applicable: {exc}"
+            continue
+        except CompressError as exc:
+            failed[name] = f"failed: {exc}"
+            continue
+        cand.build_s = round(time.perf_counter() - started, 1)
+        cand.notes.append(f"built in {cand.build_s:.1f} s")
+        built[name] = (cand, options)
+    progress("recipes", len(names), len(names))
+    return built, failed
