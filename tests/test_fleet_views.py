@@ -115,7 +115,7 @@ def test_a_rollout_page_of_100k_devices_renders_in_under_a_second(big_fleet) -> 
         rollout = session.get(Rollout, "ro-big")
         rows = list(session.scalars(select(RolloutDevice)))
         known = rollouts._Known(session, "rel-new", rows)
-        expected = Counter(rollouts._outcome(session, r, "rel-new", known).outcome or
+        expected = Counter(rollouts._outcome(r, "rel-new", known).outcome or
                            "in-progress" for r in rows if r.assigned_at is not None)
         got = rollouts.progress(session, rollout)
     # The grouped query counts exactly what the engine's per-device decision says.

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import String, cast, func, select, update
+from sqlalchemy import String, cast, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from ...artifacts import MODEL_COMPONENT, component_of
@@ -194,6 +194,53 @@ def running_release(session: Session, *, device: Device, component: str) -> str 
         return device.release_id
     row = session.get(DeviceComponent, (device.id, component))
     return row.release_id if row is not None else None
+
+
+def running_releases(session: Session, *, device_ids: list[str], component: str
+                     ) -> dict[str, str | None]:
+    """`running_release` of many devices at once (a rollout stage of thousands): device id ->
+    the release it last reported running as `component` (absent: none)."""
+    found: dict[str, str | None] = {}
+    for chunk in _chunks(device_ids):
+        if component == MODEL_COMPONENT:
+            query = select(Device.id, Device.release_id).where(Device.id.in_(chunk))
+        else:
+            query = select(DeviceComponent.device_id, DeviceComponent.release_id).where(
+                DeviceComponent.device_id.in_(chunk), DeviceComponent.component == component)
+        found.update((device_id, release) for device_id, release in session.execute(query))
+    return found
+
+
+def set_assignments(session: Session, *, device_ids: list[str], component: str,
+                    release_id: str | None) -> None:
+    """`set_assignment` of many devices at once, in a few statements (no ORM object each).
+    Devices loaded in `session` are expired so that they read the new assignment."""
+    now = utcnow()
+    for chunk in _chunks(device_ids):
+        if component == MODEL_COMPONENT:
+            session.execute(update(Device).where(Device.id.in_(chunk))
+                            .values(assigned_release_id=release_id)
+                            .execution_options(synchronize_session=False))
+            continue
+        have = set(session.scalars(select(DeviceComponent.device_id).where(
+            DeviceComponent.device_id.in_(chunk), DeviceComponent.component == component)))
+        if have:
+            session.execute(update(DeviceComponent).where(
+                DeviceComponent.device_id.in_(have), DeviceComponent.component == component)
+                .values(assigned_release_id=release_id)
+                .execution_options(synchronize_session=False))
+        missing = [d for d in chunk if d not in have]
+        if missing:
+            session.execute(insert(DeviceComponent), [dict(
+                device_id=d, component=component, state="idle", updated_at=now,
+                assigned_release_id=release_id) for d in missing])
+    for obj in list(session.identity_map.values()):
+        if isinstance(obj, (Device, DeviceComponent)):
+            session.expire(obj)
+
+
+def _chunks(items: list[str], size: int = 1000) -> list[list[str]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 def assigned_release(session: Session, *, device: Device, component: str) -> str | None:

@@ -1,8 +1,9 @@
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from .models import Event
@@ -24,6 +25,17 @@ def record(
                   message=message[:2000], detail=detail or {})
     session.add(event)
     return event
+
+
+def record_many(session: Session, events: list[dict[str, Any]], *, now: datetime) -> None:
+    """`record` of many events at once (one INSERT), e.g. a rollout stage's assignments;
+    each dict holds `record`'s keyword arguments."""
+    if events:
+        session.execute(insert(Event), [dict(
+            ts=now, kind=e["kind"], device_id=e.get("device_id"),
+            release_id=e.get("release_id"), rollout_id=e.get("rollout_id"),
+            state=e.get("state"), message=e.get("message", "")[:2000],
+            detail=e.get("detail") or {}) for e in events])
 
 
 def list_events(

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import cast, select
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
 from ...windows import parse_window
@@ -64,6 +65,10 @@ def member_ids(session: Session, *, group: Group) -> list[str]:
     if group.kind == "static":
         return list(session.scalars(select(GroupMember.device_id).where(
             GroupMember.group_name == group.name).order_by(GroupMember.device_id)))
+    if session.get_bind().dialect.name == "postgresql":
+        # Containment in SQL: PostgreSQL sends only the matching ids, no tag lists to decode.
+        return list(session.scalars(select(Device.id).where(
+            cast(Device.tags, JSONB).contains(list(group.selector))).order_by(Device.id)))
     wanted = set(group.selector)
     return [device_id for device_id, tags in session.execute(
         select(Device.id, Device.tags).order_by(Device.id)) if wanted <= set(tags or [])]
