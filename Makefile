@@ -25,8 +25,8 @@ $(VENV): pyproject.toml
 # own throwaway cluster), Mosquitto, xdelta3 (a delta benchmark baseline), Chromium (dashboard
 # tests via Playwright), nginx (the load balancer in front of server replicas), wrk (the
 # check-in benchmark's load generator); podman, runc, skopeo and umoci for container apps (the
-# app tests run real containers; gcc builds their static test server). Installed only when
-# missing.
+# app tests run real containers; gcc builds their static test server), and docker.io (the app
+# tests also run them on a docker daemon of their own). Installed only when missing.
 system-deps:
 	@missing=""; \
 	[ -d $(FASHION_MNIST) ] || missing="$$missing dataset-fashion-mnist"; \
@@ -39,6 +39,7 @@ system-deps:
 	for tool in podman runc skopeo umoci gcc; do \
 		command -v $$tool >/dev/null 2>&1 || [ -x /usr/sbin/$$tool ] || missing="$$missing $$tool"; \
 	done; \
+	command -v dockerd >/dev/null 2>&1 || [ -x /usr/sbin/dockerd ] || missing="$$missing docker.io"; \
 	[ -f /usr/lib/x86_64-linux-gnu/libc.a ] || [ -f /usr/lib/aarch64-linux-gnu/libc.a ] || \
 		missing="$$missing libc6-dev"; \
 	if [ -n "$$missing" ]; then \

@@ -1,12 +1,14 @@
 """Container apps as releases: what an app-only update sends, how long a swap leaves the app
 unanswered, and how fast a broken version is replaced by the old one. A real server, a real
-agent, real podman containers (runc), one run.
+agent, real podman containers (runc) or, with --engine docker, a docker daemon of its own, one
+run.
 
 Prints JSON lines:
   {"bench": "app-update-bytes", "full_bytes", "sent_bytes", "fraction", "goal": 0.01, ...}
         v2 changes only the app layer; the base layers are the same blobs
-  {"bench": "app-swap", "downtime_s", "goal_s": 2.0, ...}
-        longest time the app did not answer GET / (polled every 10 ms) during v1 -> v2
+  {"bench": "app-swap", "downtime_s", "goal_s": 2.0, "install_s", "activate_to_committed_s",
+   ...} longest time the app did not answer GET / (polled every 10 ms) during v1 -> v2; the
+        agent's time importing v2's image, and from stopping v1 to v2 committed (healthy)
   {"bench": "app-rollback", "detect_s", "recover_s", ...}
         v3 answers /health with 500: from its container starting to the agent's verdict
         (the manifest's health check: probes every interval_s, retries), and from the verdict
@@ -21,7 +23,7 @@ The image: FROM scratch, a base layer (busybox-static if installed, plus --fille
 incompressible bytes standing in for a language runtime: a Debian python3-minimal base is
 43.3 MB compressed), the static C test server, and an app layer (one small file).
 
-    python bench/components.py [--filler-mb 40]
+    python bench/components.py [--filler-mb 40] [--engine podman|docker]
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests._apps import app_section, reset_store, server_binary  # noqa: E402
+from tests._apps import PrivateDockerd, app_section, reset_store, server_binary  # noqa: E402
 from tests.conftest import make_tiny_bundle  # noqa: E402
 
 from edgewise.agent import Agent, AgentConfig, StateDir, enroll  # noqa: E402
@@ -125,11 +127,17 @@ def history_ts(state: Path, state_name: str, target: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--filler-mb", type=int, default=40)
+    parser.add_argument("--engine", choices=("podman", "docker"), default="podman",
+                        help="what the agent runs the app with (images are built with podman)")
     args = parser.parse_args()
-    for tool in ("podman", "skopeo", "gcc"):
+    for tool in ("podman", "skopeo", "gcc", *(("dockerd",) if args.engine == "docker" else ())):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is not installed (make system-deps)")
     work = Path(tempfile.mkdtemp(prefix="edgewise-bench-components-"))
+    dockerd = PrivateDockerd(work / "dockerd").start() if args.engine == "docker" else None
+    if dockerd is not None:  # the agent processes inherit both
+        os.environ["DOCKER_HOST"] = dockerd.host
+    os.environ["EDGEWISE_CONTAINER_ENGINE"] = args.engine
     keys = init_keys(work / "keys")
     certs = init_certs(work / "certs", hostnames=["127.0.0.1", "localhost"])
     token = secrets.token_urlsafe(24)
@@ -175,9 +183,15 @@ def main() -> None:
               "first_install_sent_bytes": first["download"]["sent_bytes"],
               "filler_mb": args.filler_mb, "busybox": bool(shutil.which("busybox")),
               "state": second["state"]})
+        # From the agent's history (each state's entry time): the image import, then stop
+        # old + start new + healthy.
+        installing, activating, committed = (history_ts(state, name, "2.0.0") for name in (
+            "installing", "activating", "committed"))
         emit({"bench": "app-swap", "downtime_s": round(poller.longest_gap(), 3),
               "goal_s": 2.0, "engine": second["health"].get("engine"),
-              "seconds_to_healthy": second["health"].get("seconds_to_healthy")})
+              "seconds_to_healthy": second["health"].get("seconds_to_healthy"),
+              "install_s": round(activating - installing, 3),
+              "activate_to_committed_s": round(committed - activating, 3)})
 
         third, t_start = ship("3.0.0", "broken v3")
         activated = history_ts(state, "health-checking", "3.0.0")
@@ -221,6 +235,8 @@ def main() -> None:
     finally:
         poller.stop.set()
         server.stop()
+        if dockerd is not None:
+            dockerd.stop()
         reset_store(state / "containers")
         reset_store(store)
         shutil.rmtree(work, ignore_errors=True)

@@ -1,14 +1,18 @@
 """A tiny real container app for the app-release tests: a static C HTTP server (gcc -static,
 FROM scratch, ~0.7 MB) that answers its version from /version.txt (or the file named by
 $VERSION_FILE: a config component's), and 500 on /health when that version starts with
-"broken". Versions differ only in the version.txt layer."""
+"broken". Versions differ only in the version.txt layer. Also the engines that run it:
+podman with a store per test, or a docker daemon of the tests' own (`PrivateDockerd`)."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -75,6 +79,14 @@ int main(int argc, char **argv) {
 """
 
 
+def _skip_or_fail(why: str, what: str) -> NoReturn:
+    """Skip when this machine cannot run `what`; in CI (where `make system-deps` installs it)
+    that is a failure, not a skip."""
+    if os.environ.get("CI"):
+        pytest.fail(f"container tests must run in CI: {why}")
+    pytest.skip(f"{what} ({why}; make system-deps)")
+
+
 def require_podman() -> None:
     """Skip when this machine cannot run containers at all; in CI (which installs podman,
     runc and skopeo through `make system-deps`) that is a failure, not a skip."""
@@ -85,9 +97,101 @@ def require_podman() -> None:
         if probe.returncode != 0:
             why = f"podman does not run: {probe.stderr.strip()}"
     if why is not None:
-        if os.environ.get("CI"):
-            pytest.fail(f"container tests must run in CI: {why}")
-        pytest.skip(f"container apps need podman + skopeo + gcc ({why}; make system-deps)")
+        _skip_or_fail(why, "container apps need podman + skopeo + gcc")
+
+
+class PrivateDockerd:
+    """A docker daemon of the tests' own: its storage, run-time files, pid file and socket all
+    under `directory`, no bridge network and no iptables rules (apps use the host network),
+    so it neither needs nor touches a system daemon. `stop` removes its containers, stops
+    it (dockerd stops the containerd it started) and unmounts what it left mounted."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.host = f"unix://{self.directory / 'docker.sock'}"
+        self.log_path = self.directory / "dockerd.log"
+        self.process: subprocess.Popen | None = None
+
+    def docker(self, *args: str, timeout_s: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run(["docker", *args], capture_output=True, text=True,
+                              env={**os.environ, "DOCKER_HOST": self.host}, timeout=timeout_s)
+
+    def start(self, timeout_s: float = 60) -> PrivateDockerd:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        d = self.directory
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                ["dockerd", "--data-root", str(d / "data"), "--exec-root", str(d / "exec"),
+                 "--pidfile", str(d / "dockerd.pid"), "-H", self.host, "--bridge=none",
+                 "--iptables=false",
+                 # Where a system containerd runs, dockerd uses it: keep out of its "moby".
+                 "--containerd-namespace", f"edgewise-{os.getpid()}",
+                 "--containerd-plugins-namespace", f"edgewise-{os.getpid()}-plugins"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"dockerd exited {self.process.returncode}: "
+                                   f"{self.log_tail()}")
+            if self.docker("version", "--format", "{{.Server.Version}}").returncode == 0:
+                return self
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"dockerd did not answer in {timeout_s:g} s: "
+                                   f"{self.log_tail()}")
+            time.sleep(0.2)
+
+    def log_tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-1500:]
+
+    def reset(self) -> None:
+        """Remove every container and image: the next test starts from an empty daemon."""
+        ids = self.docker("ps", "-aq").stdout.split()
+        if ids:
+            self.docker("rm", "-f", *ids)
+        images = self.docker("images", "-aq").stdout.split()
+        if images:
+            self.docker("rmi", "-f", *set(images))
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.reset()
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        # dockerd stops the containerd it started; one it lost still runs our config.
+        pid_file = self.directory / "exec" / "containerd" / "containerd.pid"
+        try:
+            pid = int(pid_file.read_text())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            cmdline = b""
+        if str(pid_file.parent).encode() in cmdline:
+            os.kill(pid, signal.SIGTERM)
+        with open("/proc/self/mounts") as mounts:  # e.g. exec/netns/default (nsfs)
+            left = [line.split()[1] for line in mounts
+                    if line.split()[1].startswith(f"{self.directory}/")]
+        for mount in reversed(left):
+            subprocess.run(["umount", "-l", mount], capture_output=True)
+        self.process = None
+
+
+def start_private_dockerd(directory: Path) -> PrivateDockerd:
+    """A started `PrivateDockerd`, or a skip (a failure in CI) saying why docker cannot run
+    here."""
+    missing = [t for t in ("dockerd", "docker", "skopeo", "gcc") if shutil.which(t) is None]
+    if missing:
+        _skip_or_fail(f"not installed: {', '.join(missing)}",
+                      "container apps on docker need docker.io + skopeo + gcc")
+    try:
+        return PrivateDockerd(directory).start()
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        _skip_or_fail(f"dockerd does not run: {exc}", "container apps on docker need a dockerd")
 
 
 def server_binary(directory: Path) -> Path:

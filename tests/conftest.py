@@ -139,6 +139,19 @@ def device_auth(state: Path):
     return identity.device_id, DeviceAuth(identity.device_id, paths.device_key())
 
 
+@pytest.fixture(scope="session")
+def dockerd(tmp_path_factory: pytest.TempPathFactory):
+    """A docker daemon of the test session's own (`tests._apps.PrivateDockerd`), started at
+    first use and stopped at the end. Skipped where docker cannot run (a failure in CI)."""
+    from tests._apps import start_private_dockerd
+
+    daemon = start_private_dockerd(tmp_path_factory.mktemp("dockerd"))
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
+
 ADMIN = secrets.token_urlsafe(24)  # the in-process app's admin token
 
 

@@ -1,6 +1,7 @@
 """Container apps as releases, end to end with real containers: `edgewise app build/import`,
-a real server, a real agent running podman (runc, its own storage); an update that ships only
-the changed layer; a broken version rolled back by the device itself."""
+a real server, a real agent running podman (runc, its own storage) or docker (a daemon of the
+tests' own); an update that ships only the changed layer; a broken version rolled back by the
+device itself; the engine's restart policy; the app removed."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import os
 import signal
 import subprocess
 import tarfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -33,6 +36,21 @@ def podman() -> None:
     require_podman()
 
 
+@pytest.fixture(params=["podman", "docker"])
+def engine_kind(request, monkeypatch) -> Iterator[str]:
+    """The engine the test's agents run apps with (`EDGEWISE_CONTAINER_ENGINE`): podman with
+    their own store, or the session's own dockerd (emptied after the test). Images are built
+    with podman either way."""
+    require_podman()
+    daemon = request.getfixturevalue("dockerd") if request.param == "docker" else None
+    if daemon is not None:
+        monkeypatch.setenv("DOCKER_HOST", daemon.host)
+    monkeypatch.setenv("EDGEWISE_CONTAINER_ENGINE", request.param)
+    yield request.param
+    if daemon is not None:
+        daemon.reset()
+
+
 def get(port: int, path: str = "/") -> httpx.Response:
     return httpx.get(f"http://127.0.0.1:{port}{path}", timeout=5)
 
@@ -41,6 +59,18 @@ def app_status(state: Path) -> dict:
     """The app's component in the agent's status (a device's apps are components of their
     own, beside its model)."""
     return agent_status(state)["components"]["hello"]
+
+
+def app_pid(port: int) -> int | None:
+    """The host pid of the test server for `port` (its environment says PORT), if running."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if ((proc / "cmdline").read_bytes() == b"/server\x00"
+                    and f"PORT={port}".encode() in (proc / "environ").read_bytes().split(b"\0")):
+                return int(proc.name)
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def download_stats(live_server, state: Path, release_id: str) -> dict:
@@ -54,7 +84,7 @@ def download_stats(live_server, state: Path, release_id: str) -> dict:
 
 @pytest.mark.slow
 def test_app_release_runs_ships_one_layer_and_rolls_back(
-        podman, live_server, enroll_agent, tmp_path: Path) -> None:
+        engine_kind, live_server, enroll_agent, tmp_path: Path) -> None:
     port = free_port()
     binary = server_binary(tmp_path / "bin")
     storage = tmp_path / "build-store"
@@ -77,7 +107,7 @@ def test_app_release_runs_ships_one_layer_and_rolls_back(
         status = app_status(state)
         assert (status["state"], status["release"]) == ("committed", "hello@1.0.0"), status
         health = status["last_health"]
-        assert health["passed"] and health["engine"] == "podman" and health["probes"] >= 1
+        assert health["passed"] and health["engine"] == engine_kind and health["probes"] >= 1
         assert get(port).text == "v1\n" and get(port, "/health").status_code == 200
         assert engine.status("edgewise-hello") == ("running", "localhost/edgewise/hello:1.0.0")
         first = download_stats(live_server, state, v1["id"])
@@ -85,7 +115,9 @@ def test_app_release_runs_ships_one_layer_and_rolls_back(
 
         # v2 changes only the version layer: the device downloads that layer, the new config
         # and image manifest and the index, nothing else; the server layer is copied locally.
-        v2_dir, v2_manifest = build_hello(tmp_path, binary, "2.0.0", "v2", port, storage)
+        # Its health check is a command run in its container.
+        v2_dir, v2_manifest = build_hello(tmp_path, binary, "2.0.0", "v2", port, storage,
+                                          http=None, command=["/server", "check"])
         v1_files = validate_bundle(tmp_path / "hello-1").files
         new = {rel: e.size for rel, e in v2_manifest.files.items()
                if v1_files.get(rel) != e}
@@ -129,6 +161,26 @@ def test_app_release_runs_ships_one_layer_and_rolls_back(
         engine.remove("edgewise-hello")
         assert run_once(state, tmp_path) == 0
         assert get(port).text == "v2\n"
+
+        # The app dies (killed): the engine's restart policy (on-failure:3) starts it again,
+        # with no agent running.
+        pid = app_pid(port)
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while not (engine.status("edgewise-hello")[0] == "running"
+                   and app_pid(port) not in (None, pid)):
+            assert time.monotonic() < deadline, engine.status("edgewise-hello")
+            time.sleep(0.1)
+        assert get(port).text == "v2\n"
+
+        # Unassigned: the device removes the app, its container and every image of it.
+        with live_server.client() as c:
+            c.unassign_component(device["id"], "hello")
+        assert run_once(state, tmp_path) == 0
+        assert agent_status(state)["components"] == {}
+        assert engine.status("edgewise-hello") == ("missing", None)
+        assert engine.images("localhost/edgewise/hello:") == []
     finally:
         reset_store(state / "containers")
         reset_store(storage)

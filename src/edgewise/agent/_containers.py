@@ -8,11 +8,14 @@ version only starts it again. Nothing here decides what comes next: the state ma
 
 Podman runs with the agent's own store (`STATE/containers/storage`, run-time files under
 /run: `artifacts.PodmanStore`) and its own `containers.conf` (runc, ulimits the machine
-allows, no systemd needed); docker, when it is what the device has, runs with the daemon's
-storage. Apps get `--init` (a PID 1 that ignores SIGTERM would make every stop wait out the
-timeout) and host networking (they reach the agent's loopback API, and the health check
-reaches them on loopback); the current files of every config component that names the app
-are mounted read-only into its container (`_configs.mounts_for`) each time it starts.
+allows, no systemd needed); docker, when it is what the device has (or is chosen with
+`EDGEWISE_CONTAINER_ENGINE=docker`), runs with the daemon's storage, at `DOCKER_HOST` if set.
+Docker stores each layer once (a `docker load` skips the layers it already has), but skopeo
+streams a whole image to it, so an import reads the shared layers again, locally. Apps get
+`--init` (a PID 1 that ignores SIGTERM would make every stop wait out the timeout) and host
+networking (they reach the agent's loopback API, and the health check reaches them on
+loopback); the current files of every config component that names the app are mounted
+read-only into its container (`_configs.mounts_for`) each time it starts.
 """
 
 from __future__ import annotations
@@ -64,10 +67,12 @@ class ContainerEngine:
     lacks."""
 
     def __init__(self, kind: str, argv: list[str], skopeo_dest: str,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, skopeo_args: list[str] | None = None
+                 ) -> None:
         self.kind = kind
         self._argv = argv
         self._skopeo_dest = skopeo_dest  # "containers-storage:[...]" or "docker-daemon:"
+        self._skopeo_args = skopeo_args or []
         self._env = {**os.environ, **(env or {})}
 
     @classmethod
@@ -85,13 +90,18 @@ class ContainerEngine:
             return cls("podman", [podman, *store.podman_args()], store.skopeo_ref(""),
                        env=store.env())
         docker = shutil.which("docker")
+        why = ""
         if docker and forced in (None, "", "docker"):
             probe = subprocess.run([docker, "version", "--format", "{{.Server.Version}}"],
                                    capture_output=True, text=True, timeout=30)
             if probe.returncode == 0:
-                return cls("docker", [docker], "docker-daemon:")
+                # skopeo's docker-daemon transport ignores DOCKER_HOST: it is passed on.
+                host = os.environ.get("DOCKER_HOST")
+                return cls("docker", [docker], "docker-daemon:",
+                           skopeo_args=["--dest-daemon-host", host] if host else [])
+            why = f" (docker: {probe.stderr.strip()[-300:]})"
         raise NoContainerEngine("no container engine: install podman and runc (apt-get install "
-                                "podman runc skopeo), or run a docker daemon")
+                                f"podman runc skopeo), or run a docker daemon{why}")
 
     def _run(self, *args: str, check: bool = True, timeout_s: float = _CMD_TIMEOUT_S
              ) -> subprocess.CompletedProcess:
@@ -111,7 +121,8 @@ class ContainerEngine:
         store already holds are not copied again)."""
         skopeo = shutil.which("skopeo") or "skopeo"
         proc = subprocess.run(
-            [skopeo, "copy", "--quiet", f"oci:{layout}:{ref}", f"{self._skopeo_dest}{image}"],
+            [skopeo, "copy", "--quiet", *self._skopeo_args, f"oci:{layout}:{ref}",
+             f"{self._skopeo_dest}{image}"],
             capture_output=True, text=True, env=self._env, timeout=_CMD_TIMEOUT_S)
         if proc.returncode != 0:
             raise ContainerError(f"importing {image} failed: {proc.stderr.strip()[-500:]}")
