@@ -148,17 +148,19 @@ def test_the_tick_reads_outcomes_and_health_as_the_engine_expects(sessions) -> N
         rollout.stage_index = 1
         session.commit()
         rollouts.tick(session, rollout)
-        members = [r.device_id for r in session.scalars(select(RolloutDevice))]
+        # The last member ran the old release before (not one of those already on the new).
+        members = sorted((r.device_id for r in session.scalars(select(RolloutDevice))),
+                         key=lambda d: int(d.split("-")[1]) % 7 != 0)
         later = now + timedelta(minutes=5)
         session.execute(insert(InstallResult), [dict(
             device_id=d, release_id="rel-new", outcome="committed", finished_at=later,
-            health={"top1_agreement": 0.5 if k == 0 else 1.0, "p95_latency_ms": 3.25,
+            health={"top1_agreement": 0.5 if d == members[-1] else 1.0, "p95_latency_ms": 3.25,
                     "memory_mb": 12, "per_class": {"a": [1, 2]}})
-            for k, d in enumerate(members)])
+            for d in members])
         session.commit()
         known = rollouts._Known(session, "rel-new", rollouts._sync_members(session, rollout))
-        first = known.results[(members[0], "rel-new")]
-        assert (first.top1_agreement, first.p95_latency_ms, first.memory_mb) == (0.5, 3.25, 12)
+        last = known.results[(members[-1], "rel-new")]
+        assert (last.top1_agreement, last.p95_latency_ms, last.memory_mb) == (0.5, 3.25, 12)
         # One device agreed on half its golden set: the default gate (100%) aborts.
         assert rollouts.tick(session, rollout) is Action.ABORT
 
@@ -189,3 +191,36 @@ def test_transfer_totals_are_summed_in_sql(sessions) -> None:
                    "bytes_full": sum(s.get("full_bytes", 0) for s in stats),
                    "delta_files": sum(s.get("delta_files", 0) for s in stats),
                    "delta_fallbacks": 1, "reused_files": len(members) - 1}
+
+
+def test_a_tick_with_nothing_new_skips_reading_the_members_results(sessions, monkeypatch) -> None:
+    reads = []
+    known = rollouts._Known
+    monkeypatch.setattr(rollouts, "_Known", lambda *a: reads.append(1) or known(*a))
+    with sessions() as session:
+        now = _fleet(session, n=200)
+        rollout = session.get(Rollout, "ro-bulk")
+        rollout.stage_index = 1
+        session.commit()
+
+        def tick(after_s: float) -> Action:
+            return rollouts.tick(session, rollout, now=now + timedelta(seconds=after_s))
+
+        assert tick(0) is Action.WAIT and tick(1) is Action.WAIT
+        assert len(reads) == 1  # the second tick: same inputs, same decision, nothing read
+        members = [r.device_id for r in session.scalars(select(RolloutDevice))]
+        session.execute(insert(InstallResult), [dict(
+            device_id=d, release_id="rel-new", outcome="committed",
+            finished_at=now + timedelta(seconds=2), health={}) for d in members[1:]])
+        session.commit()
+        assert tick(3) is Action.WAIT and len(reads) == 2  # reports: read again
+        assert tick(4) is Action.WAIT and len(reads) == 2
+        # What no count shows (a health rewritten in place, no newer time) is read again
+        # once RECHECK_AFTER passed.
+        updated = next(r.device_id for r in session.scalars(select(RolloutDevice))
+                       if r.previous_release_id == "rel-old" and r.device_id != members[0])
+        session.get(InstallResult, (updated, "rel-new")).health = {"top1_agreement": 0.1}
+        session.commit()
+        assert tick(5) is Action.WAIT and len(reads) == 2
+        assert tick(3 + rollouts.RECHECK_AFTER.total_seconds()) is Action.ABORT
+        assert len(reads) == 3

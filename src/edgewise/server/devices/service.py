@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import weakref
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -315,7 +316,7 @@ def report(
     if state not in AGENT_STATES:
         raise Conflict(f"unknown agent state {state!r}")
     for rid in {release_id, target_release_id} - {None}:
-        if session.get(Release, rid) is None:
+        if not _release_exists(session, rid):
             raise NotFound(f"no release {rid!r}")
     device.last_seen_at = utcnow()
     if component == MODEL_COMPONENT:
@@ -355,6 +356,24 @@ def report(
             result.health = detail["health"]
     if commit:
         session.commit()
+
+
+# Releases are never deleted: once seen, an id is known for good (a report names one or two,
+# and loading a release's manifest to check that it exists cost more than the report).
+# Per database (tests run several in one process).
+_KNOWN_RELEASES: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+
+
+def _release_exists(session: Session, release_id: str) -> bool:
+    known = _KNOWN_RELEASES.setdefault(session.get_bind(), set())
+    if release_id in known:
+        return True
+    if session.scalar(select(Release.id).where(Release.id == release_id)) is None:
+        return False
+    if len(known) > 100_000:
+        known.clear()
+    known.add(release_id)
+    return True
 
 
 def _check_timezone(name: str) -> None:

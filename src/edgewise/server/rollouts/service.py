@@ -15,7 +15,7 @@ import logging
 import secrets
 import statistics
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import BigInteger, and_, case, cast, func, insert, or_, select, update
@@ -254,6 +254,37 @@ def transfer(session: Session, rollout: Rollout, *, adapter: dict[str, Any] | No
     return totals
 
 
+# The inputs of each rollout's last "wait" in this process, and when it was decided: a tick
+# whose inputs did not change since decides the same (`decide` is a pure function of them),
+# so it does not read every member's result again. A report, feedback, drift figures, a new
+# member, an assignment, the soak time passing or another replica's decision changes the key;
+# what a key could miss (an update that keeps every count and the newest time) is read again
+# at least every RECHECK_AFTER.
+_WAITING: dict[tuple[str, str], tuple[tuple[Any, ...], datetime]] = {}
+RECHECK_AFTER = timedelta(seconds=10)
+
+
+def _inputs_key(session: Session, rollout: Rollout, stage_rows: list[_Member],
+                soaked: bool) -> tuple[Any, ...]:
+    releases = sorted({rollout.release_id} | {
+        r.previous_release_id for r in stage_rows if r.previous_release_id})
+    results = tuple(session.execute(
+        select(InstallResult.release_id, InstallResult.outcome, func.count(),
+               func.max(InstallResult.finished_at))
+        .where(InstallResult.release_id.in_(releases))
+        .group_by(InstallResult.release_id, InstallResult.outcome)
+        .order_by(InstallResult.release_id, InstallResult.outcome)).tuples())
+    feedback = tuple(session.execute(
+        select(func.count(), func.max(Feedback.id))
+        .where(Feedback.release_id == rollout.release_id)).one())
+    drift = tuple(session.execute(
+        select(func.count(), func.sum(DriftReport.inputs), func.sum(DriftReport.anomalous))
+        .where(DriftReport.release_id == rollout.release_id)).one())
+    assigned = sum(1 for r in stage_rows if r.assigned_at is not None)
+    return (rollout.stage_index, rollout.stage_started_at, len(stage_rows), assigned, soaked,
+            tuple(releases), results, feedback, drift)
+
+
 def tick(session: Session, rollout: Rollout, *, now: datetime | None = None) -> Action | None:
     """One decision step for an active rollout; returns what was done."""
     if rollout.status != ACTIVE:
@@ -267,16 +298,25 @@ def tick(session: Session, rollout: Rollout, *, now: datetime | None = None) -> 
     if not rows:
         session.commit()
         return Action.WAIT
+    soaked_s = (now - rollout.stage_started_at).total_seconds()
+    key = _inputs_key(session, rollout, rows[:size], soaked_s >= stage.min_soak_s)
+    cache_key = (str(session.get_bind().url), rollout.id)
+    waited = _WAITING.get(cache_key)
+    if waited is not None and waited[0] == key and now - waited[1] < RECHECK_AFTER:
+        session.commit()
+        return Action.WAIT  # nothing the decision reads changed since it said "wait"
     known = _Known(session, rollout.release_id, rows[:size])
     view = StageView(
         stage=stage, is_last=rollout.stage_index == len(stages) - 1, stage_devices=size,
-        soaked_s=(now - rollout.stage_started_at).total_seconds(),
+        soaked_s=soaked_s,
         outcomes=tuple(_outcome(row, rollout.release_id, known)
                        for row in rows[:size]))
     decision = decide(view)
     if decision.action is Action.WAIT:
         session.commit()
+        _WAITING[cache_key] = (key, now)
         return decision.action
+    _WAITING.pop(cache_key, None)
     if decision.action is Action.ADVANCE:
         rollout.stage_index += 1
         rollout.stage_started_at = now
