@@ -5,7 +5,9 @@ rollout is active; an abort or a rollback reassigns every device the rollout tou
 release it ran before (a new assignment of the old artifact, never a silent downgrade).
 A rollout moves one component of its devices (its release's: the model or one app) and
 leaves their other components alone; a group has at most one rollout in progress per
-component.
+component. A device whose component the operator removed (`leave`) is out of every rollout
+of that component that is not rolled back: no tick assigns it again, its outcome no longer
+counts, and an abort or rollback does not put the previous release back on it.
 """
 
 from __future__ import annotations
@@ -106,6 +108,32 @@ def _sync_members(session: Session, rollout: Rollout) -> list[RolloutDevice]:
     return rows
 
 
+def leave(session: Session, *, device_id: str, component: str, actor: str) -> list[str]:
+    """Take a device out of the rollouts of `component` (all but rolled-back ones: an
+    abort or rollback reassigns), because the operator removed that component from it; each
+    is recorded as an event. Returns the rollouts' ids. The caller commits."""
+    left = []
+    for rollout in session.scalars(select(Rollout).where(Rollout.status != ROLLED_BACK)
+                                   .order_by(Rollout.created_at)):
+        if devices.release_component(session.get(Release, rollout.release_id)) != component:
+            continue
+        if rollout.status in (ACTIVE, PAUSED):  # a member not yet synced leaves too
+            rows = _sync_members(session, rollout)
+        else:
+            rows = list(session.scalars(select(RolloutDevice).where(
+                RolloutDevice.rollout_id == rollout.id)))
+        row = next((r for r in rows if r.device_id == device_id), None)
+        if row is None or row.left_at is not None:
+            continue
+        row.left_at = utcnow()
+        left.append(rollout.id)
+        events.record(session, kind="rollout-left", device_id=device_id,
+                      rollout_id=rollout.id, release_id=rollout.release_id,
+                      message=f"out of rollout {rollout.id}: {component} removed from the "
+                      f"device by {actor}")
+    return left
+
+
 class _Known:
     """The install results and feedback a rollout's decision reads, loaded in two queries:
     a tick over thousands of devices must not cost a query per device."""
@@ -183,7 +211,7 @@ def progress(session: Session, rollout: Rollout) -> dict[str, Any]:
             .select_from(RolloutDevice)
             .outerjoin(result, and_(result.device_id == RolloutDevice.device_id,
                                     result.release_id == rollout.release_id))
-            .where(RolloutDevice.rollout_id == rollout.id)
+            .where(RolloutDevice.rollout_id == rollout.id, RolloutDevice.left_at.is_(None))
             .group_by(outcome)):
         counts["devices"] += n
         if key != "unassigned":
@@ -237,7 +265,7 @@ def tick(session: Session, rollout: Rollout, *, now: datetime | None = None) -> 
     now = now or utcnow()
     stages = [stage_from_json(s) for s in rollout.stages]
     stage = stages[rollout.stage_index]
-    rows = _sync_members(session, rollout)
+    rows = [r for r in _sync_members(session, rollout) if r.left_at is None]
     size = stage_size(stage, len(rows))
     component = devices.release_component(session.get(Release, rollout.release_id))
     for row in rows[:size]:
@@ -294,7 +322,7 @@ def _roll_back_devices(session: Session, rollout: Rollout, rows: list[RolloutDev
     count = 0
     component = devices.release_component(session.get(Release, rollout.release_id))
     for row in rows:
-        if row.assigned_at is None:
+        if row.assigned_at is None or row.left_at is not None:
             continue
         device = session.get(Device, row.device_id)
         if rollout.release_id in (
