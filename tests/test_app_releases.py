@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import tarfile
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import pytest
 from edgewise.agent import agent_status
 from edgewise.agent._containers import ContainerEngine
 from edgewise.artifacts import PodmanStore, validate_bundle
-from edgewise.sim import edgewise_command, free_port
+from edgewise.sim import AgentProcess, edgewise_command, free_port
 from tests._apps import (
     app_context,
     build_hello,
@@ -292,3 +293,88 @@ def test_power_cuts_in_every_state_of_an_app_update_end_on_a_running_version(
         reset_store(state / "containers")
         reset_store(storage)
 
+
+def _app_pid(state: Path, timeout_s: float = 10.0) -> int:
+    """The app's own process: the child of its container's init (apps run with --init)."""
+    store = PodmanStore(state / "containers")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        init = subprocess.run(["podman", *store.podman_args(), "inspect", "--format",
+                               "{{.State.Pid}}", "edgewise-hello"], capture_output=True,
+                              text=True, env={**os.environ, **store.env()}).stdout.strip()
+        children = Path(f"/proc/{init}/task/{init}/children")
+        if init.isdigit() and int(init) > 0 and children.exists() and (
+                kids := children.read_text().split()):
+            return int(kids[0])
+        assert time.monotonic() < deadline, "the app has no process"
+        time.sleep(0.05)
+
+
+def _wait_for(predicate, what: str, timeout_s: float = 30.0):
+    deadline = time.monotonic() + timeout_s
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+    return value
+
+
+def _answers(port: int) -> str | None:
+    try:
+        return get(port).text
+    except httpx.TransportError:
+        return None
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_app_itself_is_restarted_or_rolled_back(
+        podman, live_server, enroll_agent, tmp_path: Path) -> None:
+    """kill -9 of the app (its process in the container; the agent is not touched). After
+    commit its restart policy (on-failure:3) brings it back, three times; once the policy
+    gave up, the agent's next start does. During the health check of an update, the crash
+    fails the check even though the policy brought the app back at once: the update rolls
+    back to the old version, running."""
+    port = free_port()
+    binary = server_binary(tmp_path / "bin")
+    storage = tmp_path / "build-store"
+    state = enroll_agent("app-kill")
+    try:
+        bundle, _ = build_hello(tmp_path, binary, "1.0.0", "v1", port, storage)
+        live_server.publish(bundle)
+        assert run_once(state, tmp_path) == 0
+        engine = ContainerEngine.detect(state / "containers")
+        for restarts in (1, 2, 3):
+            os.kill(_app_pid(state), signal.SIGKILL)
+            _wait_for(lambda r=restarts: engine.inspect("edgewise-hello")[2] == r,
+                      f"restart {restarts}")
+            assert _wait_for(lambda: _answers(port), "the app again") == "v1\n"
+        os.kill(_app_pid(state), signal.SIGKILL)  # a 4th crash: the policy gives up
+        _wait_for(lambda: engine.status("edgewise-hello")[0] == "exited", "the app to stay down")
+        assert _answers(port) is None
+        assert run_once(state, tmp_path) == 0
+        assert engine.status("edgewise-hello") == ("running", "localhost/edgewise/hello:1.0.0")
+        assert get(port).text == "v1\n" and get(port, "/health").status_code == 200
+
+        # v2 answers 503 on /health for its first seconds, then 200: it would pass its check,
+        # but it is killed while being checked.
+        bundle, _ = build_hello(tmp_path, binary, "2.0.0", "slow v2", port, storage,
+                                retries=80, interval_s=0.25)
+        live_server.publish(bundle)
+        agent = AgentProcess(state_dir=state, once=True,
+                             log_path=tmp_path / "app-kill.log").start()
+        try:
+            _wait_for(lambda: json.loads((state / "state.json").read_text())["components"][
+                "hello"]["state"] == "health-checking" and engine.status("edgewise-hello") == (
+                "running", "localhost/edgewise/hello:2.0.0"), "the health check", 60)
+            os.kill(_app_pid(state), signal.SIGKILL)
+            assert agent.wait(timeout_s=120) == 0
+        finally:
+            agent.kill()
+        status = app_status(state)
+        assert (status["state"], status["release"]) == ("rolled-back", "hello@1.0.0"), status
+        assert "the app exited during its health check and was restarted 1 time(s) by its " \
+            "restart policy (on-failure:3)" in status["last_error"], status["last_error"]
+        assert engine.status("edgewise-hello") == ("running", "localhost/edgewise/hello:1.0.0")
+        assert get(port).text == "v1\n" and get(port, "/health").status_code == 200
+    finally:
+        reset_store(state / "containers")
+        reset_store(storage)
