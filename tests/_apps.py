@@ -1,7 +1,7 @@
 """A tiny real container app for the app-release tests: a static C HTTP server (gcc -static,
 FROM scratch, ~0.7 MB) that answers its version from /version.txt (or the file named by
 $VERSION_FILE: a config component's), and 500 on /health when that version starts with
-"broken", 503 for its first 2-3 seconds when it starts with "slow" (an app that takes a while
+"broken", 503 for its first 4-5 seconds when it starts with "slow" (an app that takes a while
 to get ready). Versions differ only in the version.txt layer."""
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ int main(int argc, char **argv) {
     if (strncmp(req, "GET /health", 11) == 0 && strncmp(version, "broken", 6) == 0)
       code = 500;
     else if (strncmp(req, "GET /health", 11) == 0 && strncmp(version, "slow", 4) == 0
-             && time(0) - started < 3)
+             && time(0) - started < 5)
       code = 503;
     char out[600];
     int len = snprintf(out, sizeof out, "HTTP/1.0 %d %s\r\nContent-Type: text/plain\r\n"

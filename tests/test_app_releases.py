@@ -250,14 +250,14 @@ def test_power_cuts_in_every_state_of_an_app_update_end_on_a_running_version(
                 running["version"], running_text)
             assert engine.status("edgewise-hello") == (
                 "running", f"localhost/edgewise/hello:{runs[0]}"), fault
-            assert get(port).text == runs[1] + "\n", fault
+            assert _wait_for(lambda: _answers(port), "the app") == runs[1] + "\n", fault
             if cut == "awaiting-window":
                 # A power cut takes the app down too: the restarted agent starts the old
                 # version again, though the update still waits for its window.
                 engine.remove("edgewise-hello")
                 assert run_once(state, tmp_path) == 0
                 assert app_status(state)["state"] == "awaiting-window", fault
-                assert get(port).text == runs[1] + "\n", fault
+                assert _wait_for(lambda: _answers(port), "the app") == runs[1] + "\n", fault
                 window(always)
             assert run_once(state, tmp_path) == 0, fault
 
@@ -272,7 +272,8 @@ def test_power_cuts_in_every_state_of_an_app_update_end_on_a_running_version(
                     "/server check exited 1" in status["last_error"]), (fault, status)
             assert engine.status("edgewise-hello") == (
                 "running", f"localhost/edgewise/hello:{running['version']}"), fault
-            assert get(port).text == running_text + "\n", fault
+            # (A rollback starts the old version without waiting for it to listen.)
+            assert _wait_for(lambda: _answers(port), "the app") == running_text + "\n", fault
             assert get(port, "/health").status_code == 200, fault
             record = json.loads((state / "state.json").read_text())
             lane = record["components"]["hello"]
@@ -352,7 +353,8 @@ def test_kill_9_of_the_app_itself_is_restarted_or_rolled_back(
         assert _answers(port) is None
         assert run_once(state, tmp_path) == 0
         assert engine.status("edgewise-hello") == ("running", "localhost/edgewise/hello:1.0.0")
-        assert get(port).text == "v1\n" and get(port, "/health").status_code == 200
+        assert _wait_for(lambda: _answers(port), "v1 again") == "v1\n"
+        assert get(port, "/health").status_code == 200
 
         # v2 answers 503 on /health for its first seconds, then 200: it would pass its check,
         # but it is killed while being checked.
@@ -374,7 +376,8 @@ def test_kill_9_of_the_app_itself_is_restarted_or_rolled_back(
         assert "the app exited during its health check and was restarted 1 time(s) by its " \
             "restart policy (on-failure:3)" in status["last_error"], status["last_error"]
         assert engine.status("edgewise-hello") == ("running", "localhost/edgewise/hello:1.0.0")
-        assert get(port).text == "v1\n" and get(port, "/health").status_code == 200
+        assert _wait_for(lambda: _answers(port), "v1 again") == "v1\n"
+        assert get(port, "/health").status_code == 200
     finally:
         reset_store(state / "containers")
         reset_store(storage)
