@@ -215,6 +215,10 @@ def test_removing_a_component_takes_the_device_out_of_its_rollouts(api) -> None:
                                    "device by admin")
         assert rollouts.progress(session, rollouts.get_rollout(
             session, rollout_id=rollout_id))["devices"] == 2
+    api.cookies.set("edgewise_token", ADMIN)  # the dashboard's session cookie
+    page = api.get(f"/dashboard/rollouts/{rollout_id}").text
+    assert 'Devices in this rollout <span class="count">2</span>' in page
+    assert f"out of rollout {rollout_id}: hello removed from the device by admin" in page
 
     # The last device runs the new release, then loses the app too; before it reports the
     # removal, the operator aborts: the canary gets the old release back, it gets nothing.
