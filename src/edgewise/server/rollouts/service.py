@@ -109,9 +109,10 @@ def _sync_members(session: Session, rollout: Rollout) -> list[RolloutDevice]:
 
 
 def leave(session: Session, *, device_id: str, component: str, actor: str) -> list[str]:
-    """Take a device out of the rollouts of `component` (all but rolled-back ones: an
-    abort or rollback reassigns), because the operator removed that component from it; each
-    is recorded as an event. Returns the rollouts' ids. The caller commits."""
+    """Take a device out of the rollouts of `component`, because the operator removed that
+    component from it: every one but those rolled back (a completed or aborted rollout can
+    still be rolled back, which reassigns). Each is recorded as an event. Returns the
+    rollouts' ids. The caller commits."""
     left = []
     for rollout in session.scalars(select(Rollout).where(Rollout.status != ROLLED_BACK)
                                    .order_by(Rollout.created_at)):
