@@ -1,7 +1,8 @@
 """A tiny real container app for the app-release tests: a static C HTTP server (gcc -static,
 FROM scratch, ~0.7 MB) that answers its version from /version.txt (or the file named by
 $VERSION_FILE: a config component's), and 500 on /health when that version starts with
-"broken". Versions differ only in the version.txt layer. Also the engines that run it:
+"broken", 503 for its first 4-5 seconds when it starts with "slow" (an app that takes a while
+to get ready). Versions differ only in the version.txt layer. Also the engines that run it:
 podman with a store per test, or a docker daemon of the tests' own (`PrivateDockerd`)."""
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ SERVER_C = r"""
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 static char version[256] = "unknown";
 #include <arpa/inet.h>
@@ -50,6 +52,7 @@ int main(int argc, char **argv) {
     fclose(f);
     version[strcspn(version, "\n")] = 0;
   }
+  time_t started = time(0);
   const char *p = getenv("PORT");
   int port = p ? atoi(p) : 8080, one = 1;
   signal(SIGPIPE, SIG_IGN);
@@ -66,12 +69,17 @@ int main(int argc, char **argv) {
     char req[1024];
     ssize_t n = read(c, req, sizeof req - 1);
     req[n > 0 ? n : 0] = 0;
-    int code = strncmp(req, "GET /health", 11) == 0 && strncmp(version, "broken", 6) == 0
-               ? 500 : 200;
+    int code = 200;
+    if (strncmp(req, "GET /health", 11) == 0 && strncmp(version, "broken", 6) == 0)
+      code = 500;
+    else if (strncmp(req, "GET /health", 11) == 0 && strncmp(version, "slow", 4) == 0
+             && time(0) - started < 5)
+      code = 503;
     char out[600];
     int len = snprintf(out, sizeof out, "HTTP/1.0 %d %s\r\nContent-Type: text/plain\r\n"
                        "Content-Length: %zu\r\nConnection: close\r\n\r\n%s\n", code,
-                       code == 200 ? "OK" : "Internal Server Error", strlen(version) + 1, version);
+                       code == 200 ? "OK" : code == 500 ? "Internal Server Error"
+                       : "Service Unavailable", strlen(version) + 1, version);
     if (write(c, out, len) < 0) perror("write");
     close(c);
   }

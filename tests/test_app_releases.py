@@ -12,6 +12,7 @@ import subprocess
 import tarfile
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -20,7 +21,7 @@ import pytest
 from edgewise.agent import agent_status
 from edgewise.agent._containers import ContainerEngine
 from edgewise.artifacts import PodmanStore, validate_bundle
-from edgewise.sim import edgewise_command, free_port
+from edgewise.sim import AgentProcess, edgewise_command, free_port
 from tests._apps import (
     app_context,
     build_hello,
@@ -240,37 +241,194 @@ def test_app_import_reads_oci_and_docker_archives_and_refuses_malformed_ones(
         assert not list(tmp_path.glob(f".out-{archive.stem}*"))
 
 
+# The states of an app update the agent can be killed in (`_machine.State`), besides the check
+# in the rest state it starts from; the rollback's only in an update that fails.
+UPDATE_STATES = ["downloading", "verifying", "awaiting-window", "installing", "activating",
+                 "health-checking"]
+# Cut points after which the new version runs while the agent is down (activated, not yet
+# rolled back); at every other one the old version does.
+NEW_RUNS = {"activating:after", "health-checking:before", "health-checking:after",
+            "rolling-back:before"}
+
+
 @pytest.mark.slow
-def test_power_cuts_during_app_updates_end_on_a_running_version(
-        podman, live_server, enroll_agent, tmp_path: Path) -> None:
-    """kill -9 of the agent in a few states of app updates (not yet every state: issue 22):
-    the restarted agent finishes, and the app answers with the old or the new version."""
+@pytest.mark.parametrize("kind", ["healthy", "broken"])
+def test_power_cuts_in_every_state_of_an_app_update_end_on_a_running_version(
+        podman, live_server, enroll_agent, tmp_path: Path, kind: str) -> None:
+    """kill -9 of the agent in every state of a container app update, before and after the
+    state's side effect, and in the check of the rest state it starts from: an update that
+    is healthy commits, a broken one (its health check fails) rolls back. While the agent is
+    down the app runs, the old version or the activated new one; the restarted agent ends
+    with the app running the old or the new version, healthy, its record, its slots, its
+    images and the server's view agreeing. One agent, one new version per cut point; the
+    health probes alternate between HTTP and a command run in the container."""
     port = free_port()
     binary = server_binary(tmp_path / "bin")
     storage = tmp_path / "build-store"
-    state = enroll_agent("app-crash")
+    state = enroll_agent(f"app-cuts-{kind}")
+    device = server_device(live_server, state)
+    by_command = {"http": None, "command": ["/server", "check"]}
+    hour = datetime.now(UTC).hour
+    closed = {"days": "daily", "start": f"{(hour + 3) % 24:02d}:00", "duration_min": 60}
+    always = {"days": "daily", "start": "00:00", "duration_min": 1440}
+
+    def window(policy: dict) -> None:
+        with live_server.client() as c:
+            c.request("PATCH", f"/api/v1/devices/{device['id']}", json={"window": policy})
+
     try:
-        # v4 and v5 are checked by a command run inside the container (`/server check`).
-        by_command = {"http": None, "command": ["/server", "check"]}
-        steps = [("1.0.0", "v1", "activating:after", "committed", "v1", {}),
-                 ("2.0.0", "v2", "installing:after", "committed", "v2", {}),
-                 ("3.0.0", "broken v3", "rolling-back:before", "rolled-back", "v2", {}),
-                 ("4.0.0", "v4", "health-checking:before", "committed", "v4", by_command),
-                 ("5.0.0", "broken v5", "health-checking:after", "rolled-back", "v4",
-                  by_command)]
-        for version, text, fault, end_state, answer, health in steps:
-            bundle, _ = build_hello(tmp_path, binary, version, text, port, storage, **health)
-            live_server.publish(bundle)
+        bundle, _ = build_hello(tmp_path, binary, "1.0.0", "v1", port, storage)
+        running = live_server.publish(bundle)  # the release that should run
+        running_text = "v1"
+        assert run_once(state, tmp_path) == 0
+        engine = ContainerEngine.detect(state / "containers")
+        states = ["rest", *UPDATE_STATES] + (["rolling-back"] if kind == "broken" else [])
+        cuts = [(cut, when) for cut in states for when in ("before", "after")]
+        for n, (cut, when) in enumerate(cuts, start=2):
+            version, text = f"{n}.0.0", f"v{n}" if kind == "healthy" else f"broken v{n}"
+            before = app_status(state)
+            fault = f"{before['state'] if cut == 'rest' else cut}:{when}"
+            # (A broken version fails 4 probes, not 15: the test is long enough.)
+            bundle, _ = build_hello(tmp_path, binary, version, text, port, storage,
+                                    **(by_command if n % 2 else {}),
+                                    **({"retries": 4} if kind == "broken" else {}))
+            if cut == "awaiting-window":
+                window(closed)
+            new = live_server.publish(bundle)
             assert run_once(state, tmp_path, fault=fault) == -signal.SIGKILL, fault
-            assert run_once(state, tmp_path) == 0
+            # The agent is down: the app runs on.
+            runs = (version, text) if fault in NEW_RUNS else (
+                running["version"], running_text)
+            assert engine.status("edgewise-hello") == (
+                "running", f"localhost/edgewise/hello:{runs[0]}"), fault
+            assert _wait_for(lambda: _answers(port), "the app") == runs[1] + "\n", fault
+            if cut == "awaiting-window":
+                # A power cut takes the app down too: the restarted agent starts the old
+                # version again, though the update still waits for its window.
+                engine.remove("edgewise-hello")
+                assert run_once(state, tmp_path) == 0
+                assert app_status(state)["state"] == "awaiting-window", fault
+                assert _wait_for(lambda: _answers(port), "the app") == runs[1] + "\n", fault
+                window(always)
+            assert run_once(state, tmp_path) == 0, fault
+
+            if kind == "healthy":
+                running, running_text = new, text
             status = app_status(state)
-            release = "hello@" + (version if end_state == "committed" else answer[1] + ".0.0")
-            assert (status["state"], status["release"]) == (end_state, release), (fault, status)
-            if "broken" in text:
+            final = "committed" if kind == "healthy" else "rolled-back"
+            assert (status["state"], status["release"]) == (
+                final, f"hello@{running['version']}"), (fault, status)
+            if kind == "broken":
                 assert "answered 500" in status["last_error"] or (
-                    "/server check exited 1" in status["last_error"]), status["last_error"]
-            assert get(port).text == answer + "\n", fault
-            assert get(port, "/health").status_code == 200
+                    "/server check exited 1" in status["last_error"]), (fault, status)
+            assert engine.status("edgewise-hello") == (
+                "running", f"localhost/edgewise/hello:{running['version']}"), fault
+            # (A rollback starts the old version without waiting for it to listen.)
+            assert _wait_for(lambda: _answers(port), "the app") == running_text + "\n", fault
+            assert get(port, "/health").status_code == 200, fault
+            record = json.loads((state / "state.json").read_text())
+            lane = record["components"]["hello"]
+            assert (lane["target"], lane["pending_slot"], lane["entries"]) == (
+                None, None, {}), fault
+            assert lane["installed"]["release_id"] == running["id"], fault
+            assert lane["installed_slot"] == status["active_slot"], fault
+            assert record["outbox"] == [], fault  # the server heard everything
+            # The images of both slots (the new version and the one it replaced), no other.
+            assert sorted(engine.images("localhost/edgewise/hello:")) == sorted(
+                f"localhost/edgewise/hello:{v}"
+                for v in (version, before["release"].split("@")[1])), fault
+            with live_server.client() as c:
+                assert c.device_components(device["id"]) == [{
+                    "component": "hello", "assigned_release_id": new["id"],
+                    "release_id": running["id"], "state": final}], fault
+    finally:
+        reset_store(state / "containers")
+        reset_store(storage)
+
+
+def _app_pid(state: Path, timeout_s: float = 10.0) -> int:
+    """The app's own process: the child of its container's init (apps run with --init)."""
+    store = PodmanStore(state / "containers")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        init = subprocess.run(["podman", *store.podman_args(), "inspect", "--format",
+                               "{{.State.Pid}}", "edgewise-hello"], capture_output=True,
+                              text=True, env={**os.environ, **store.env()}).stdout.strip()
+        children = Path(f"/proc/{init}/task/{init}/children")
+        if init.isdigit() and int(init) > 0 and children.exists() and (
+                kids := children.read_text().split()):
+            return int(kids[0])
+        assert time.monotonic() < deadline, "the app has no process"
+        time.sleep(0.05)
+
+
+def _wait_for(predicate, what: str, timeout_s: float = 30.0):
+    deadline = time.monotonic() + timeout_s
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+    return value
+
+
+def _answers(port: int) -> str | None:
+    try:
+        return get(port).text
+    except httpx.TransportError:
+        return None
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_app_itself_is_restarted_or_rolled_back(
+        podman, live_server, enroll_agent, tmp_path: Path) -> None:
+    """kill -9 of the app (its process in the container; the agent is not touched). After
+    commit its restart policy (on-failure:3) brings it back, three times; once the policy
+    gave up, the agent's next start does. During the health check of an update, the crash
+    fails the check even though the policy brought the app back at once: the update rolls
+    back to the old version, running."""
+    port = free_port()
+    binary = server_binary(tmp_path / "bin")
+    storage = tmp_path / "build-store"
+    state = enroll_agent("app-kill")
+    try:
+        bundle, _ = build_hello(tmp_path, binary, "1.0.0", "v1", port, storage)
+        live_server.publish(bundle)
+        assert run_once(state, tmp_path) == 0
+        engine = ContainerEngine.detect(state / "containers")
+        for restarts in (1, 2, 3):
+            os.kill(_app_pid(state), signal.SIGKILL)
+            _wait_for(lambda r=restarts: engine.inspect("edgewise-hello")[2] == r,
+                      f"restart {restarts}")
+            assert _wait_for(lambda: _answers(port), "the app again") == "v1\n"
+        os.kill(_app_pid(state), signal.SIGKILL)  # a 4th crash: the policy gives up
+        _wait_for(lambda: engine.status("edgewise-hello")[0] == "exited", "the app to stay down")
+        assert _answers(port) is None
+        assert run_once(state, tmp_path) == 0
+        assert engine.status("edgewise-hello") == ("running", "localhost/edgewise/hello:1.0.0")
+        assert _wait_for(lambda: _answers(port), "v1 again") == "v1\n"
+        assert get(port, "/health").status_code == 200
+
+        # v2 answers 503 on /health for its first seconds, then 200: it would pass its check,
+        # but it is killed while being checked.
+        bundle, _ = build_hello(tmp_path, binary, "2.0.0", "slow v2", port, storage,
+                                retries=80, interval_s=0.25)
+        live_server.publish(bundle)
+        agent = AgentProcess(state_dir=state, once=True,
+                             log_path=tmp_path / "app-kill.log").start()
+        try:
+            _wait_for(lambda: json.loads((state / "state.json").read_text())["components"][
+                "hello"]["state"] == "health-checking" and engine.status("edgewise-hello") == (
+                "running", "localhost/edgewise/hello:2.0.0"), "the health check", 60)
+            os.kill(_app_pid(state), signal.SIGKILL)
+            assert agent.wait(timeout_s=120) == 0
+        finally:
+            agent.kill()
+        status = app_status(state)
+        assert (status["state"], status["release"]) == ("rolled-back", "hello@1.0.0"), status
+        assert "the app exited during its health check and was restarted 1 time(s) by its " \
+            "restart policy (on-failure:3)" in status["last_error"], status["last_error"]
+        assert engine.status("edgewise-hello") == ("running", "localhost/edgewise/hello:1.0.0")
+        assert _wait_for(lambda: _answers(port), "v1 again") == "v1\n"
+        assert get(port, "/health").status_code == 200
     finally:
         reset_store(state / "containers")
         reset_store(storage)

@@ -144,6 +144,99 @@ def test_removing_a_component_is_an_unassignment_the_devices_report_ends(api) ->
     assert api.get(path, headers=AUTH).json() == []
 
 
+def test_removing_a_component_takes_the_device_out_of_its_rollouts(api) -> None:
+    """A rollout in progress never gives an app back to a device the operator removed it
+    from: not when its stage comes, not by an abort (which puts the previous release back
+    on the rollout's other devices). The device leaves the rollout, recorded as an event;
+    the rollout goes on without it."""
+    from edgewise.server.devices import service as devices
+    from edgewise.server.devices.models import Device
+    from edgewise.server.events import service as events
+    from edgewise.server.groups.models import Group, GroupMember
+    from edgewise.server.releases.models import Release
+    from edgewise.server.rollouts import service as rollouts
+    from edgewise.server.rollouts.engine import Action, Stage
+    from edgewise.server.rollouts.models import RolloutDevice
+    from tests.test_checkin import check_in, enroll
+
+    enrolled = dict(enroll(api) for _ in range(3))
+    with api.app.state.ctx.sessions() as session:
+        for rid, version in (("rel-a1", "1.0.0"), ("rel-a2", "2.0.0")):
+            session.add(Release(id=rid, name="hello", version=version,
+                                manifest_target=f"hello/{version}/edgewise.json",
+                                targets_version=1, size_bytes=1, manifest={"kind": "app"}))
+        session.add(Group(name="lab", kind="static", selector=[], window=None))
+        session.flush()
+        for device_id in enrolled:
+            session.add(GroupMember(group_name="lab", device_id=device_id))
+            devices.report(session, device=session.get(Device, device_id), state="committed",
+                           event="healthy", release_id="rel-a1", target_release_id="rel-a1",
+                           message="", detail={}, component="hello", commit=False)
+        session.commit()
+        rollout = rollouts.create_rollout(session, release_id="rel-a2", group_name="lab",
+                                          stages=[Stage("canary", count=1),
+                                                  Stage("all", percent=100)])
+        rollout_id = rollout.id
+        assert rollouts.tick(session, rollout) is Action.WAIT
+        order = [r.device_id for r in session.query(RolloutDevice).filter_by(
+            rollout_id=rollout_id).order_by(RolloutDevice.position)]
+    canary, removed, last = order
+
+    def report(device_id: str, state: str, event: str, release_id: str | None) -> None:
+        with api.app.state.ctx.sessions() as session:
+            devices.report(session, device=session.get(Device, device_id), state=state,
+                           event=event, release_id=release_id, target_release_id="rel-a2",
+                           message="", detail={}, component="hello")
+
+    def assigned(device_id: str) -> str | None:
+        with api.app.state.ctx.sessions() as session:
+            return devices.assigned_release(session, device=session.get(Device, device_id),
+                                            component="hello")
+
+    def tick() -> Action | None:
+        with api.app.state.ctx.sessions() as session:
+            return rollouts.tick(session, rollouts.get_rollout(session, rollout_id=rollout_id))
+
+    # A device of the later stage loses its app while the canary installs: it removes it.
+    path = f"/api/v1/devices/{removed}/components/hello"
+    assert api.delete(path, headers=AUTH).status_code == 200
+    report(removed, "idle", "removed", "rel-a1")
+    assert "components" not in check_in(api, removed, enrolled[removed])
+    report(canary, "committed", "healthy", "rel-a2")
+    assert tick() is Action.ADVANCE
+    assert tick() is Action.WAIT  # the last stage: the rest of the group, but not `removed`
+    assert (assigned(canary), assigned(last), assigned(removed)) == ("rel-a2", "rel-a2", None)
+    assert "components" not in check_in(api, removed, enrolled[removed])
+    with api.app.state.ctx.sessions() as session:
+        left = [e for e in events.list_events(session, device_id=removed)
+                if e.kind == "rollout-left"]
+        assert [(e.rollout_id, e.release_id) for e in left] == [(rollout_id, "rel-a2")]
+        assert left[0].message == (f"out of rollout {rollout_id}: hello removed from the "
+                                   "device by admin")
+        assert rollouts.progress(session, rollouts.get_rollout(
+            session, rollout_id=rollout_id))["devices"] == 2
+    api.cookies.set("edgewise_token", ADMIN)  # the dashboard's session cookie
+    page = api.get(f"/dashboard/rollouts/{rollout_id}").text
+    assert 'Devices in this rollout <span class="count">2</span>' in page
+    assert f"out of rollout {rollout_id}: hello removed from the device by admin" in page
+
+    # The last device runs the new release, then loses the app too; before it reports the
+    # removal, the operator aborts: the canary gets the old release back, it gets nothing.
+    report(last, "committed", "healthy", "rel-a2")
+    assert api.delete(f"/api/v1/devices/{last}/components/hello",
+                      headers=AUTH).status_code == 200
+    with api.app.state.ctx.sessions() as session:
+        rollouts.operator_action(session, rollout_id=rollout_id, action="abort", actor="test")
+    assert (assigned(canary), assigned(last), assigned(removed)) == ("rel-a1", None, None)
+    assert "components" not in check_in(api, last, enrolled[last])
+    # Removing it again finds no rollout to leave: no second event.
+    assert api.delete(f"/api/v1/devices/{last}/components/hello",
+                      headers=AUTH).status_code == 200
+    with api.app.state.ctx.sessions() as session:
+        assert len([e for e in events.list_events(session, device_id=last)
+                    if e.kind == "rollout-left"]) == 1
+
+
 def _hello(tmp: Path, binary: Path, port: int, storage: Path) -> Path:
     """The test app, reading its version from the `greeting` config's file once there is
     one (until then it answers "unknown")."""

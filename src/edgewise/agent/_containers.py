@@ -159,12 +159,19 @@ class ContainerEngine:
 
     def status(self, name: str) -> tuple[str, str | None]:
         """(state, image) of container `name`: state is e.g. running, exited, or missing."""
+        state, image, _restarts = self.inspect(name)
+        return state, image
+
+    def inspect(self, name: str) -> tuple[str, str | None, int]:
+        """(state, image, restarts) of container `name`: `status`, and how many times its
+        restart policy restarted it since it was created (0 if missing)."""
         proc = self._run("inspect", "--type", "container", "--format",
-                         "{{.State.Status}} {{.Config.Image}}", name, check=False)
+                         "{{.State.Status}} {{.RestartCount}} {{.Config.Image}}", name,
+                         check=False)
         if proc.returncode != 0:
-            return "missing", None
-        state, _, image = proc.stdout.strip().partition(" ")
-        return state, image or None
+            return "missing", None, 0
+        state, restarts, image = (proc.stdout.strip().split(" ", 2) + ["", ""])[:3]
+        return state, image or None, int(restarts) if restarts.isdigit() else 0
 
     def logs(self, name: str, lines: int = 20) -> str:
         proc = self._run("logs", "--tail", str(lines), name, check=False)
@@ -236,18 +243,23 @@ class ContainerRuntime(ComponentRuntime):
             engine.remove_image(image)
 
     def health_check(self, slot_dir: Path, manifest: AppManifest) -> HealthReport:
-        """Probe the running app as its manifest says (see `AppHealth`)."""
+        """Probe the running app as its manifest says (see `AppHealth`). An app that exited
+        since `activate` created its container fails, even once its restart policy brought
+        it back (a crash while on probation: kill -9 included)."""
         spec = manifest.app.health
         name = container_name(manifest.name)
         t0 = time.monotonic()
         latencies: list[float] = []
         reason = "no probe ran"
         for probe in range(1, spec.retries + 1):
-            state, image = self.engine.status(name)
-            if state != "running" or image != app_image(manifest):
+            state, image, restarts = self.engine.inspect(name)
+            if state != "running" or image != app_image(manifest) or restarts:
                 logs = self.engine.logs(name)
                 reason = (f"the container is {state}, not running {app_image(manifest)}"
-                          + (f"; its last output: {logs}" if logs else ""))
+                          if state != "running" or image != app_image(manifest) else
+                          f"the app exited during its health check and was restarted "
+                          f"{restarts} time(s) by its restart policy ({manifest.app.restart})")
+                reason += f"; its last output: {logs}" if logs else ""
                 break
             t_probe = time.monotonic()
             ok, reason = self._probe(name, manifest)

@@ -93,6 +93,8 @@ __all__ = ["Agent", "AgentConfig", "FaultPoint"]
 log = logging.getLogger("edgewise.agent")
 
 DISK_MARGIN_BYTES = 16 << 20  # left free after an install (logs, state, the next report)
+# The states whose handlers start and stop a component's release.
+_SWAPPING = frozenset({State.ACTIVATING, State.HEALTH_CHECKING, State.ROLLING_BACK})
 
 
 @dataclass(frozen=True)
@@ -291,9 +293,11 @@ class Agent:
 
     def _ensure_app_running(self) -> None:
         """At start: every committed app runs (after a reboot, or after its restart policy
-        gave up), unless its update is in flight (its handler decides what runs)."""
+        gave up), unless its update is past installing (activating, health-checking, rolling
+        back: that handler decides what runs). Before that the committed version is the one
+        that runs, also while an update downloads or waits for its window."""
         for rec in self.record.lanes():
-            if rec.state not in REST_STATES or rec.installed_slot is None:
+            if rec.state in _SWAPPING or rec.installed_slot is None:
                 continue
             manifest = self._slot_manifest(rec, rec.installed_slot)
             if not isinstance(manifest, AppManifest):

@@ -482,7 +482,8 @@ class AppHealth(_Strict):
     is dropped in OCI format). One probe is an HTTP GET on loopback or a command run inside
     the container (exit 0 = healthy), each bounded by `timeout_s`. The agent probes every
     `interval_s`; the app is healthy at the first probe that passes and unhealthy after
-    `retries` failed probes or as soon as its container exits."""
+    `retries` failed probes or as soon as its container exits (also when its restart policy
+    restarted it: a crash during the check)."""
 
     http: HttpProbe | None = None
     command: tuple[str, ...] | None = None

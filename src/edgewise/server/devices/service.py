@@ -4,7 +4,8 @@ A device runs one release per component (`artifacts.component_of`): its model (t
 on `Device`) and each container app or set of configuration files (`DeviceComponent` rows).
 Assigning a release replaces the assignment of its component only; a report updates the
 component it names. Unassigning a component (`unassign_component`) tells the device to remove
-it; its row goes when the device reports it removed.
+it and takes the device out of that component's rollouts (`rollouts.service.leave`), so none
+assigns it again; its row goes when the device reports it removed.
 """
 
 from __future__ import annotations
@@ -172,7 +173,10 @@ def set_assignment(session: Session, *, device: Device, component: str,
 def unassign_component(session: Session, *, device_id: str, component: str,
                        actor: str) -> DeviceComponent:
     """Clear the assignment of one component of a device besides its model: the device stops
-    and removes it at its next check-in, and its report of that deletes the row."""
+    and removes it at its next check-in, and its report of that deletes the row. The device
+    leaves that component's rollouts (a rollout in progress would assign it again)."""
+    from ..rollouts.service import leave
+
     device = get_device(session, device_id=device_id)
     if component == MODEL_COMPONENT:
         raise InvalidInput("the model component cannot be removed from a device: assign "
@@ -185,6 +189,7 @@ def unassign_component(session: Session, *, device_id: str, component: str,
     row.updated_at = utcnow()
     events.record(session, kind="unassigned", device_id=device.id, release_id=previous,
                   message=f"{component} unassigned by {actor}: the device removes it")
+    leave(session, device_id=device.id, component=component, actor=actor)
     session.commit()
     return row
 

@@ -25,7 +25,9 @@ class Rollout(Base):
 
 
 class RolloutDevice(Base):
-    """A device's place in a rollout: its stable position and what it ran before."""
+    """A device's place in a rollout: its stable position and what it ran before; `left_at`
+    once the operator removed the rollout's component from the device (it is out of the
+    rollout: never assigned, counted or rolled back by it again)."""
 
     __tablename__ = "rollout_devices"
 
@@ -37,3 +39,4 @@ class RolloutDevice(Base):
     previous_release_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     assigned_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     stage_index: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    left_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)

@@ -5,7 +5,9 @@ rollout is active; an abort or a rollback reassigns every device the rollout tou
 release it ran before (a new assignment of the old artifact, never a silent downgrade).
 A rollout moves one component of its devices (its release's: the model or one app) and
 leaves their other components alone; a group has at most one rollout in progress per
-component.
+component. A device whose component the operator removed (`leave`) is out of every rollout
+of that component that is not rolled back: no tick assigns it again, its outcome no longer
+counts, and an abort or rollback does not put the previous release back on it.
 """
 
 from __future__ import annotations
@@ -98,13 +100,14 @@ class _Member:
     device_id: str
     assigned_at: datetime | None = None
     previous_release_id: str | None = None
+    left_at: datetime | None = None  # out of the rollout (its component removed)
 
 
 def _sync_members(session: Session, rollout: Rollout) -> list[_Member]:
     """Rollout devices in stable order; devices that joined the group since are appended."""
     rows = [_Member(*r) for r in session.execute(
         select(RolloutDevice.device_id, RolloutDevice.assigned_at,
-               RolloutDevice.previous_release_id)
+               RolloutDevice.previous_release_id, RolloutDevice.left_at)
         .where(RolloutDevice.rollout_id == rollout.id).order_by(RolloutDevice.position))]
     known = {r.device_id for r in rows}
     group = get_group(session, name=rollout.group_name)
@@ -141,6 +144,30 @@ def _assign(session: Session, rollout: Rollout, stage: Stage, members: list[_Mem
         kind="assigned", device_id=m.device_id, release_id=rollout.release_id,
         rollout_id=rollout.id, message=f"rollout {rollout.id} stage {stage.name}")
         for m in members], now=now)
+
+
+def leave(session: Session, *, device_id: str, component: str, actor: str) -> list[str]:
+    """Take a device out of the rollouts of `component`, because the operator removed that
+    component from it: every one but those rolled back (a completed or aborted rollout can
+    still be rolled back, which reassigns). Each is recorded as an event. Returns the
+    rollouts' ids. The caller commits."""
+    left = []
+    for rollout in session.scalars(select(Rollout).where(Rollout.status != ROLLED_BACK)
+                                   .order_by(Rollout.created_at)):
+        if devices.release_component(session.get(Release, rollout.release_id)) != component:
+            continue
+        if rollout.status in (ACTIVE, PAUSED):  # a member not yet synced leaves too
+            _sync_members(session, rollout)
+        row = session.get(RolloutDevice, (rollout.id, device_id))
+        if row is None or row.left_at is not None:
+            continue
+        row.left_at = utcnow()
+        left.append(rollout.id)
+        events.record(session, kind="rollout-left", device_id=device_id,
+                      rollout_id=rollout.id, release_id=rollout.release_id,
+                      message=f"out of rollout {rollout.id}: {component} removed from the "
+                      f"device by {actor}")
+    return left
 
 
 class _Known:
@@ -208,7 +235,7 @@ def progress(session: Session, rollout: Rollout) -> dict[str, Any]:
             .select_from(RolloutDevice)
             .outerjoin(result, and_(result.device_id == RolloutDevice.device_id,
                                     result.release_id == rollout.release_id))
-            .where(RolloutDevice.rollout_id == rollout.id)
+            .where(RolloutDevice.rollout_id == rollout.id, RolloutDevice.left_at.is_(None))
             .group_by(outcome)):
         counts["devices"] += n
         if key != "unassigned":
@@ -292,7 +319,7 @@ def tick(session: Session, rollout: Rollout, *, now: datetime | None = None) -> 
     now = now or utcnow()
     stages = [stage_from_json(s) for s in rollout.stages]
     stage = stages[rollout.stage_index]
-    rows = _sync_members(session, rollout)
+    rows = [r for r in _sync_members(session, rollout) if r.left_at is None]
     size = stage_size(stage, len(rows))
     _assign(session, rollout, stage, [r for r in rows[:size] if r.assigned_at is None], now=now)
     if not rows:
@@ -344,7 +371,7 @@ def _roll_back_devices(session: Session, rollout: Rollout, rows: list[RolloutDev
     count = 0
     component = devices.release_component(session.get(Release, rollout.release_id))
     for row in rows:
-        if row.assigned_at is None:
+        if row.assigned_at is None or row.left_at is not None:
             continue
         device = session.get(Device, row.device_id)
         if rollout.release_id in (
