@@ -6,16 +6,17 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, Field, field_validator
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from ...trust._device_auth import DeviceAuthError
 from .._deps import (
     ContextDep,
-    DeviceDep,
     Operator,
     OperatorDep,
     SessionDep,
     ViewerDep,
+    as_device,
     signed_target,
 )
 from .._errors import Unauthorized
@@ -255,20 +256,24 @@ MAX_REPORT_BATCH = 100
 
 
 @router.post("/device/reports", status_code=204, tags=["device API"])
-def report(body: ReportIn | Annotated[list[ReportIn], Field(min_length=1,
-                                                             max_length=MAX_REPORT_BATCH)],
-           device: DeviceDep, session: SessionDep, request: Request) -> None:
+async def report(body: ReportIn | Annotated[list[ReportIn], Field(
+        min_length=1, max_length=MAX_REPORT_BATCH)], request: Request) -> None:
     """One report, or several in the order the device made them (its outbox): applied in
     one transaction, all or none (a refused batch changes nothing; the agent then sends its
     reports one at a time, so one bad report cannot hold back the others)."""
-    for item in body if isinstance(body, list) else [body]:
-        service.report(session, device=device, state=item.state, event=item.event,
-                       release_id=item.release_id, target_release_id=item.target_release_id,
-                       message=item.message, detail=item.detail,
-                       delta_versions=item.delta_versions, component=item.component,
-                       commit=False)
-    session.commit()
-    for item in body if isinstance(body, list) else [body]:
+    items = body if isinstance(body, list) else [body]
+
+    def apply(session: Session, device: Device) -> None:
+        for item in items:
+            service.report(session, device=device, state=item.state, event=item.event,
+                           release_id=item.release_id,
+                           target_release_id=item.target_release_id, message=item.message,
+                           detail=item.detail, delta_versions=item.delta_versions,
+                           component=item.component, commit=False)
+        session.commit()
+
+    await as_device(request, apply)
+    for item in items:
         request.app.state.metrics.reports.labels(event=item.event).inc()
 
 
