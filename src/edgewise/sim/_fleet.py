@@ -530,7 +530,8 @@ class Fleet:
 
     def _on_version(self, dev: SimDevice) -> str | None:
         """The version of the rolled-out component the device runs (None: none yet)."""
-        lane = lane_of(dev.agent.record, self.sc.rollout.component) if dev.agent else None
+        agent = dev.agent  # a worker may drop it (power cut) while the sampler reads
+        lane = lane_of(agent.record, self.sc.rollout.component) if agent is not None else None
         return lane.installed.version if lane is not None and lane.installed else None
 
     def _settled(self, since: float) -> bool:

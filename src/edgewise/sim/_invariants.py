@@ -32,6 +32,7 @@ from sqlalchemy import func, select
 from ..agent import StateDir, health_check
 from ..agent._configs import current_link
 from ..agent._slots import SlotStore
+from ..agent._store import AgentRecord
 from ..artifacts import (
     BundleError,
     ConfigManifest,
@@ -129,7 +130,8 @@ def _slot_check(state_dir: Path, check, checked: dict, key_extra: str) -> str | 
     return verdict
 
 
-def _component_check(state_dir: Path, lane, name: str, releases: set[str]) -> str | None:
+def _component_check(state_dir: Path, lane: AgentRecord | None, name: str,
+                     releases: set[str]) -> str | None:
     """None if config component `name` is committed at one of `releases`, its active slot
     verifies and its current files are that slot's and parse, else why not."""
     if lane is None or lane.installed is None:
