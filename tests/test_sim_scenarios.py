@@ -50,6 +50,7 @@ def test_violated_expectations_exit_non_zero(tmp_path: Path) -> None:
     proc = subprocess.run(edgewise_command("sim", "run", str(scenario), "--out", str(out)),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr
+    assert "model (rolled out): on baseline 4," in proc.stderr  # per component, as summarized
     summary = json.loads((out / "summary.json").read_text())
     assert summary["passed"] is False
     assert summary["rollout"]["status"] == "aborted"
