@@ -415,23 +415,32 @@ def test_the_fleet_and_release_pages_count_devices_per_component_release(api) ->
         session.flush()
         for device_id in ids:
             session.get(Device, device_id).release_id = "rel-m1"
-        for device_id, component, running, assigned in (
-                (ids[0], "hello", "rel-a1", "rel-a1"), (ids[1], "hello", "rel-a1", "rel-a1"),
-                (ids[2], "hello", None, "rel-a1"), (ids[0], "site", "rel-c1", None)):
+        for device_id, component, running, assigned, state in (
+                (ids[0], "hello", "rel-a1", "rel-a1", "committed"),
+                (ids[1], "hello", "rel-a1", "rel-a1", "committed"),
+                (ids[2], "hello", None, "rel-a1", "downloading"),
+                (ids[0], "site", "rel-c1", None, "rolled-back")):
             session.add(DeviceComponent(device_id=device_id, component=component,
                                         release_id=running, assigned_release_id=assigned,
-                                        state="committed"))
+                                        state=state))
         session.commit()
 
     summary = api.get("/api/v1/devices-summary", headers=AUTH).json()
     assert summary["by_release"] == {"rel-m1": 3}
     assert summary["by_component_release"] == {"rel-a1": 2, "rel-c1": 1}
+    assert summary["by_component_state"] == {"hello": {"committed": 2, "downloading": 1},
+                                             "site": {"rolled-back": 1}}
 
     api.cookies.set("edgewise_token", ADMIN)
     page = api.get("/dashboard/").text
     table = page.split('data-testid="by-release"', 1)[1].split("</table>", 1)[0]
     counts = dict(re.findall(r'<td>([^<]+)</td><td class="num">(\d+)</td>', table))
     assert counts == {"tiny@1.0.0": "3", "hello@1.0.0": "2", "site@1.0.0": "1"}
+    tables = re.findall(r'data-testid="by-component-state" data-component="([^"]+)">(.*?)'
+                        r'</table>', page, re.S)
+    assert [(component, re.findall(r'>([a-z-]+)</span></td><td class="num">(\d+)</td>', rows))
+            for component, rows in tables] == [
+        ("hello", [("committed", "2"), ("downloading", "1")]), ("site", [("rolled-back", "1")])]
     releases = page.split('data-testid="releases"', 1)[1].split("</table>", 1)[0]
     running = dict(re.findall(r'>([a-z]+)@1\.0\.0</a>.*?<td class="num">(\d+)</td></tr>',
                               releases, re.S))

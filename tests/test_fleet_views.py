@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 import pytest
 from sqlalchemy import insert, select
 
-from edgewise.server.devices.models import Device
+from edgewise.server.devices.models import Device, DeviceComponent
 from tests.conftest import ADMIN
 
 N = 100_000
@@ -19,7 +19,8 @@ AUTH = {"Authorization": f"Bearer {ADMIN}"}
 @pytest.fixture
 def big_fleet(api):
     """The in-process app with 100,000 devices: a third idle, a tag on every other one, the
-    first 1,000 seen an hour ago."""
+    first 1,000 seen an hour ago; each also runs config component `site` (a quarter of them
+    rolled back)."""
     now = datetime.utcnow()
     rows = [dict(id=f"dev-{i:08x}", name=f"d{i}", hardware="generic", public_key=None,
                  state="idle" if i % 3 == 0 else "committed", status={},
@@ -29,6 +30,10 @@ def big_fleet(api):
             for i in range(N)]
     with api.app.state.ctx.sessions() as session:
         session.execute(insert(Device), rows)
+        session.execute(insert(DeviceComponent), [
+            dict(device_id=row["id"], component="site", release_id=None,
+                 assigned_release_id=None, state="rolled-back" if i % 4 == 0 else "committed",
+                 updated_at=now) for i, row in enumerate(rows)])
         session.commit()
     return api
 
@@ -48,7 +53,9 @@ def test_the_fleet_page_of_100k_devices_renders_in_under_a_second(big_fleet) -> 
 
     summary = big_fleet.get("/api/v1/devices-summary", headers=AUTH).json()
     assert summary == {"total": N, "by_state": {"idle": 33_334, "committed": 66_666},
-                       "by_release": {"none": N}, "by_component_release": {}}
+                       "by_release": {"none": N}, "by_component_release": {},
+                       "by_component_state": {"site": {"committed": 75_000,
+                                                       "rolled-back": 25_000}}}
 
 
 @pytest.mark.slow

@@ -40,6 +40,22 @@ def test_scenario_rejects_unknown_keys_and_bad_values(tmp_path: Path) -> None:
         Scenario(name="x", devices=2, baseline={"version": "1"}, candidate={"version": "1"})
 
 
+def test_scenario_components_name_what_the_rollout_moves() -> None:
+    site = {"name": "site", "kind": "config", "baseline": {"version": "1.0.0"},
+            "candidate": {"version": "2.0.0"}}
+    sc = Scenario(name="x", devices=2, components=[site], rollout={"component": "site"})
+    assert sc.rollout.component == "site" and sc.components[0].candidate.version == "2.0.0"
+    for components, rollout, message in [
+        ([site], {"component": "other"}, "'other' is not one of components"),
+        ([{**site, "candidate": None}], {"component": "site"}, "needs a candidate"),
+        ([site, site], {}, "must be unique"),
+        ([{**site, "name": "model"}], {}, "must be unique and not 'model'"),
+        ([{**site, "kind": "app"}], {}, "Input should be 'config'"),
+    ]:
+        with pytest.raises(ValidationError, match=message):
+            Scenario(name="x", devices=2, components=components, rollout=rollout)
+
+
 # ---- the network seam -----------------------------------------------------------------------
 
 def _inner(body: bytes = b"0123456789" * 10) -> httpx.MockTransport:
@@ -110,6 +126,8 @@ def test_expectations_pass_and_fail() -> None:
     ("unhealthy", "health check failed: p95 latency 9 ms > limit 5 ms", "health-check"),
     ("error", "Downloaded 10 bytes exceeding the maximum allowed length of 5", "corrupt-download"),
     ("error", "GET /api/v1/device/assignment: simulated network outage", "network"),
+    ("error", "site@2.0.0 is invalid: its check 'sh -c ! grep -q ^invalid mode.txt' exited 1",
+     "invalid-config"),
 ])
 def test_failure_causes(event: str, message: str, cause: str) -> None:
     assert classify_failure(event, message) == cause

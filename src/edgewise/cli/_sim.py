@@ -48,6 +48,12 @@ def sim_run(
     for row in summary["expectations"]:
         mark = "[green]ok[/]" if row["ok"] else "[bold red]FAIL[/]"
         console.print(f"{mark} {row['name']}: expected {row['expected']}, got {row['actual']}")
+    for component, counts in summary["components"].items():
+        on, states = counts["on_release"], counts["final_states"]
+        console.print(f"{component}{' (rolled out)' if component == summary['rolled_out'] else ''}"
+                      f": on baseline {on.get('baseline', 0)}, on candidate "
+                      f"{on.get('candidate', 0)}, on neither {on.get('none', 0)} ("
+                      + ", ".join(f"{k} {n}" for k, n in sorted(states.items())) + ")")
     console.print(f"report: {out / 'report.md'}")
     if not passed:
         raise typer.Exit(1)

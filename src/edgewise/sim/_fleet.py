@@ -10,7 +10,12 @@ With `push: true` a real Mosquitto broker runs beside the server and every devic
 with the agent's own MQTT client (`MqttWakeup`); a wake-up moves that device's next cycle to
 now, as it ends the real agent's sleep.
 
-Phases: server up -> releases published -> devices enrolled -> baseline release installed by
+Components: the scenario's config components (`components:`) are published beside the model
+and installed at their baseline with it; the staged rollout moves one component's candidate
+(`rollout.component`: the model or one of them), through the same seams and faults, and a
+device is settled only when every one of its components is at rest.
+
+Phases: server up -> releases published -> devices enrolled -> baseline releases installed by
 the agents themselves -> faults armed -> staged rollout of the candidate -> settle -> invariants.
 """
 
@@ -38,12 +43,12 @@ from typing import Any
 import httpx
 
 from ..agent import REST_STATES, WAITING_STATES, Agent, AgentConfig, State, StateDir
-from ..agent._store import Identity
+from ..agent._store import AgentRecord, Identity
 from ..agent._wakeup import MqttWakeup, WakeupConfig
 from ..server.loadbalancer import LoadBalancer
 from ..trust import KeyPaths, init_keys, public_key_hex
 from ._broker import BrokerProcess
-from ._bundles import synthetic_bundle
+from ._bundles import synthetic_bundle, synthetic_config_bundle
 from ._faults import (
     DiskFull,
     PowerCut,
@@ -64,9 +69,15 @@ from ._processes import (
     tree_cpu_s,
     tree_rss_mb,
 )
-from ._scenario import HardwareProfile, NetworkProfile, ReleaseSpec, Scenario
+from ._scenario import (
+    ComponentReleaseSpec,
+    HardwareProfile,
+    NetworkProfile,
+    ReleaseSpec,
+    Scenario,
+)
 
-__all__ = ["Fleet", "FleetResult", "SimDevice", "run_fleet"]
+__all__ = ["Fleet", "FleetResult", "SimDevice", "lane_of", "run_fleet"]
 
 log = logging.getLogger("edgewise.sim")
 
@@ -127,7 +138,8 @@ class FleetResult:
     db_url: str
     devices: list[SimDevice]
     proc_devices: list[ProcDevice]
-    release_ids: dict[str, str]  # baseline / candidate -> release id
+    # baseline / candidate (the model's), NAME:baseline / NAME:candidate -> release id
+    release_ids: dict[str, str]
     rollout_id: str | None
     rollout: dict[str, Any]
     timeline: list[dict[str, Any]]
@@ -154,6 +166,11 @@ class _Wake:
 
     def set(self) -> None:
         self._fleet.wake(self._dev)
+
+
+def lane_of(rec: AgentRecord, component: str) -> AgentRecord | None:
+    """A device's record of one component ("model": the top record), None before it has one."""
+    return rec if component == "model" else rec.components.get(component)
 
 
 def _pick(rng: random.Random, items: list, weights: list[float]):
@@ -254,6 +271,17 @@ class Fleet:
             self.workdir / "bundles" / f"{spec.name}-{spec.version}", name=spec.name,
             version=spec.version, broken=spec.broken, max_latency_ms=spec.max_latency_ms,
             seed=seed)
+        with OperatorClient(self.url, token=self.admin_token) as client:
+            release = publish_bundle(client, bundle, root_path=self.keys.root_json,
+                                     targets_key_path=self.keys.targets_key)
+        return release["id"]
+
+    def _publish_component(self, name: str, spec: ComponentReleaseSpec, seed: int) -> str:
+        from ..server.client import OperatorClient, publish_bundle
+
+        bundle = spec.bundle or synthetic_config_bundle(
+            self.workdir / "bundles" / f"{name}-{spec.version}", name=name,
+            version=spec.version, broken=spec.broken, seed=seed)
         with OperatorClient(self.url, token=self.admin_token) as client:
             release = publish_bundle(client, bundle, root_path=self.keys.root_json,
                                      targets_key_path=self.keys.targets_key)
@@ -410,7 +438,8 @@ class Fleet:
             dev.agent.run_cycle()
             rec = dev.agent.record
             dev.last_changed = (rec.history[-1] if rec.history else None) is not last
-            dev.last_state = rec.state.value
+            rolled = lane_of(rec, self.sc.rollout.component)
+            dev.last_state = (rolled or rec).state.value
         except PowerCut:
             dev.power_cuts += 1
             dev.agent = None  # abandoned mid-state; the next cycle boots a fresh Agent
@@ -485,8 +514,7 @@ class Fleet:
             self._poll_rollout()
             self.rss_max_mb = max(self.rss_max_mb, self._server_rss_mb())
             states = Counter(d.last_state for d in self.devices)
-            on = Counter((d.agent.record.installed.version if d.agent is not None and
-                          d.agent.record.installed else None) for d in self.devices)
+            on = Counter(self._on_version(d) for d in self.devices)
             with self.stats.lock:
                 bytes_down, requests = self.stats.bytes_down, self.stats.requests
             self.timeline.append({
@@ -500,13 +528,20 @@ class Fleet:
                 "load1": os.getloadavg()[0],
             })
 
+    def _on_version(self, dev: SimDevice) -> str | None:
+        """The version of the rolled-out component the device runs (None: none yet)."""
+        agent = dev.agent  # a worker may drop it (power cut) while the sampler reads
+        lane = lane_of(agent.record, self.sc.rollout.component) if agent is not None else None
+        return lane.installed.version if lane is not None and lane.installed else None
+
     def _settled(self, since: float) -> bool:
         # A device polling right now is not unsettled: its last finished cycle decides.
         for d in self.devices:
             if d.agent is None or d.last_end <= since or d.last_changed:
                 return False
             rec = d.agent.record
-            if rec.state not in REST_STATES | WAITING_STATES or rec.outbox:
+            if rec.outbox or any(lane.state not in REST_STATES | WAITING_STATES
+                                 for lane in rec.lanes()):
                 return False
         return all(p.proc is None or p.proc.proc.poll() is not None or self._proc_at_rest(p)
                    for p in self.procs)
@@ -517,7 +552,8 @@ class Fleet:
             rec = StateDir(p.state_dir).load_record()
         except Exception:
             return False
-        return p.killed and rec.state in REST_STATES and not rec.outbox
+        return p.killed and not rec.outbox and all(lane.state in REST_STATES
+                                                   for lane in rec.lanes())
 
     # ---- real agent processes -------------------------------------------------------------
 
@@ -535,15 +571,35 @@ class Fleet:
 
     # ---- the run -------------------------------------------------------------------------
 
-    def _wait_baseline(self, release_id: str, deadline: float) -> None:
+    def _baseline_ids(self) -> dict[str, str]:
+        """Component -> its baseline release id."""
+        return {"model": self.release_ids["baseline"],
+                **{c.name: self.release_ids[f"{c.name}:baseline"] for c in self.sc.components}}
+
+    def _wait_baseline(self, deadline: float) -> None:
+        wanted = self._baseline_ids()
+
+        def done(d: SimDevice) -> bool:
+            if d.agent is None:
+                return False
+            for component, release_id in wanted.items():
+                lane = lane_of(d.agent.record, component)
+                if lane is None or lane.installed is None or \
+                        lane.installed.release_id != release_id:
+                    return False
+            return True
+
         while time.monotonic() < deadline:
-            done = sum(1 for d in self.devices if d.agent is not None and
-                       d.agent.record.installed is not None and
-                       d.agent.record.installed.release_id == release_id)
-            if done == len(self.devices):
+            if all(done(d) for d in self.devices):
                 return
             time.sleep(0.25)
-        raise TimeoutError("the fleet did not install the baseline release in time")
+        raise TimeoutError("the fleet did not install the baseline releases in time")
+
+    def _candidate_id(self) -> str:
+        """The release the rollout moves: the candidate of `rollout.component`."""
+        component = self.sc.rollout.component
+        return self.release_ids["candidate" if component == "model" else
+                                f"{component}:candidate"]
 
     def run(self) -> FleetResult:
         sc = self.sc
@@ -555,6 +611,12 @@ class Fleet:
             t = time.monotonic()
             self.release_ids = {"baseline": self._publish(sc.baseline, sc.seed),
                                 "candidate": self._publish(sc.candidate, sc.seed)}
+            for comp in sc.components:
+                for which in ("baseline", "candidate"):
+                    spec = getattr(comp, which)
+                    if spec is not None:
+                        self.release_ids[f"{comp.name}:{which}"] = self._publish_component(
+                            comp.name, spec, sc.seed)
             self.timings["publish_s"] = time.monotonic() - t
             t = time.monotonic()
             self._make_devices()
@@ -565,8 +627,9 @@ class Fleet:
             t = time.monotonic()
             cpu = self._cpu()
             deadline = t + sc.timeout_s
-            self._api("POST", "/api/v1/assignments",
-                      json={"release_id": self.release_ids["baseline"], "device_ids": None})
+            for release_id in self._baseline_ids().values():
+                self._api("POST", "/api/v1/assignments",
+                          json={"release_id": release_id, "device_ids": None})
             for dev in self.devices:
                 self._schedule(dev, self.rng.uniform(0, min(sc.poll_interval_s, 1.0)))
             threads = [threading.Thread(target=self._worker, name=f"sim-worker-{i}",
@@ -578,7 +641,7 @@ class Fleet:
             for p in self.procs:
                 self._start_proc(p, None, once=True)
                 p.proc.wait(timeout_s=sc.timeout_s)
-            self._wait_baseline(self.release_ids["baseline"], deadline)
+            self._wait_baseline(deadline)
             self.timings["baseline_s"] = time.monotonic() - t
             cpu = self._cpu_phase("baseline", cpu)
             self.say(f"baseline installed on the fleet in {self.timings['baseline_s']:.1f}s")
@@ -595,11 +658,12 @@ class Fleet:
                 "window": sc.window})
             t_roll = time.monotonic()
             self.rollout = self._api("POST", "/api/v1/rollouts", json={
-                "release_id": self.release_ids["candidate"], "group": "sim",
+                "release_id": self._candidate_id(), "group": "sim",
                 "stages": sc.rollout.stages, "min_soak_s": sc.rollout.min_soak_s,
                 "gates": {k: v for k, v in sc.rollout.gates.items()}})
             self.rollout_id = self.rollout["id"]
-            self.say(f"rollout {self.rollout_id} created: {sc.rollout.stages}")
+            self.say(f"rollout {self.rollout_id} of {sc.rollout.component} created: "
+                     f"{sc.rollout.stages}")
             for spec in sorted(sc.faults.server_restarts, key=lambda s: s.at_s):
                 threading.Timer(max(0.0, t_roll + spec.at_s - time.monotonic()),
                                 self._restart_server, args=(spec,)).start()

@@ -11,6 +11,13 @@ database (read directly: the records themselves, not an API's view of them).
                     and every event that existed before a server restart still exists.
 5. decided-once:    the rollout advanced each stage at most once and assigned each device at
                     most once, whichever replica's tick did it (replicas, restarts).
+6. working-components: every component of the scenario (config files) is on every device,
+                    committed at its baseline or its candidate release, its active slot
+                    verifies, and its stable `current` path shows exactly those files, which
+                    parse. A failure here is a component bricked or lost.
+Invariants 2 and 3 cover every component: the device's and the server's release agree per
+component (the model's on `Device`, the others' on `DeviceComponent`), and the history the
+device reports holds every component's steps.
 """
 
 from __future__ import annotations
@@ -23,8 +30,16 @@ from typing import Any
 from sqlalchemy import func, select
 
 from ..agent import StateDir, health_check
+from ..agent._configs import current_link
 from ..agent._slots import SlotStore
-from ..artifacts import BundleError, file_sha256, read_manifest
+from ..agent._store import AgentRecord
+from ..artifacts import (
+    BundleError,
+    ConfigManifest,
+    check_config_formats,
+    file_sha256,
+    read_manifest,
+)
 from ._faults import hardware_health_check
 
 __all__ = ["InvariantResult", "check_invariants", "db_size_bytes", "db_snapshot"]
@@ -115,8 +130,39 @@ def _slot_check(state_dir: Path, check, checked: dict, key_extra: str) -> str | 
     return verdict
 
 
+def _component_check(state_dir: Path, lane: AgentRecord | None, name: str,
+                     releases: set[str]) -> str | None:
+    """None if config component `name` is committed at one of `releases`, its active slot
+    verifies and its current files are that slot's and parse, else why not."""
+    if lane is None or lane.installed is None:
+        return "not installed"
+    if lane.installed.release_id not in releases:
+        return f"committed {lane.installed.label}, neither its baseline nor its candidate"
+    paths = StateDir(state_dir)
+    slots = SlotStore(paths.slots_dir / "components" / name)
+    active = slots.active()
+    if active is None or active != lane.installed_slot:
+        return f"active slot {active}, the agent committed slot {lane.installed_slot}"
+    path = slots.path(active)
+    if (slots.meta(active) or {}).get("release_id") != lane.installed.release_id:
+        return f"active slot {active} holds {(slots.meta(active) or {}).get('release_id')}"
+    try:
+        manifest = read_manifest(path)
+        for rel, entry in manifest.files.items():
+            if file_sha256(path / rel)[0] != entry.sha256:
+                return f"active slot {active}: {rel} does not match its sha256"
+        link = current_link(paths.root / "config", name)
+        if not link.is_symlink() or link.resolve() != path.resolve():
+            return f"{link} does not show the active slot {active}"
+        if isinstance(manifest, ConfigManifest):
+            check_config_formats(link, manifest)
+    except (BundleError, OSError) as exc:
+        return f"active slot {active} does not verify: {exc}"
+    return None
+
+
 def check_invariants(result) -> list[InvariantResult]:
-    from ..server.devices.models import Device
+    from ..server.devices.models import Device, DeviceComponent
     from ..server.events.models import Event
     from ..server.releases.models import Release
     from ..server.rollouts.models import Rollout
@@ -126,6 +172,8 @@ def check_invariants(result) -> list[InvariantResult]:
     logged = InvariantResult("failures-logged")
     lost = InvariantResult("nothing-lost")
     once = InvariantResult("decided-once")
+    components = InvariantResult("working-components")
+    names = [c.name for c in result.scenario.components]
     sample = result.scenario.invariant_health == "sample"
     checked: dict | None = {} if sample else None
 
@@ -134,6 +182,10 @@ def check_invariants(result) -> list[InvariantResult]:
         with engine.connect() as conn:
             servers = {row.id: row for row in conn.execute(
                 select(Device.id, Device.release_id, Device.state))}
+            server_components = {(row.device_id, row.component): row.release_id
+                                 for row in conn.execute(select(
+                                     DeviceComponent.device_id, DeviceComponent.component,
+                                     DeviceComponent.release_id))}
             events_by_device: dict[str, Counter] = {}
             assigned_by_device: dict[str, set] = {}
             for dev_id, kind, state, rel in conn.execute(
@@ -195,6 +247,20 @@ def check_invariants(result) -> list[InvariantResult]:
         if rec.installed is not None and (meta or {}).get("release_id") != local:
             assigned.add(f"{name}: the active slot holds {(meta or {}).get('release_id')}, "
                          f"the agent committed {local}")
+        for component in names:
+            lane = rec.components.get(component)
+            ids = {result.release_ids.get(f"{component}:{w}") for w in ("baseline", "candidate")}
+            why = _component_check(state_dir, lane, component, ids - {None})
+            if why is not None:
+                components.add(f"{name}: {component}: {why}")
+            local_c = lane.installed.release_id if lane and lane.installed else None
+            server_c = server_components.get((device_id, component))
+            if local_c != server_c:
+                assigned.add(f"{name}: {component}: runs {local_c}, the server thinks "
+                             f"{server_c}")
+            if local_c is not None and local_c not in assigned_by_device.get(device_id, set()):
+                assigned.add(f"{name}: {component}: runs {local_c}, which it was never "
+                             "assigned")
         if rec.outbox:
             logged.add(f"{name}: {len(rec.outbox)} reports never reached the server")
         server_events = events_by_device.get(device_id, Counter())
@@ -203,4 +269,4 @@ def check_invariants(result) -> list[InvariantResult]:
             if server_events[key] < n:
                 logged.add(f"{name}: {n - server_events[key]} x {key[0]} in {key[1]} "
                            "missing from the event log")
-    return [working, assigned, logged, lost, once]
+    return [working, assigned, logged, lost, once, components]

@@ -27,6 +27,8 @@ def classify_failure(event: str, message: str) -> str:
         return "power-cut"
     if "no space left" in m:
         return "disk-full"
+    if "is invalid: its check" in m or "are unreadable" in m:
+        return "invalid-config"  # files a config release's own check refuses
     if "cannot run on" in m or "health check" in m or "golden" in m or "latency" in m:
         return "health-check"
     if "length" in m or "hash" in m or "verif" in m or "signature" in m or "bundle rejected" in m:
@@ -39,16 +41,25 @@ def classify_failure(event: str, message: str) -> str:
 
 
 def summarize(result, invariants: list[InvariantResult]) -> dict[str, Any]:
+    from ._fleet import lane_of
+
     sc = result.scenario
-    base, cand = result.release_ids["baseline"], result.release_ids["candidate"]
-    on = Counter()
-    states = Counter()
+    rolled = sc.rollout.component
+    ids = {"model": (result.release_ids["baseline"], result.release_ids["candidate"])}
+    ids.update({c.name: (result.release_ids[f"{c.name}:baseline"],
+                         result.release_ids.get(f"{c.name}:candidate")) for c in sc.components})
+    # Per component: devices on its baseline / candidate / neither, and in each agent state.
+    per: dict[str, dict[str, Counter]] = {
+        c: {"on_release": Counter(), "final_states": Counter()} for c in ids}
     causes = Counter()
     for d in result.devices:
         rec = d.record()
-        rid = rec.installed.release_id if rec.installed else None
-        on["candidate" if rid == cand else "baseline" if rid == base else "none"] += 1
-        states[rec.state.value] += 1
+        for component, (base, cand) in ids.items():
+            lane = lane_of(rec, component)
+            rid = lane.installed.release_id if lane and lane.installed else None
+            per[component]["on_release"]["candidate" if rid is not None and rid == cand else
+                                         "baseline" if rid == base else "none"] += 1
+            per[component]["final_states"][lane.state.value if lane else "absent"] += 1
         for h in rec.history:
             if h["event"] in FAILURE_EVENTS:
                 causes[classify_failure(h["event"], h["message"])] += 1
@@ -56,6 +67,7 @@ def summarize(result, invariants: list[InvariantResult]) -> dict[str, Any]:
     fired_cuts = sum(d.power_cuts for d in result.devices)
     armed_cuts = sum(1 for d in result.devices if d.power_cut is not None)
     inv = {i.name: i for i in invariants}
+    on, states = per[rolled]["on_release"], per["model"]["final_states"]
     total = len(result.devices) + len(result.proc_devices)
     with result.stats.lock:
         lat = sorted(result.stats.latencies_ms)
@@ -69,10 +81,13 @@ def summarize(result, invariants: list[InvariantResult]) -> dict[str, Any]:
         "db": sc.server.db,
         "rollout": {k: result.rollout.get(k) for k in ("id", "status", "stage", "stage_index",
                                                          "reason", "progress")},
+        "rolled_out": rolled,
+        # The rolled-out component's; the model's states; every component's in `components`.
         "on_release": dict(on),
         "on_candidate_fraction": round(on["candidate"] / max(len(result.devices), 1), 4),
         "final_states": dict(states),
-        "bricked": inv["working-model"].count,
+        "components": {c: {k: dict(v) for k, v in counts.items()} for c, counts in per.items()},
+        "bricked": inv["working-model"].count + inv["working-components"].count,
         "lost_records": inv["nothing-lost"].count + inv["failures-logged"].count,
         "invariants": [i.to_json() for i in invariants],
         "failures_by_cause": dict(causes),
@@ -203,7 +218,8 @@ def _markdown(summary: dict[str, Any], rows: list[dict[str, Any]], plots: list[s
         f"{summary['devices']} devices ({summary['faulty']} faulty), "
         f"{summary['stages']} stages, {summary['db']}; rollout {roll['status']} at stage "
         f"{roll['stage']} in {summary['wall_s']} s ({roll['reason']}).",
-        f"On the candidate: {summary['on_candidate_fraction']:.1%}; bricked: "
+        f"Rolled out: {summary['rolled_out']}. On the candidate: "
+        f"{summary['on_candidate_fraction']:.1%}; bricked: "
         f"{summary['bricked']}; lost records: {summary['lost_records']}.",
         f"Server RSS max {summary['server_rss_mb_max']} MB, database "
         f"{summary['db_bytes'] / 2**20:.1f} MiB; machine {summary['machine']}, load average "
@@ -212,6 +228,12 @@ def _markdown(summary: dict[str, Any], rows: list[dict[str, Any]], plots: list[s
         "| expectation | expected | actual | ok |", "|---|---|---|---|",
         *[f"| {r['name']} | {r['expected']} | {r['actual']} | {'yes' if r['ok'] else '**NO**'} |"
           for r in rows], "",
+        "| component | on baseline | on candidate | on neither | final states |",
+        "|---|---|---|---|---|",
+        *[f"| {c} | {v['on_release'].get('baseline', 0)} | {v['on_release'].get('candidate', 0)}"
+          f" | {v['on_release'].get('none', 0)} | "
+          f"{', '.join(f'{k} {n}' for k, n in sorted(v['final_states'].items()))} |"
+          for c, v in summary["components"].items()], "",
         "## Failures by cause", "",
         *[f"- {k}: {v}" for k, v in sorted(summary["failures_by_cause"].items())], "",
     ]

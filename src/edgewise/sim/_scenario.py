@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = [
     "BrokerOutageSpec",
+    "ComponentReleaseSpec",
+    "ComponentSpec",
     "ReplicaKillSpec",
     "Expectations",
     "FaultsSpec",
@@ -62,7 +64,31 @@ class ReleaseSpec(_Strict):
     max_latency_ms: float = Field(default=1000.0, gt=0)  # synthetic only: health-check limit
 
 
+class ComponentReleaseSpec(_Strict):
+    """A release of a config component: an existing config bundle (`edgewise config build`),
+    or small synthetic files (a JSON and a TOML file) built with the same builder."""
+
+    version: str
+    bundle: Path | None = None
+    # Synthetic only: the files fail the manifest's own check on the device (`mode.txt` says
+    # "invalid"), so every device refuses the release at install and stays on the old one.
+    broken: bool = False
+
+
+class ComponentSpec(_Strict):
+    """A component beside the model, installed fleet-wide at its baseline before the rollout.
+    Config files only: they need no container engine (an app would need a simulated one)."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
+    kind: Literal["config"] = "config"
+    baseline: ComponentReleaseSpec
+    candidate: ComponentReleaseSpec | None = None  # needed when the rollout moves it
+
+
 class RolloutSpec(_Strict):
+    # Which component's candidate the rollout moves: "model", or the name of one of
+    # `components` (the model and the other components then stay on their baseline).
+    component: str = "model"
     stages: str = "canary:2%,pilot:20%,broad:100%"
     min_soak_s: float = Field(default=0.0, ge=0)
     # Gates as the server's API takes them (edgewise.server.rollouts.engine.Gates). Latency and
@@ -186,6 +212,7 @@ class Scenario(_Strict):
     push: bool = False
     baseline: ReleaseSpec = Field(default_factory=lambda: ReleaseSpec(version="1.0.0"))
     candidate: ReleaseSpec = Field(default_factory=lambda: ReleaseSpec(version="2.0.0"))
+    components: list[ComponentSpec] = Field(default_factory=list)
     rollout: RolloutSpec = Field(default_factory=RolloutSpec)
     network: list[NetworkProfile] = Field(default_factory=lambda: [NetworkProfile(name="lan")])
     hardware: list[HardwareProfile] = Field(
@@ -201,6 +228,17 @@ class Scenario(_Strict):
         if self.baseline.version == self.candidate.version and \
                 self.baseline.name == self.candidate.name:
             raise ValueError("baseline and candidate must be different releases")
+        names = [c.name for c in self.components]
+        if len(set(names)) != len(names) or "model" in names:
+            raise ValueError(f"components: names must be unique and not 'model' ({names})")
+        if self.rollout.component != "model":
+            spec = next((c for c in self.components if c.name == self.rollout.component), None)
+            if spec is None:
+                raise ValueError(f"rollout.component {self.rollout.component!r} is not one of "
+                                 f"components ({', '.join(names) or 'none'})")
+            if spec.candidate is None or spec.candidate.version == spec.baseline.version:
+                raise ValueError(f"component {spec.name}: the rollout needs a candidate "
+                                 "release other than its baseline")
         if self.faults.broker_outages and not self.push:
             raise ValueError("broker_outages need push: true (there is no broker without it)")
         for kill in self.faults.replica_kills:
@@ -217,7 +255,9 @@ def load_scenario(path: Path | str) -> Scenario:
         raise ValueError(f"{path}: a scenario is a YAML mapping")
     scenario = Scenario.model_validate(data)
     # Bundle paths are relative to the scenario file.
-    for spec in (scenario.baseline, scenario.candidate):
+    specs = [scenario.baseline, scenario.candidate]
+    specs += [r for c in scenario.components for r in (c.baseline, c.candidate) if r is not None]
+    for spec in specs:
         if spec.bundle is not None and not spec.bundle.is_absolute():
             spec.bundle = (path.parent / spec.bundle).resolve()
     return scenario

@@ -280,6 +280,9 @@ def overview(request: Request, operator: SignedIn, session: SessionDep) -> HTMLR
                  devices=devices.list_devices(session, limit=DEVICE_TABLE_ROWS),
                  device_count=counts.total,
                  by_state=sorted(by_state.items(), key=lambda kv: (-kv[1], kv[0])),
+                 by_component_state=[
+                     (component, sorted(states.items(), key=lambda kv: (-kv[1], kv[0])))
+                     for component, states in sorted(counts.by_component_state.items())],
                  by_release=sorted(by_release.items(), key=lambda kv: (-kv[1], kv[0])),
                  releases=published, adapters=adapters,
                  running_ids=running_ids, running=running, finished=finished, names=names)

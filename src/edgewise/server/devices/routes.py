@@ -176,12 +176,14 @@ def list_devices(
 
 @router.get("/devices-summary", dependencies=[ViewerDep])
 def fleet_summary(session: SessionDep) -> dict[str, Any]:
-    """Fleet counts by state and by model release (`by_release`), and by release of the other
-    components (`by_component_release`: apps, config files), computed by the database."""
+    """Fleet counts by state and by model release (`by_release`), by release of the other
+    components (`by_component_release`: apps, config files) and by state of each of them
+    (`by_component_state`: component -> state -> devices), computed by the database."""
     counts = service.fleet_counts(session)
     return {"total": counts.total, "by_state": counts.by_state,
             "by_release": {k or "none": v for k, v in counts.by_release.items()},
-            "by_component_release": counts.by_component_release}
+            "by_component_release": counts.by_component_release,
+            "by_component_state": counts.by_component_state}
 
 
 @router.get("/devices/{device_id}", response_model=DeviceOut, dependencies=[ViewerDep])

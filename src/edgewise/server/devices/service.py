@@ -116,6 +116,8 @@ class FleetCounts:
     by_release: dict[str | None, int]  # release id (None: no release yet) -> devices on it
     # Releases of the other components (apps, config files) -> devices that run them.
     by_component_release: dict[str, int]
+    # Each of the other components -> its update state -> devices (the model's is `by_state`).
+    by_component_state: dict[str, dict[str, int]]
 
     def running(self, release_id: str) -> int:
         """Devices that run this release, whatever its component."""
@@ -132,8 +134,15 @@ def fleet_counts(session: Session) -> FleetCounts:
         select(DeviceComponent.release_id, func.count())
         .where(DeviceComponent.release_id.is_not(None))
         .group_by(DeviceComponent.release_id)).all())
+    by_component_state: dict[str, dict[str, int]] = {}
+    for component, state, n in session.execute(
+            select(DeviceComponent.component, DeviceComponent.state, func.count())
+            .group_by(DeviceComponent.component, DeviceComponent.state)
+            .order_by(DeviceComponent.component, DeviceComponent.state)):
+        by_component_state.setdefault(component, {})[state] = n
     return FleetCounts(total=sum(by_state.values()), by_state=by_state, by_release=by_release,
-                       by_component_release=by_component)
+                       by_component_release=by_component,
+                       by_component_state=by_component_state)
 
 
 def release_device_counts(session: Session, *, release: Release) -> tuple[int, int]:
