@@ -224,3 +224,22 @@ def test_a_tick_with_nothing_new_skips_reading_the_members_results(sessions, mon
         assert tick(5) is Action.WAIT and len(reads) == 2
         assert tick(3 + rollouts.RECHECK_AFTER.total_seconds()) is Action.ABORT
         assert len(reads) == 3
+
+
+def test_the_background_tick_decides_on_its_lease_connection(sessions, caplog) -> None:
+    """As the server's rollout loop calls it: on PostgreSQL the session is bound to the
+    connection that holds the advisory lock, not to the engine."""
+    from edgewise.server._schema import exclusive
+
+    with sessions() as session:
+        _fleet(session, n=120)
+    for _ in range(3):  # assign, decide, then the unchanged tick
+        with exclusive(sessions.kw["bind"], "rollout-tick") as lease:
+            assert lease
+            with lease.session(sessions) as session:
+                rollouts.tick_all(session)
+    assert "tick failed" not in caplog.text
+    with sessions() as session:
+        assigned = session.scalars(select(RolloutDevice).where(
+            RolloutDevice.assigned_at.is_not(None))).all()
+        assert len(assigned) == 50 and session.get(Rollout, "ro-bulk").status == "active"

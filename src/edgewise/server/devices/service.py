@@ -379,7 +379,7 @@ _KNOWN_RELEASES: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDicti
 
 
 def _release_exists(session: Session, release_id: str) -> bool:
-    known = _KNOWN_RELEASES.setdefault(session.get_bind(), set())
+    known = _KNOWN_RELEASES.setdefault(session.get_bind().engine, set())
     if release_id in known:
         return True
     if session.scalar(select(Release.id).where(Release.id == release_id)) is None:

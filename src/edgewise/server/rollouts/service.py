@@ -327,7 +327,7 @@ def tick(session: Session, rollout: Rollout, *, now: datetime | None = None) -> 
         return Action.WAIT
     soaked_s = (now - rollout.stage_started_at).total_seconds()
     key = _inputs_key(session, rollout, rows[:size], soaked_s >= stage.min_soak_s)
-    cache_key = (str(session.get_bind().url), rollout.id)
+    cache_key = (str(session.get_bind().engine.url), rollout.id)
     waited = _WAITING.get(cache_key)
     if waited is not None and waited[0] == key and now - waited[1] < RECHECK_AFTER:
         session.commit()
