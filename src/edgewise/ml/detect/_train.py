@@ -367,6 +367,9 @@ def _loop(cfg: DetectConfig, model: CenterNetDetector, opt, train_ds, val_ds, tr
             gen = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
             x, boxes, labels = augment_detection_batch(x, boxes, labels, augment, gen)
         heat_t, box_t, mask = _targets(boxes, labels, num_classes, cfg.input_size)
+        # NHWC in memory, as `_to_unit` leaves a batch: oneDNN's convolutions run a step ~1.5x
+        # faster on it (1 thread) than on the NCHW copy that `grid_sample` returns.
+        x = x.contiguous(memory_format=torch.channels_last)
         heat, box = model(_standardise(x, model))
         loss, parts = _loss(heat, box, heat_t, box_t, mask)
         opt.zero_grad(set_to_none=True)
