@@ -106,7 +106,7 @@ def main() -> None:
     ap.add_argument("--test-scenes", type=int, default=500)
     ap.add_argument("--size", type=int, default=160, help="scene and input side, px")
     ap.add_argument("--budget", default="15m", help="training budget per detector")
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--no-scratch", action="store_true", help="skip the from-scratch baseline")
     ap.add_argument("--latency-runs", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)

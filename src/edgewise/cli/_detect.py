@@ -81,7 +81,7 @@ def train(
                                                         "metrics.json, config.json, bundle/")],
     time_budget: Annotated[str, typer.Option("--time-budget", help="e.g. 90s, 5m")] = "2m",
     size: Annotated[int, typer.Option(help="input side in pixels (multiple of 32)")] = 160,
-    batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
     lr: Annotated[float, typer.Option(help="peak learning rate (AdamW)")] = 3e-3,
     val_fraction: Annotated[float, typer.Option(help="share held out for validation")] = 0.2,
     augment: Annotated[str, typer.Option(

@@ -36,7 +36,7 @@ def train(
     resolution: Annotated[int | None, typer.Option(help="backbone input size in pixels")] = None,
     epochs: Annotated[int | None, typer.Option(help="epochs (default: fit the budget)")] = None,
     batch_size: Annotated[int | None, typer.Option(
-        min=1, help="default: 256 (classify), 16 (detect)")] = None,
+        min=1, help="default: 256 (classify), 8 (detect)")] = None,
     lr: Annotated[float | None, typer.Option(help="peak learning rate")] = None,
     augment: Annotated[str | None, typer.Option(
         help="none | flip | light | default | strong (default: by strategy); --task detect: "
@@ -147,7 +147,7 @@ def _train_detector(args: dict) -> None:
     run_detect_training(
         data=Path(args["data"]), out_dir=args["out_dir"],
         time_budget=args["time_budget"] or "2m", size=args["resolution"] or 160,
-        batch_size=args["batch_size"] or 16, lr=args["lr"] or 3e-3, val_fraction=0.2,
+        batch_size=args["batch_size"] or 8, lr=args["lr"] or 3e-3, val_fraction=0.2,
         pretrained=args["strategy"] != "from-scratch", name=args["name"],
         version=args["version"], tracking_uri=args["tracking_uri"],
         track=not args["no_tracking"], resume=args["resume"], stop_after_steps=None,

@@ -72,7 +72,9 @@ class DetectConfig:
     input_size: int = 160  # square, a multiple of 32
     time_budget_s: float = 120.0
     max_steps: int | None = None  # stop after this many steps even with budget left
-    batch_size: int = 16
+    # 8, not 16: twice the steps for the same images and time; at a 3-minute budget (1 thread)
+    # validation mAP@0.5 rose 2.9 points with the default augmentation, 3.7 with flips only.
+    batch_size: int = 8
     lr: float = 3e-3
     weight_decay: float = 1e-4
     frozen_frac: float = 0.3  # share of the budget with the whole backbone frozen (pretrained)
