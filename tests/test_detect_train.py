@@ -6,6 +6,7 @@ detect`."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 from dataclasses import replace
 from pathlib import Path
@@ -126,10 +127,58 @@ def test_train_task_detect_cli(scenes, tmp_path: Path) -> None:
     result = subprocess.run(edgewise_command(
         "train", "--task", "detect", "--data", str(tmp_path / "data"), "--out",
         str(tmp_path / "out"), "--time-budget", "4s", "--resolution", "64", "--batch-size", "4",
-        "--no-tracking"), capture_output=True, text=True, timeout=300)
+        "--no-tracking", "--threads", "1"), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["steps"] >= 1 and 0 <= summary["val_map50"] <= 1
     config = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert (config["input_size"], config["batch_size"], config["track"]) == (64, 4, False)
+    assert (config["input_size"], config["batch_size"], config["track"], config["threads"]) \
+        == (64, 4, False, 1)
     assert not (tmp_path / "out" / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_ema_weights_are_checkpointed_validated_and_exported(scenes, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cfg = DetectConfig(data="", out_dir=str(out), input_size=64, max_steps=2, batch_size=4,
+                       val_every_s=1e9, time_budget_s=1e7, track=False, name="scenes",
+                       bundle_min_score=0.99, threads=1, ema=True)
+    train_detector(replace(cfg, stop_after_steps=1), dataset=scenes)
+    first = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    # One update from the heatmap's prior bias (-log 9 everywhere), at the warm-up decay
+    # min(decay, (1 + n) / (10 + n)) = 2/11 for n = 1.
+    prior = torch.full_like(first["model"]["heat.2.bias"], -math.log(9))
+    assert first["ema_updates"] == 1
+    assert torch.allclose(first["ema"]["heat.2.bias"],
+                          prior * 2 / 11 + first["model"]["heat.2.bias"] * 9 / 11, atol=1e-6)
+
+    train_detector(replace(cfg, resume=True, stop_after_steps=2), dataset=scenes)
+    second = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    assert second["ema_updates"] == 2
+    done = train_detector(replace(cfg, resume=True), dataset=scenes)  # budget spent: export
+    assert done.metrics["steps"] == 2
+    exported = torch.load(out / "best.pt", map_location="cpu", weights_only=True)["state_dict"]
+    assert torch.equal(exported["heat.2.bias"], second["ema"]["heat.2.bias"])
+    assert not torch.equal(exported["heat.2.bias"], second["model"]["heat.2.bias"])
+
+
+def test_training_batches_reach_the_model_channels_last(scenes, tmp_path: Path) -> None:
+    # The zoom/shift augmentation resamples into NCHW; oneDNN trains ~1.5x slower on that
+    # than on the NHWC layout every other batch has, so the loop converts each batch.
+    from edgewise.ml.detect import CenterNetDetector
+
+    layouts = []
+
+    def record(module, args):
+        if isinstance(module, CenterNetDetector) and module.training:
+            layouts.append(args[0].is_contiguous(memory_format=torch.channels_last))
+
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        train_detector(DetectConfig(data="", out_dir=str(tmp_path / "run"), input_size=64,
+                                    max_steps=4, stop_after_steps=2, batch_size=4,
+                                    val_every_s=1e9, time_budget_s=1e7, threads=1,
+                                    augment="default"), dataset=scenes)
+    finally:
+        hook.remove()
+    assert layouts == [True, True]

@@ -81,7 +81,7 @@ def train(
                                                         "metrics.json, config.json, bundle/")],
     time_budget: Annotated[str, typer.Option("--time-budget", help="e.g. 90s, 5m")] = "2m",
     size: Annotated[int, typer.Option(help="input side in pixels (multiple of 32)")] = 160,
-    batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
     lr: Annotated[float, typer.Option(help="peak learning rate (AdamW)")] = 3e-3,
     val_fraction: Annotated[float, typer.Option(help="share held out for validation")] = 0.2,
     augment: Annotated[str, typer.Option(
@@ -101,6 +101,9 @@ def train(
         min=0.01, max=1.0, help="bundle: detections from this score on are served and "
                                 "health-checked")] = 0.3,
     seed: Annotated[int, typer.Option()] = 0,
+    threads: Annotated[int | None, typer.Option(
+        min=1, help="torch threads (default: the cores the 1-minute load average leaves "
+                    "free)")] = None,
 ) -> None:
     """Train a CenterNet detector on the pretrained EfficientNet-Lite0 on this CPU; export
     ONNX with decoding and NMS inside (image [1,3,H,W] -> boxes, scores, labels) and bundle it
@@ -110,14 +113,15 @@ def train(
                         pretrained=not scratch, name=name, version=version,
                         tracking_uri=tracking_uri, track=not no_tracking, resume=resume,
                         stop_after_steps=stop_after_steps, min_score=min_score, seed=seed,
-                        augment=augment)
+                        augment=augment, threads=threads)
 
 
 def run_detect_training(*, data: Path, out_dir: Path, time_budget: str, size: int,
                         batch_size: int, lr: float, val_fraction: float, pretrained: bool,
                         name: str | None, version: str, tracking_uri: str | None, track: bool,
                         resume: bool, stop_after_steps: int | None, seed: int,
-                        min_score: float = 0.3, augment: str = "default") -> None:
+                        min_score: float = 0.3, augment: str = "default",
+                        threads: int | None = None) -> None:
     """`edgewise detect train` and `edgewise train --task detect`."""
     from ..ml import MLError
     from ..ml.detect import DetectConfig, train_detector
@@ -135,7 +139,7 @@ def run_detect_training(*, data: Path, out_dir: Path, time_budget: str, size: in
                        val_every_s=max(30.0, budget_s / 5), name=name, version=version,
                        track=track, tracking_uri=tracking_uri, resume=resume,
                        stop_after_steps=stop_after_steps, bundle_min_score=min_score,
-                       augment=augment)
+                       augment=augment, threads=threads)
     try:
         with stage_progress() as (report, out_console):
             result = train_detector(cfg, progress=report, notify=out_console.print)

@@ -36,7 +36,7 @@ def train(
     resolution: Annotated[int | None, typer.Option(help="backbone input size in pixels")] = None,
     epochs: Annotated[int | None, typer.Option(help="epochs (default: fit the budget)")] = None,
     batch_size: Annotated[int | None, typer.Option(
-        min=1, help="default: 256 (classify), 16 (detect)")] = None,
+        min=1, help="default: 256 (classify), 8 (detect)")] = None,
     lr: Annotated[float | None, typer.Option(help="peak learning rate")] = None,
     augment: Annotated[str | None, typer.Option(
         help="none | flip | light | default | strong (default: by strategy); --task detect: "
@@ -55,6 +55,9 @@ def train(
     stop_after_epochs: Annotated[int | None, typer.Option(
         help="pause after N epochs (continue later with --resume)")] = None,
     seed: Annotated[int, typer.Option()] = 0,
+    threads: Annotated[int | None, typer.Option(
+        min=1, help="torch threads (default: the cores the 1-minute load average leaves "
+                    "free)")] = None,
     balance: Annotated[str, typer.Option(
         help="class imbalance: none | weights | oversample | generative | auto (short trials, "
              "balanced validation accuracy decides)")] = "none",
@@ -86,7 +89,8 @@ def train(
         lr=lr, augment=augment, trainable_blocks=trainable_blocks,
         feature_blocks=feature_blocks, train_per_class=train_per_class,
         tracking_uri=tracking_uri, track=not no_tracking,
-        resume=resume, stop_after_epochs=stop_after_epochs, seed=seed, balance=balance,
+        resume=resume, stop_after_epochs=stop_after_epochs, seed=seed, threads=threads,
+        balance=balance,
         generator=str(generator) if generator else None)
     try:
         with stage_progress() as (report, out_console):
@@ -143,11 +147,11 @@ def _train_detector(args: dict) -> None:
     run_detect_training(
         data=Path(args["data"]), out_dir=args["out_dir"],
         time_budget=args["time_budget"] or "2m", size=args["resolution"] or 160,
-        batch_size=args["batch_size"] or 16, lr=args["lr"] or 3e-3, val_fraction=0.2,
+        batch_size=args["batch_size"] or 8, lr=args["lr"] or 3e-3, val_fraction=0.2,
         pretrained=args["strategy"] != "from-scratch", name=args["name"],
         version=args["version"], tracking_uri=args["tracking_uri"],
         track=not args["no_tracking"], resume=args["resume"], stop_after_steps=None,
-        seed=args["seed"], augment=args["augment"] or "default")
+        seed=args["seed"], augment=args["augment"] or "default", threads=args["threads"])
 
 
 def evaluate(

@@ -34,7 +34,15 @@ import torch.nn.functional as F
 
 from ..errors import ExportError, MLError
 from ..tracking import Tracker, default_tracking_uri
-from ..train import _CHECKPOINT_EVERY_S, _bundle_name, _free_cores, _lr_factor, _save_atomic
+from ..train import (
+    _CHECKPOINT_EVERY_S,
+    _EMA,
+    _EMA_DECAY,
+    _bundle_name,
+    _free_cores,
+    _lr_factor,
+    _save_atomic,
+)
 from ._augment import DETECT_AUGMENT_PRESETS, augment_detection_batch
 from ._bundle import write_detector_bundle
 from ._data import DetectionDataset, detection_split, detection_stats, load_detection_dataset
@@ -54,7 +62,7 @@ _VAL_PNG = "val_detections.png"  # validation images: found boxes (colour) and t
 # What must stay equal for `resume` to continue a run rather than start a different one.
 _RESUME_KEYS = ("data", "input_size", "batch_size", "lr", "weight_decay", "frozen_frac",
                 "trainable_from_block", "val_fraction", "pretrained", "augment",
-                "max_detections", "score_threshold", "seed")
+                "max_detections", "score_threshold", "ema", "seed")
 
 
 @dataclass(frozen=True)
@@ -64,7 +72,9 @@ class DetectConfig:
     input_size: int = 160  # square, a multiple of 32
     time_budget_s: float = 120.0
     max_steps: int | None = None  # stop after this many steps even with budget left
-    batch_size: int = 16
+    # 8, not 16: twice the steps for the same images and time; at a 3-minute budget (1 thread)
+    # validation mAP@0.5 rose 2.9 points with the default augmentation, 3.7 with flips only.
+    batch_size: int = 8
     lr: float = 3e-3
     weight_decay: float = 1e-4
     frozen_frac: float = 0.3  # share of the budget with the whole backbone frozen (pretrained)
@@ -76,6 +86,7 @@ class DetectConfig:
     # flip, none
     max_detections: int = 50
     score_threshold: float = 0.05  # low, as mAP wants the whole precision-recall curve
+    ema: bool = False  # validate and export an exponential moving average of the weights
     seed: int = 0
     name: str | None = None  # bundle name; default: from the data folder
     version: str = "1.0.0"
@@ -293,6 +304,10 @@ def train_detector(cfg: DetectConfig, *, progress: ProgressFn | None = None,
         best_state = ck.get("best_state")
         say(f"resumed after step {step} ({trained_s:.0f} s trained)")
     _set_backbone_trainable(model, trainable_from)
+    ema = _EMA(model, _EMA_DECAY) if cfg.ema else None
+    if ema is not None and resume_from is not None:
+        ema.module.load_state_dict(ck["ema"])
+        ema.updates = int(ck["ema_updates"])
 
     # tracking: the classifier's MLflow seam, its store under OUT by default
     tracker: Tracker | None = None
@@ -305,7 +320,7 @@ def train_detector(cfg: DetectConfig, *, progress: ProgressFn | None = None,
                             "val_images": len(val_ds), "resumed_at_step": step})
     try:
         state = {"step": step, "trained_s": trained_s, "best": best, "best_state": best_state,
-                 "history": history, "trainable_from": trainable_from}
+                 "history": history, "trainable_from": trainable_from, "ema": ema}
         paused = _loop(cfg, model, opt, train_ds, val_ds, train_images, num_classes, rng,
                        tracker, report, say, out_dir, state)
         if paused:
@@ -354,11 +369,16 @@ def _loop(cfg: DetectConfig, model: CenterNetDetector, opt, train_ds, val_ds, tr
             gen = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
             x, boxes, labels = augment_detection_batch(x, boxes, labels, augment, gen)
         heat_t, box_t, mask = _targets(boxes, labels, num_classes, cfg.input_size)
+        # NHWC in memory, as `_to_unit` leaves a batch: oneDNN's convolutions run a step ~1.5x
+        # faster on it (1 thread) than on the NCHW copy that `grid_sample` returns.
+        x = x.contiguous(memory_format=torch.channels_last)
         heat, box = model(_standardise(x, model))
         loss, parts = _loss(heat, box, heat_t, box_t, mask)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if state["ema"] is not None:
+            state["ema"].update(model)
         state["step"] += 1
         state["trained_s"] = time.monotonic() - start
         report("train detector", min(frac, 1.0) * 100, 100)
@@ -380,7 +400,10 @@ def _checkpoint(cfg: DetectConfig, model, opt, rng: np.random.Generator,
                 state: dict[str, Any], path: Path) -> None:
     """Everything `--resume` needs, written atomically (weights-only loadable: tensors,
     strings, numbers)."""
+    ema = state["ema"]
     _save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                  **({} if ema is None else {"ema": ema.module.state_dict(),
+                                             "ema_updates": ema.updates}),
                   "best_state": state["best_state"], "torch_rng": torch.get_rng_state(),
                   "numpy_rng_json": json.dumps(rng.bit_generator.state),
                   "trainable_from": state["trainable_from"],
@@ -484,6 +507,10 @@ def detector_contract(model: CenterNetDetector, class_names: tuple[str, ...]) ->
 
 def _validate(model, val_ds, parts: dict[str, float], state: dict[str, Any],
               tracker: Tracker | None, say: NotifyFn) -> None:
+    """Score the weights on the validation split (their moving average with `cfg.ema`) and
+    keep the best."""
+    if state["ema"] is not None:
+        model = state["ema"].module
     m = evaluate_detections(val_ds, predict(model, val_ds))
     row = {"step": state["step"], "val_map50": m["map50"], "val_map50_95": m["map50_95"],
            **parts}
