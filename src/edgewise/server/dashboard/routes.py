@@ -293,7 +293,7 @@ def rollout_page(rollout_id: str, request: Request, operator: SignedIn,
                  session: SessionDep) -> HTMLResponse:
     rollout = rollouts.get_rollout(session, rollout_id=rollout_id)
     names = _release_names(session)
-    members = _members(rollout)
+    members = rollouts.members_of(rollout)
     total = session.scalar(select(func.count()).select_from(RolloutDevice).where(members))
     # The table shows the first devices in rollout order; the counts, stages and chart
     # cover all of them, computed by the database (a rollout may hold 100,000 devices).
@@ -323,13 +323,8 @@ def rollout_page(rollout_id: str, request: Request, operator: SignedIn,
                  actions=[(a, rollout.status in ACTION_FROM[a]) for a in ACTIONS])
 
 
-def _members(rollout: Rollout):
-    """The rollout's devices, but those whose component the operator removed (they left)."""
-    return and_(RolloutDevice.rollout_id == rollout.id, RolloutDevice.left_at.is_(None))
-
-
 def _progress_chart(session: Session, rollout: Rollout, total: int, log: list[Event]):
-    members = _members(rollout)
+    members = rollouts.members_of(rollout)
     assigned = session.execute(  # each member is assigned once: counted per moment
         select(RolloutDevice.assigned_at, func.count())
         .where(members, RolloutDevice.assigned_at.is_not(None))

@@ -218,6 +218,11 @@ def _outcome(row: _Member | RolloutDevice, release_id: str, known: _Known) -> De
         flags=flags, rating=rating, inputs=inputs, anomalous=anomalous)
 
 
+def members_of(rollout: Rollout):
+    """The SQL condition for the rollout's devices, but those that left it (`leave`)."""
+    return and_(RolloutDevice.rollout_id == rollout.id, RolloutDevice.left_at.is_(None))
+
+
 def progress(session: Session, rollout: Rollout) -> dict[str, Any]:
     """Counts per outcome, for the API, dashboard and metrics: one grouped query (a rollout
     page of 100,000 devices must not load them). The same outcomes as `_outcome`."""
@@ -235,7 +240,7 @@ def progress(session: Session, rollout: Rollout) -> dict[str, Any]:
             .select_from(RolloutDevice)
             .outerjoin(result, and_(result.device_id == RolloutDevice.device_id,
                                     result.release_id == rollout.release_id))
-            .where(RolloutDevice.rollout_id == rollout.id, RolloutDevice.left_at.is_(None))
+            .where(members_of(rollout))
             .group_by(outcome)):
         counts["devices"] += n
         if key != "unassigned":
